@@ -1,0 +1,1 @@
+"""Weights in and out of the PyTorch world (HuggingFace transformers directories)."""

@@ -1,0 +1,68 @@
+"""Small building blocks shared by the model files: fp32 norms, dense layers with logical axes, GELU."""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def partitioned(init, names):
+  """An initializer that carries logical axis names, for sharding rules in the config."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def gelu(x):
+  """Exact (erf) GELU, as fairseq and HF use; flax's default is the tanh approximation."""
+  return nn.gelu(x, approximate=False)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, computed in float32 (two-pass variance); output in `dtype`.
+
+  With `reduce_axis=-2` it normalises each channel over time instead: GroupNorm with one group per
+  channel, the BASE extractor's norm on conv 0.
+  """
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  reduce_axis: int = -1
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    mean = x.mean(self.reduce_axis, keepdims=True)
+    var = jnp.square(x - mean).mean(self.reduce_axis, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
+    bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (x.shape[-1],), jnp.float32)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def dense(features, names, dtype, kernel_init=nn.initializers.normal(0.02), use_bias=True, name=None):
+  """nn.Dense with fp32 parameters, a compute dtype, and logical axis names (in, out) on the kernel."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=partitioned(kernel_init, names),
+                  bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
+
+
+def uniform_range(low, high):
+  """U(low, high) initializer (torch's default Linear/Conv bias init is U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, low, high)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def grad_multiply(x, scale):
+  """Identity forward; multiplies the incoming gradient by `scale` (fairseq's GradMultiply)."""
+  return x
+
+
+def _grad_multiply_fwd(x, scale):
+  return x, None
+
+
+def _grad_multiply_bwd(scale, _, g):
+  return (g * jnp.asarray(scale, g.dtype),)
+
+
+grad_multiply.defvjp(_grad_multiply_fwd, _grad_multiply_bwd)
