@@ -1,0 +1,44 @@
+"""Decode any common audio file to mono 16 kHz float32, with one-line errors for bad files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+
+class AudioError(ValueError):
+  """An audio file that cannot be used; the message names the file and the reason."""
+
+
+def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+  """Band-limited resampling (soxr, high quality) of a mono float32 signal."""
+  if rate == target:
+    return audio
+  import soxr
+  return soxr.resample(audio, rate, target, quality="HQ").astype(np.float32)
+
+
+def load_audio(path: str, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+  """Read `path` (wav/flac/ogg/mp3/... via soundfile, librosa as fallback), downmix, resample, check values."""
+  if not os.path.exists(path):
+    raise AudioError(f"{path}: no such file")
+  if not os.path.isfile(path):
+    raise AudioError(f"{path}: not a regular file")
+  try:
+    import soundfile as sf
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+  except Exception:  # noqa: BLE001 - formats soundfile does not know go to librosa/audioread
+    try:
+      import librosa
+      audio, rate = librosa.load(path, sr=None, mono=True)
+    except Exception as e:  # noqa: BLE001
+      raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
+  audio = np.asarray(audio, np.float32)
+  if audio.size == 0:
+    raise AudioError(f"{path}: the file holds no samples")
+  if not np.all(np.isfinite(audio)):
+    raise AudioError(f"{path}: the audio contains NaN or Inf samples")
+  return resample(audio, int(rate), target_rate)

@@ -1,0 +1,30 @@
+"""Shared CLI plumbing: expected errors become one 'prog: error: ...' line and exit status 1."""
+from __future__ import annotations
+
+import functools
+import sys
+
+from w2v2_jax.audio import AudioError
+from w2v2_jax.interop.hf import CheckpointError
+
+EXPECTED_ERRORS = (AudioError, CheckpointError, FileNotFoundError, PermissionError, ValueError)
+
+
+def one_line_errors(prog: str):
+  """Decorator for absl mains: known bad input -> a single stderr line, not a traceback."""
+  def wrap(main):
+    @functools.wraps(main)
+    def run(argv):
+      try:
+        return main(argv)
+      except EXPECTED_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"{prog}: error: {msg}\n")
+        sys.exit(1)
+    return run
+  return wrap
+
+
+def split_list(value: str) -> list[str]:
+  return [v.strip() for v in value.split(",") if v.strip()]
+

@@ -1,0 +1,40 @@
+"""w2v2-export: one of our checkpoints (or an HF directory) -> an HF transformers directory.
+
+  w2v2-export --checkpoint=WORKDIR --output=DIR [--format=hf] [--target=auto|pretraining|model|ctc]
+
+The result loads in Wav2Vec2ForPreTraining / Wav2Vec2Model / Wav2Vec2ForCTC (by --target) with no
+missing or unexpected keys.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+
+from w2v2_jax.cli import one_line_errors
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "w2v2_jax workdir or step folder, or an HF directory.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to write (config.json + model.safetensors).")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf"], "Output format.")
+_TARGET = flags.DEFINE_enum("target", "auto", ["auto", "pretraining", "model", "ctc"],
+                            "HF class to write for; auto = whatever heads the checkpoint has.")
+
+
+@one_line_errors("w2v2-export")
+def main(argv):
+  del argv
+  from w2v2_jax.interop import hf
+  from w2v2_jax.load import load_pretrained
+  for name, value in (("checkpoint", _CHECKPOINT.value), ("output", _OUTPUT.value)):
+    if not value:
+      raise ValueError(f"--{name} is required")
+  cfg, params, kind = load_pretrained(_CHECKPOINT.value)
+  target = kind if _TARGET.value == "auto" else _TARGET.value
+  hf.save_hf_dir(_OUTPUT.value, cfg, params, target)
+  print(f"wrote {_OUTPUT.value} (transformers class {hf.config_to_hf(cfg, target)['architectures'][0]})")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,79 @@
+"""w2v2-extract: context-network features [frames, hidden] per audio file, as transformers' Wav2Vec2Model.
+
+  w2v2-extract --checkpoint=PATH --audio=a.wav,b.flac --output=feats.npz [--layer=N]
+
+Eval mode, no masking, no padding (group-norm models depend on padding, so each file runs at its own
+length). --layer=N returns hidden_states[N] of output_hidden_states (0 = transformer input).
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from w2v2_jax.cli import one_line_errors, split_list
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, w2v2_jax workdir or checkpoint step folder.")
+_AUDIO = flags.DEFINE_string("audio", None, "Comma-separated audio files (any common format, rate, channels).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output .npz, one array [frames, hidden] per file stem.")
+_LAYER = flags.DEFINE_integer("layer", None, "Hidden-state index (0..num_layers); default: last_hidden_state.")
+
+
+def extract(cfg, params, audio_paths, layer=None):
+  """Returns {stem: np.ndarray [frames, hidden]} for the given files."""
+  import jax
+  import numpy as np
+
+  from w2v2_jax.audio import load_audio
+  from w2v2_jax.models.init import build
+
+  if layer is not None and not 0 <= layer <= cfg.num_hidden_layers:
+    raise ValueError(f"--layer={layer} is out of range: this model has hidden states 0..{cfg.num_hidden_layers}")
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in audio_paths]
+  dupes = sorted({s for s in stems if stems.count(s) > 1})
+  if dupes:
+    raise ValueError(f"--audio has several files named {dupes[0]!r} (without extension); output keys must be unique")
+  cfg = cfg.replace(dtype="float32")
+  model = build(cfg, "model")
+  bare = {"wav2vec2": params["wav2vec2"]}
+
+  @jax.jit
+  def forward(p, audio):
+    out = model.apply({"params": p}, audio[None], deterministic=True)
+    return out.last_hidden_state[0] if layer is None else out.hidden_states[layer][0]
+
+  result = {}
+  for stem, path in zip(stems, audio_paths):
+    audio = load_audio(path)
+    if audio.shape[0] < cfg.receptive_field:
+      raise ValueError(f"{path}: {audio.shape[0]} samples at 16 kHz is shorter than the model's receptive field "
+                       f"({cfg.receptive_field} samples)")
+    result[stem] = np.asarray(forward(bare, audio))
+  return result
+
+
+@one_line_errors("w2v2-extract")
+def main(argv):
+  del argv
+  import numpy as np
+
+  from w2v2_jax.load import load_pretrained
+  for name, value in (("checkpoint", _CHECKPOINT.value), ("audio", _AUDIO.value), ("output", _OUTPUT.value)):
+    if not value:
+      raise ValueError(f"--{name} is required")
+  paths = split_list(_AUDIO.value)
+  cfg, params, _ = load_pretrained(_CHECKPOINT.value)
+  feats = extract(cfg, params, paths, _LAYER.value)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+  np.savez(_OUTPUT.value, **feats)
+  for stem, x in feats.items():
+    print(f"{stem}: {x.shape[0]} frames x {x.shape[1]}")
+  print(f"wrote {_OUTPUT.value}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,31 @@
+"""One entry point for every kind of checkpoint the CLIs accept: HF directories and our Orbax checkpoints."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from w2v2_jax.interop import hf
+from w2v2_jax.interop.hf import CheckpointError
+from w2v2_jax.models.config import ModelConfig
+from w2v2_jax.train import checkpointing
+
+
+def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
+  """PATH (HF directory, our workdir, or one of our step folders) -> (config, numpy params, kind)."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such checkpoint file or directory")
+  if hf.is_hf_dir(path):
+    return hf.load_hf_dir(path)
+  step_dir = checkpointing.resolve_step_dir(path)
+  if step_dir is None:
+    raise CheckpointError(f"{path}: neither a HuggingFace directory (config.json + model.safetensors) nor a "
+                          f"w2v2_jax workdir or checkpoint step folder")
+  try:
+    cfg, params, kind, _ = checkpointing.load_params(step_dir)
+  except (KeyError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{step_dir}: not a readable w2v2_jax checkpoint ({type(e).__name__}: {e})") from None
+  params = jax.tree.map(np.asarray, params)
+  hf.check_params_match(cfg, params, kind, source=step_dir)
+  return cfg, params, kind

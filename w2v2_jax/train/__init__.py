@@ -1,0 +1,1 @@
+"""Training: state, checkpointing (the only Orbax importer) and the loop."""

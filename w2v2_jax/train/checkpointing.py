@@ -1,0 +1,69 @@
+"""Orbax checkpoints: the one module that speaks Orbax.
+
+Workdir layout: WORKDIR/checkpoints/<step>/{state, config, metadata}; `state` is a pytree holding at
+least {"params": ...}, `config` the model config (and, for runs, the experiment config) as JSON.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from w2v2_jax.models.config import ModelConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+def manager(directory: str, max_to_keep: int | None = 3, save_interval_steps: int = 1,
+            async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                         enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "config", "metadata"))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, model_cfg: ModelConfig, kind: str,
+         extra_config: dict | None = None, metadata: dict | None = None, force: bool = False) -> bool:
+  config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": extra_config or {}}
+  return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                config=ocp.args.JsonSave(config),
+                                                metadata=ocp.args.JsonSave(metadata or {})), force=force)
+
+
+def save_params(workdir: str, params: Any, model_cfg: ModelConfig, kind: str, step: int = 0) -> str:
+  """Write a params-only checkpoint into WORKDIR/checkpoints/<step> (for imports and tests)."""
+  mgr = manager(os.path.join(workdir, CHECKPOINTS), async_save=False)
+  save(mgr, step, {"params": params}, model_cfg, kind, force=True)
+  mgr.wait_until_finished()
+  mgr.close()
+  return os.path.join(workdir, CHECKPOINTS, str(step))
+
+
+def is_step_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config"))
+
+
+def resolve_step_dir(path: str) -> str | None:
+  """A workdir, its checkpoints/ folder, or one step folder -> the latest complete step folder (or None)."""
+  if is_step_dir(path):
+    return path
+  for root in (os.path.join(path, CHECKPOINTS), path):
+    if not os.path.isdir(root):
+      continue
+    steps = ocp.utils.checkpoint_steps(root) if hasattr(ocp.utils, "checkpoint_steps") else [
+        int(d) for d in os.listdir(root) if d.isdigit()]
+    steps = [s for s in steps if is_step_dir(os.path.join(root, str(s)))]
+    if steps:
+      return os.path.join(root, str(max(steps)))
+  return None
+
+
+def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
+  """Restore only what inference needs: (model config, params as numpy, kind, experiment config)."""
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  restored = ckptr.restore(os.path.abspath(step_dir),
+                           args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                   config=ocp.args.JsonRestore()))
+  config = restored["config"]
+  return ModelConfig.from_dict(config["model"]), restored["state"]["params"], config["kind"], config["experiment"]
