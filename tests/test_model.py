@@ -1,0 +1,148 @@
+"""Model properties: parameter counts, straight-through Gumbel, feature_grad_mult, LayerDrop, remat, bf16."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from w2v2_jax import objectives
+from w2v2_jax.models import config as presets
+from w2v2_jax.models.init import build, count_params, init_params
+
+
+def test_full_size_parameter_counts():
+  assert count_params(presets.base()) == 95_044_608
+  assert count_params(presets.large_lv60()) == 317_390_592
+  assert count_params(presets.base(), "model") == 94_371_712 + 0  # bare BASE (HF Wav2Vec2Model)
+
+
+def test_receptive_field_and_frames():
+  cfg = presets.base()
+  assert cfg.receptive_field == 400
+  assert cfg.num_frames(16000) == 49 and cfg.num_frames(250000) == 781
+
+
+def _batch(cfg, batch=2, samples=8000, seed=0):
+  audio = jax.random.normal(jax.random.key(seed), (batch, samples))
+  num_frames = cfg.num_frames(samples)
+  mask = objectives.compute_span_mask(jax.random.key(seed + 1), jnp.full((batch,), num_frames), num_frames,
+                                      0.65, 10, 2)
+  negatives = objectives.sample_negatives(jax.random.key(seed + 2), mask, 10)
+  return audio, mask, negatives
+
+
+def _loss_fn(cfg, audio, mask, negatives, deterministic=False, temperature=2.0):
+  model = build(cfg)
+
+  def loss(params, key):
+    rngs = {k: jax.random.fold_in(key, i) for i, k in enumerate(("dropout", "gumbel", "layerdrop"))}
+    out = model.apply({"params": params}, audio, None, mask, temperature, deterministic, rngs=rngs)
+    return objectives.pretraining_loss(out, mask, negatives, objectives.ObjectiveConfig(num_negatives=10))[0]
+  return jax.jit(loss)
+
+
+def test_straight_through_gumbel_is_one_hot_with_gradients():
+  cfg = presets.tiny()
+  params = init_params(cfg, jax.random.key(0))
+  model = build(cfg)
+  audio, mask, negatives = _batch(cfg)
+  out = model.apply({"params": params}, audio, None, mask, 2.0, False, rngs={"gumbel": jax.random.key(1),
+                                                                             "dropout": jax.random.key(2),
+                                                                             "layerdrop": jax.random.key(3)})
+  g, v = cfg.num_codevector_groups, cfg.num_codevectors_per_group
+  book = np.asarray(params["quantizer"]["codevectors"]).reshape(g, v, -1)
+  idx = np.asarray(out.quantizer.code_idx)
+  expected = np.concatenate([book[j][idx[..., j]] for j in range(g)], axis=-1)
+  assert np.array_equal(np.asarray(out.quantizer.quantized), expected)  # exactly the chosen codewords
+  grads = jax.grad(_loss_fn(cfg, audio, mask, negatives))(params, jax.random.key(4))
+  for name in ("kernel", "bias"):
+    assert np.abs(np.asarray(grads["quantizer"]["weight_proj"][name])).max() > 0, name
+  assert np.abs(np.asarray(grads["quantizer"]["codevectors"])).max() > 0
+
+
+def test_eval_quantizer_is_argmax():
+  cfg = presets.tiny()
+  params = init_params(cfg, jax.random.key(0))
+  audio, _, _ = _batch(cfg)
+  out = build(cfg).apply({"params": params}, audio)
+  logits = out.encoder.extract_features @ params["quantizer"]["weight_proj"]["kernel"] + \
+      params["quantizer"]["weight_proj"]["bias"]
+  logits = np.asarray(logits).reshape(*logits.shape[:2], cfg.num_codevector_groups, -1)
+  assert np.array_equal(np.asarray(out.quantizer.code_idx), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("mult", [0.25, 0.1, 0.0])
+def test_feature_grad_mult_scales_encoder_gradients_exactly(mult):
+  base_cfg = presets.tiny().replace(feature_grad_mult=1.0, hidden_dropout=0.0, attention_dropout=0.0,
+                                    feat_proj_dropout=0.0, feat_quantizer_dropout=0.0, layerdrop=0.0)
+  params = init_params(base_cfg, jax.random.key(0))
+  audio, mask, negatives = _batch(base_cfg)
+  g1 = jax.grad(_loss_fn(base_cfg, audio, mask, negatives))(params, jax.random.key(1))
+  gm = jax.grad(_loss_fn(base_cfg.replace(feature_grad_mult=mult), audio, mask, negatives))(params,
+                                                                                              jax.random.key(1))
+  fe1, fem = g1["wav2vec2"]["feature_extractor"], gm["wav2vec2"]["feature_extractor"]
+  for a, b in zip(jax.tree.leaves(fe1), jax.tree.leaves(fem)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a).max() > 0
+    if mult in (0.0, 0.25):  # a power of two scales every float exactly: bitwise equal
+      np.testing.assert_array_equal(b, np.float32(mult) * a)
+    else:  # 0.1 is inexact in binary; differences stay at float32 rounding of the conv backward sums
+      np.testing.assert_allclose(b, mult * a, rtol=0, atol=1e-5 * np.abs(mult * a).max())
+  rest1 = {k: v for k, v in g1["wav2vec2"].items() if k != "feature_extractor"}
+  restm = {k: v for k, v in gm["wav2vec2"].items() if k != "feature_extractor"}
+  for a, b in zip(jax.tree.leaves(rest1), jax.tree.leaves(restm)):  # a different program: rounding only
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_layerdrop_drops_whole_layers():
+  cfg = presets.tiny().replace(layerdrop=1.0, hidden_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0)
+  params = init_params(cfg, jax.random.key(0))
+  audio, _, _ = _batch(cfg)
+  model = build(cfg, "model")
+  out = model.apply({"params": params}, audio, deterministic=False,
+                    rngs={"dropout": jax.random.key(1), "layerdrop": jax.random.key(2)})
+  # Every layer dropped: the output is the transformer input (post-LN: after the first LayerNorm).
+  np.testing.assert_array_equal(np.asarray(out.last_hidden_state), np.asarray(out.hidden_states[0]))
+  kept = model.apply({"params": params}, audio, deterministic=True)
+  assert not np.allclose(np.asarray(kept.last_hidden_state), np.asarray(kept.hidden_states[0]))
+
+
+def test_layerdrop_rate_and_gradients():
+  cfg = presets.tiny().replace(layerdrop=0.5, num_hidden_layers=1, hidden_dropout=0.0, attention_dropout=0.0,
+                               feat_proj_dropout=0.0)
+  params = init_params(cfg, jax.random.key(0))
+  audio, _, _ = _batch(cfg, batch=1, samples=2000)
+  model = build(cfg, "model")
+  fwd = jax.jit(lambda k: model.apply({"params": params}, audio, deterministic=False, rngs={"layerdrop": k}))
+  dropped = [bool(np.array_equal(*(np.asarray(x) for x in (o.last_hidden_state, o.hidden_states[0]))))
+             for o in (fwd(k) for k in jax.random.split(jax.random.key(1), 200))]
+  assert 0.38 < np.mean(dropped) < 0.62
+
+
+def test_remat_gives_the_same_gradients():
+  cfg = presets.tiny().replace(hidden_dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+  params = init_params(cfg, jax.random.key(0))
+  audio, mask, negatives = _batch(cfg)
+  g = jax.grad(_loss_fn(cfg, audio, mask, negatives))(params, jax.random.key(1))
+  gr = jax.grad(_loss_fn(cfg.replace(remat=True), audio, mask, negatives))(params, jax.random.key(1))
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gr)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss():
+  cfg = presets.tiny().replace(dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  audio, mask, negatives = _batch(cfg)
+  out = jax.jit(build(cfg).apply)({"params": params}, audio, None, mask)
+  assert out.encoder.last_hidden_state.dtype == jnp.bfloat16
+  assert out.projected_states.dtype == jnp.float32 and out.quantizer.soft_probs.dtype == jnp.float32
+  loss32 = _loss_fn(cfg.replace(dtype="float32"), audio, mask, negatives, deterministic=True)(params, jax.random.key(0))
+  loss16 = _loss_fn(cfg, audio, mask, negatives, deterministic=True)(params, jax.random.key(0))
+  assert loss16.dtype == jnp.float32 and abs(float(loss16) - float(loss32)) < 0.05 * abs(float(loss32))
+
+
+def test_config_rejects_inconsistent_values():
+  with pytest.raises(ValueError, match="num_attention_heads"):
+    presets.tiny().replace(num_attention_heads=5)
+  with pytest.raises(ValueError, match="feat_extract_norm"):
+    presets.tiny().replace(feat_extract_norm="batch")
