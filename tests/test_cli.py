@@ -1,0 +1,124 @@
+"""w2v2-extract and w2v2-export end to end, including one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import Wav2Vec2ForPreTraining as HFPreTraining
+from transformers import Wav2Vec2Model as HFModel
+
+from hf_reference import hf_config
+from w2v2_jax.models import config as presets
+from w2v2_jax.models.init import init_params
+from w2v2_jax.train import checkpointing
+
+
+def _cli(module, *args):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", f"w2v2_jax.{module}", *args], capture_output=True, text=True,
+                        env=env, timeout=600)
+
+
+def _one_line_error(result, *words):
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+  last = lines[-1]
+  assert "Traceback" not in result.stderr, result.stderr
+  assert last.startswith(("w2v2-extract: error:", "w2v2-export: error:")), result.stderr
+  for w in words:
+    assert w in last, last
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf")
+  torch.manual_seed(0)
+  HFPreTraining(hf_config(presets.tiny())).save_pretrained(str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory):
+  path = tmp_path_factory.mktemp("audio")
+  rng = np.random.default_rng(0)
+  mono16 = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+  sf.write(path / "utt_a.wav", mono16, 16000, subtype="FLOAT")
+  stereo = (0.1 * rng.standard_normal((2 * 44100 // 2, 2))).astype(np.float32)
+  sf.write(path / "utt_b.flac", stereo, 44100)
+  (path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEgarbage")
+  return {"a": str(path / "utt_a.wav"), "b": str(path / "utt_b.flac"), "broken": str(path / "broken.wav"),
+          "mono16": mono16}
+
+
+def test_extract_equals_transformers_last_hidden_state(hf_dir, audio_files, tmp_path):
+  out = tmp_path / "feats.npz"
+  result = _cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']},{audio_files['b']}",
+                f"--output={out}")
+  assert result.returncode == 0, result.stderr
+  feats = np.load(out)
+  assert sorted(feats.files) == ["utt_a", "utt_b"]
+  model = HFModel.from_pretrained(hf_dir).eval()
+  with torch.no_grad():
+    ref = model(torch.tensor(audio_files["mono16"])[None], output_hidden_states=True)
+  np.testing.assert_allclose(feats["utt_a"], ref.last_hidden_state[0].numpy(), atol=1e-4, rtol=0)
+  assert feats["utt_b"].shape == (presets.tiny().num_frames(16000), presets.tiny().hidden_size)  # 1 s at 44.1k
+
+  result = _cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']}", f"--output={out}", "--layer=1")
+  assert result.returncode == 0, result.stderr
+  np.testing.assert_allclose(np.load(out)["utt_a"], ref.hidden_states[1][0].numpy(), atol=1e-4, rtol=0)
+
+
+def test_export_our_workdir_to_each_transformers_class(audio_files, tmp_path):
+  cfg = presets.tiny(stable_layer_norm=True)
+  params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
+  workdir = tmp_path / "run"
+  checkpointing.save_params(str(workdir), params, cfg, "pretraining", step=7)
+  for target, cls in (("auto", HFPreTraining), ("model", HFModel)):
+    out = tmp_path / f"hf_{target}"
+    result = _cli("export", f"--checkpoint={workdir}", f"--output={out}", f"--target={target}")
+    assert result.returncode == 0, result.stderr
+    _, info = cls.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  result = _cli("export", f"--checkpoint={workdir}", f"--output={tmp_path / 'ctc'}", "--target=ctc")
+  _one_line_error(result, "lm_head")
+  # Extraction from our own workdir equals extraction through the exported HF directory.
+  a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+  assert _cli("extract", f"--checkpoint={workdir}", f"--audio={audio_files['a']}", f"--output={a}").returncode == 0
+  assert _cli("extract", f"--checkpoint={tmp_path / 'hf_model'}", f"--audio={audio_files['a']}",
+              f"--output={b}").returncode == 0
+  np.testing.assert_array_equal(np.load(a)["utt_a"], np.load(b)["utt_a"])
+
+
+def test_bad_input_gives_one_line_errors(hf_dir, audio_files, tmp_path):
+  out = f"--output={tmp_path / 'x.npz'}"
+  _one_line_error(_cli("extract", f"--checkpoint={hf_dir}", f"--audio={tmp_path / 'nope.wav'}", out),
+                  "nope.wav", "no such file")
+  _one_line_error(_cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['broken']}", out),
+                  "broken.wav", "unreadable audio")
+  _one_line_error(_cli("extract", f"--checkpoint={tmp_path / 'missing'}", f"--audio={audio_files['a']}", out),
+                  "missing", "no such checkpoint")
+  # A checkpoint of another architecture.
+  other = tmp_path / "hubert"
+  other.mkdir()
+  for name in ("model.safetensors",):
+    (other / name).write_bytes(open(os.path.join(hf_dir, name), "rb").read())
+  config = json.load(open(os.path.join(hf_dir, "config.json")))
+  json.dump(dict(config, model_type="hubert"), open(other / "config.json", "w"))
+  _one_line_error(_cli("export", f"--checkpoint={other}", f"--output={tmp_path / 'o'}"), "model_type='hubert'")
+  # An inconsistent config: the weights are for hidden_size 64.
+  bad = tmp_path / "inconsistent"
+  bad.mkdir()
+  (bad / "model.safetensors").write_bytes(open(os.path.join(hf_dir, "model.safetensors"), "rb").read())
+  json.dump(dict(config, hidden_size=96, intermediate_size=128), open(bad / "config.json", "w"))
+  _one_line_error(_cli("extract", f"--checkpoint={bad}", f"--audio={audio_files['a']}", out), "shape",
+                  "disagree")
+  json.dump(dict(config, hidden_size=65), open(bad / "config.json", "w"))
+  _one_line_error(_cli("extract", f"--checkpoint={bad}", f"--audio={audio_files['a']}", out),
+                  "inconsistent config.json")
+  _one_line_error(_cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']}", out, "--layer=9"),
+                  "--layer=9")
