@@ -52,6 +52,8 @@ def config_from_hf(hf: dict[str, Any], has_ctc_head: bool = False) -> ModelConfi
   fields = set(ModelConfig.__dataclass_fields__) - set(_NOT_EXPORTED)
   kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hf.items() if k in fields}
   kwargs["vocab_size"] = int(hf.get("vocab_size", 0)) if has_ctc_head else 0
+  if "feature_grad_mult" not in kwargs:  # not an HF field: the recipe's value for this extractor
+    kwargs["feature_grad_mult"] = 0.1 if kwargs.get("feat_extract_norm", "group") == "group" else 1.0
   try:
     return ModelConfig(**kwargs)
   except (TypeError, ValueError) as e:

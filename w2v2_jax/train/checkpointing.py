@@ -51,9 +51,7 @@ def resolve_step_dir(path: str) -> str | None:
   for root in (os.path.join(path, CHECKPOINTS), path):
     if not os.path.isdir(root):
       continue
-    steps = ocp.utils.checkpoint_steps(root) if hasattr(ocp.utils, "checkpoint_steps") else [
-        int(d) for d in os.listdir(root) if d.isdigit()]
-    steps = [s for s in steps if is_step_dir(os.path.join(root, str(s)))]
+    steps = [int(d) for d in os.listdir(root) if d.isdigit() and is_step_dir(os.path.join(root, d))]
     if steps:
       return os.path.join(root, str(max(steps)))
   return None
