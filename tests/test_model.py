@@ -68,6 +68,12 @@ def test_eval_quantizer_is_argmax():
       params["quantizer"]["weight_proj"]["bias"]
   logits = np.asarray(logits).reshape(*logits.shape[:2], cfg.num_codevector_groups, -1)
   assert np.array_equal(np.asarray(out.quantizer.code_idx), logits.argmax(-1))
+  # In training the sampled codes differ, but code_perplexity's argmax_idx is still the raw-logit argmax.
+  trained = build(cfg.replace(feat_quantizer_dropout=0.0)).apply(
+      {"params": params}, audio, None, None, 2.0, False,
+      rngs={"gumbel": jax.random.key(1), "dropout": jax.random.key(2), "layerdrop": jax.random.key(3)})
+  assert not np.array_equal(np.asarray(trained.quantizer.code_idx), logits.argmax(-1))
+  assert np.array_equal(np.asarray(trained.quantizer.argmax_idx), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("mult", [0.25, 0.1, 0.0])

@@ -100,3 +100,9 @@ def test_perplexity_extremes():
   assert float(objectives.perplexity(uniform, jnp.ones((2, 5)))) == pytest.approx(8.0, rel=1e-5)
   collapsed = jax.nn.one_hot(jnp.zeros((2, 5, 2), jnp.int32), 4)
   assert float(objectives.perplexity(collapsed, jnp.ones((2, 5)))) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_an_all_padding_row_does_not_cancel_the_batch_masks():
+  mask = np.asarray(objectives.compute_span_mask(jax.random.key(0), jnp.array([500, 0, 300]), 500, **MASK_ARGS))
+  assert not mask[1].any()
+  assert mask[0].sum() == mask[2].sum() > 100

@@ -42,3 +42,8 @@ def load_audio(path: str, target_rate: int = SAMPLE_RATE) -> np.ndarray:
   if not np.all(np.isfinite(audio)):
     raise AudioError(f"{path}: the audio contains NaN or Inf samples")
   return resample(audio, int(rate), target_rate)
+
+
+def normalize_waveform(audio: np.ndarray) -> np.ndarray:
+  """Zero mean, unit variance per utterance, as HF's feature extractor (do_normalize) does for LV60/XLS-R."""
+  return ((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)).astype(np.float32)

@@ -4,6 +4,7 @@
 
 Eval mode, no masking, no padding (group-norm models depend on padding, so each file runs at its own
 length). --layer=N returns hidden_states[N] of output_hidden_states (0 = transformer input).
+Normalisation follows the checkpoint's preprocessor (HF's Wav2Vec2FeatureExtractor) unless --normalize says.
 """
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, w2v2_jax wo
 _AUDIO = flags.DEFINE_string("audio", None, "Comma-separated audio files (any common format, rate, channels).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npz, one array [frames, hidden] per file stem.")
 _LAYER = flags.DEFINE_integer("layer", None, "Hidden-state index (0..num_layers); default: last_hidden_state.")
+_NORMALIZE = flags.DEFINE_enum("normalize", "auto", ["auto", "true", "false"],
+                               "Zero-mean unit-variance audio first; auto: the checkpoint's preprocessor_config.json "
+                               "do_normalize, else true for layer-norm extractors (LV60, XLS-R).")
+_RESERVED = ("file", "allow_pickle")  # np.savez keyword names
 
 
-def extract(cfg, params, audio_paths, layer=None):
+def extract(cfg, params, audio_paths, layer=None, normalize=False):
   """Returns {stem: np.ndarray [frames, hidden]} for the given files."""
   import jax
   import numpy as np
 
-  from w2v2_jax.audio import load_audio
+  from w2v2_jax.audio import load_audio, normalize_waveform
   from w2v2_jax.models.init import build
 
   if layer is not None and not 0 <= layer <= cfg.num_hidden_layers:
@@ -33,6 +38,9 @@ def extract(cfg, params, audio_paths, layer=None):
   dupes = sorted({s for s in stems if stems.count(s) > 1})
   if dupes:
     raise ValueError(f"--audio has several files named {dupes[0]!r} (without extension); output keys must be unique")
+  reserved = [s for s in stems if s in _RESERVED]
+  if reserved:
+    raise ValueError(f"--audio file name {reserved[0]!r} cannot be an .npz key (reserved by numpy); rename the file")
   cfg = cfg.replace(dtype="float32")
   model = build(cfg, "model")
   bare = {"wav2vec2": params["wav2vec2"]}
@@ -45,6 +53,8 @@ def extract(cfg, params, audio_paths, layer=None):
   result = {}
   for stem, path in zip(stems, audio_paths):
     audio = load_audio(path)
+    if normalize:
+      audio = normalize_waveform(audio)
     if audio.shape[0] < cfg.receptive_field:
       raise ValueError(f"{path}: {audio.shape[0]} samples at 16 kHz is shorter than the model's receptive field "
                        f"({cfg.receptive_field} samples)")
@@ -57,18 +67,23 @@ def main(argv):
   del argv
   import numpy as np
 
+  from w2v2_jax.interop.hf import wants_normalized_audio
   from w2v2_jax.load import load_pretrained
   for name, value in (("checkpoint", _CHECKPOINT.value), ("audio", _AUDIO.value), ("output", _OUTPUT.value)):
     if not value:
       raise ValueError(f"--{name} is required")
   paths = split_list(_AUDIO.value)
   cfg, params, _ = load_pretrained(_CHECKPOINT.value)
-  feats = extract(cfg, params, paths, _LAYER.value)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  np.savez(_OUTPUT.value, **feats)
+  normalize = {"true": True, "false": False}.get(_NORMALIZE.value)
+  if normalize is None:
+    normalize = wants_normalized_audio(_CHECKPOINT.value, cfg)
+  feats = extract(cfg, params, paths, _LAYER.value, normalize)
+  output = _OUTPUT.value if _OUTPUT.value.endswith(".npz") else _OUTPUT.value + ".npz"
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  np.savez(output, **feats)
   for stem, x in feats.items():
     print(f"{stem}: {x.shape[0]} frames x {x.shape[1]}")
-  print(f"wrote {_OUTPUT.value}")
+  print(f"wrote {output}" + (" (normalised audio)" if normalize else ""))
 
 
 def run():

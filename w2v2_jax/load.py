@@ -26,6 +26,8 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
     cfg, params, kind, _ = checkpointing.load_params(step_dir)
   except (KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{step_dir}: not a readable w2v2_jax checkpoint ({type(e).__name__}: {e})") from None
+  if kind not in hf.KINDS:
+    raise CheckpointError(f"{step_dir}: the checkpoint's config names kind {kind!r}; expected one of {hf.KINDS}")
   params = jax.tree.map(np.asarray, params)
   hf.check_params_match(cfg, params, kind, source=step_dir)
   return cfg, params, kind

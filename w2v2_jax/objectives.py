@@ -52,7 +52,8 @@ def compute_span_mask(key, frame_lengths, num_frames: int, mask_prob: float, mas
   delta = delta.at[rows, starts].add(valid).at[rows, starts + mask_length].add(-valid)
   mask = (jnp.cumsum(delta, axis=1)[:, :num_frames] > 0) & (t[None] < sz[:, None])
   if require_same_masks:
-    target = mask.sum(axis=1).min()
+    # Rows without real frames (all padding) must not pull every other row down to zero masks.
+    target = jnp.where(sz > 0, mask.sum(axis=1), num_frames).min()
     keep_scores = jnp.where(mask, jax.random.uniform(k_same, mask.shape), 2.0)
     rank = jnp.argsort(jnp.argsort(keep_scores, axis=1), axis=1)
     mask = mask & (rank < target)
@@ -111,11 +112,13 @@ def pretraining_loss(out: PreTrainingOutput, mask, negatives, cfg: ObjectiveConf
   """wav2vec 2.0 loss, normalised by the masked-frame count (`sample_size`, default: this batch's).
 
   Returns (loss, metrics). Pass the global masked count as sample_size when accumulating micro-batches,
-  so the gradient does not depend on how the batch is split. Perplexities are over the real frames
-  (fairseq) unless perplexity_weights says otherwise (HF uses the masked frames).
+  so the gradient does not depend on how the batch is split. Perplexities are over the masked frames,
+  the quantizer's inputs in fairseq and HF, unless perplexity_weights says otherwise. A masked frame
+  with no other masked frame in its utterance has no negatives; it is left out of the loss.
   """
   frame_mask = out.encoder.frame_mask
   mask = mask & frame_mask
+  mask = mask & (jnp.sum(mask, axis=1, keepdims=True) >= 2)
   num_masked = jnp.sum(mask).astype(jnp.float32)
   sample_size = jnp.maximum(num_masked if sample_size is None else sample_size, 1.0)
   m = mask.astype(jnp.float32)
@@ -128,11 +131,11 @@ def pretraining_loss(out: PreTrainingOutput, mask, negatives, cfg: ObjectiveConf
   correct = (jnp.argmax(logits, -1) == 0) & ~(jnp.argmin(logits, -1) == 0)
   accuracy = jnp.sum(correct * m) / jnp.maximum(num_masked, 1.0)
 
-  weights = frame_mask if perplexity_weights is None else perplexity_weights
+  weights = mask if perplexity_weights is None else perplexity_weights
   q = out.quantizer
   num_vars = q.soft_probs.shape[-2] * q.soft_probs.shape[-1]
   prob_ppl = perplexity(q.soft_probs, weights)
-  code_ppl = perplexity(jax.nn.one_hot(q.code_idx, q.soft_probs.shape[-1]), weights)
+  code_ppl = perplexity(jax.nn.one_hot(q.argmax_idx, q.soft_probs.shape[-1]), weights)
   diversity = (num_vars - prob_ppl) / num_vars
 
   conv = out.encoder.conv_features.astype(jnp.float32)

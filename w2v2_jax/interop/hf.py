@@ -193,6 +193,8 @@ def load_hf_dir(path: str) -> tuple[ModelConfig, dict, str]:
       hf_cfg = json.load(f)
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
+  if not isinstance(hf_cfg, dict):
+    raise CheckpointError(f"{path}/config.json must hold a JSON object, not {type(hf_cfg).__name__}")
   try:
     state = _read_state(path)
   except CheckpointError:
@@ -213,6 +215,27 @@ def save_hf_dir(path: str, cfg: ModelConfig, params: dict, kind: str) -> None:
   save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_to_hf(cfg, kind), f, indent=2, sort_keys=True)
+  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+    json.dump(preprocessor_config(cfg), f, indent=2, sort_keys=True)
+
+
+def preprocessor_config(cfg: ModelConfig) -> dict[str, Any]:
+  """HF Wav2Vec2FeatureExtractor settings: layer-norm extractors (LV60, XLS-R) expect normalised audio."""
+  layer = cfg.feat_extract_norm == "layer"
+  return {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+          "padding_side": "right", "padding_value": 0.0, "do_normalize": layer, "return_attention_mask": layer}
+
+
+def wants_normalized_audio(path: str, cfg: ModelConfig) -> bool:
+  """do_normalize from an HF directory's preprocessor_config.json, else the default for the extractor."""
+  pre = os.path.join(path, "preprocessor_config.json")
+  if os.path.isfile(pre):
+    try:
+      with open(pre) as f:
+        return bool(json.load(f).get("do_normalize", False))
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise CheckpointError(f"{pre} is not a valid preprocessor config: {e}") from None
+  return preprocessor_config(cfg)["do_normalize"]
 
 
 def check_params_match(cfg: ModelConfig, params: dict, kind: str, source: str) -> None:
@@ -220,8 +243,8 @@ def check_params_match(cfg: ModelConfig, params: dict, kind: str, source: str) -
   from w2v2_jax.models.init import abstract_params
   expected = abstract_params(cfg, kind)
   flat_e, flat_p = _flatten(expected), _flatten(params)
-  if "wav2vec2/masked_spec_embed" not in flat_p:  # HF omits it when mask_time_prob == 0
-    flat_p["wav2vec2/masked_spec_embed"] = np.zeros(cfg.hidden_size, np.float32)
+  if "wav2vec2/masked_spec_embed" not in flat_p:  # HF omits it when mask_time_prob == 0; HF's init is U[0, 1)
+    flat_p["wav2vec2/masked_spec_embed"] = np.random.default_rng(0).uniform(size=cfg.hidden_size).astype(np.float32)
     params[PREFIX]["masked_spec_embed"] = flat_p["wav2vec2/masked_spec_embed"]
   for name in sorted(set(flat_e) | set(flat_p)):
     if name not in flat_p:

@@ -14,11 +14,12 @@ from w2v2_jax.models.layers import partitioned, uniform_range
 @dataclasses.dataclass(frozen=True)
 class QuantizerOutput:
   quantized: jax.Array  # [B, T, codevector_dim], float32
-  code_idx: jax.Array  # [B, T, G] chosen codeword per group
+  code_idx: jax.Array  # [B, T, G] chosen codeword per group (the Gumbel sample in training)
+  argmax_idx: jax.Array  # [B, T, G] argmax of the raw logits (fairseq's code_perplexity uses these)
   soft_probs: jax.Array  # [B, T, G, V] softmax of the raw logits (no noise, no temperature)
 
 
-jax.tree_util.register_dataclass(QuantizerOutput, data_fields=["quantized", "code_idx", "soft_probs"],
+jax.tree_util.register_dataclass(QuantizerOutput, data_fields=["quantized", "code_idx", "argmax_idx", "soft_probs"],
                                  meta_fields=[])
 
 
@@ -39,8 +40,9 @@ class GumbelVectorQuantizer(nn.Module):
                       name="weight_proj")(features.astype(jnp.float32))
     logits = logits.reshape(*logits.shape[:-1], g, v)
     soft_probs = jax.nn.softmax(logits, axis=-1)
+    argmax_idx = jnp.argmax(logits, axis=-1)
     if deterministic:
-      code_idx = jnp.argmax(logits, axis=-1)
+      code_idx = argmax_idx
       one_hot = jax.nn.one_hot(code_idx, v, dtype=jnp.float32)
     else:
       noise = jax.random.gumbel(self.make_rng("gumbel"), logits.shape, jnp.float32)
@@ -51,7 +53,7 @@ class GumbelVectorQuantizer(nn.Module):
     book = codevectors.reshape(g, v, -1)
     quantized = jnp.einsum("...gv,gvd->...gd", one_hot, book, precision=jax.lax.Precision.HIGHEST)
     quantized = quantized.reshape(*quantized.shape[:-2], -1)
-    return QuantizerOutput(quantized=quantized, code_idx=code_idx, soft_probs=soft_probs)
+    return QuantizerOutput(quantized=quantized, code_idx=code_idx, argmax_idx=argmax_idx, soft_probs=soft_probs)
 
 
 def gumbel_temperature(step, start: float = 2.0, end: float = 0.5, decay: float = 0.999995):

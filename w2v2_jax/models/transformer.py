@@ -59,7 +59,7 @@ class Attention(nn.Module):
     q = proj("q_proj")(x).reshape(b, t, nh, hd) * jnp.asarray(hd ** -0.5, cfg.compute_dtype)
     k = proj("k_proj")(x).reshape(b, t, nh, hd)
     v = proj("v_proj")(x).reshape(b, t, nh, hd)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if key_mask is not None:
       scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
