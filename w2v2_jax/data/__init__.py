@@ -1,0 +1,1 @@
+"""Audio data: shard preparation, the offline eSpeak corpus and the streaming tf.data input."""

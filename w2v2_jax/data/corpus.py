@@ -1,0 +1,140 @@
+"""The offline speech corpus: English read by eSpeak NG voices, synthesized into prepared shards.
+
+Splits: `unlabeled` (pre-training), `labeled` (fine-tuning) and `test`. The test split uses voices
+and sentences that no other split has. Everything follows from the config, seed included, and the
+shards are cached under a folder named by its hash: a second call returns at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+
+import numpy as np
+
+from w2v2_jax.audio import SAMPLE_RATE
+from w2v2_jax.data import espeak, records, sentences, writer
+
+SPLITS = ("unlabeled", "labeled", "test")
+_WORDS_PER_SECOND = 2.6  # eSpeak at 160 words/min, pauses included; only sizes the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+  unlabeled_hours: float = 2.0
+  labeled_minutes: float = 10.0
+  test_minutes: float = 10.0
+  test_voice_fraction: float = 0.15
+  test_sentence_fraction: float = 0.15
+  max_sentences: int = 3          # per utterance
+  seed: int = 0
+  shard_size: int = 256
+
+  def fingerprint(self) -> str:
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + espeak.__name__ + "v1"
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  id: str
+  text: str
+  voice: str
+  rate: int
+  pitch: int
+  pitch_range: int
+
+
+def _held_out(key: str, fraction: float, seed: int) -> bool:
+  h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
+  return h / 2**64 < fraction
+
+
+def voices(cfg: CorpusConfig) -> dict[str, list[str]]:
+  """All accent+variant voices, split into train and held-out test voices."""
+  every = [f"{a}+{v}" for a in espeak.ACCENTS for v in espeak.VARIANTS]
+  test = [v for v in every if _held_out("voice:" + v, cfg.test_voice_fraction, cfg.seed)]
+  return {"train": [v for v in every if v not in test], "test": test}
+
+
+def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
+  """The utterances of every split: text, voice, rate and pitch, deterministic for the config."""
+  pools = voices(cfg)
+  budget_s = {"unlabeled": cfg.unlabeled_hours * 3600, "labeled": cfg.labeled_minutes * 60,
+              "test": cfg.test_minutes * 60}
+  out = {}
+  for split_no, split in enumerate(SPLITS):
+    rng = np.random.default_rng([cfg.seed, split_no])
+    pool = pools["test" if split == "test" else "train"]
+    specs, seconds = [], 0.0
+    while seconds < budget_s[split]:
+      parts = []
+      while len(parts) < rng.integers(1, cfg.max_sentences + 1):
+        s = sentences.sentence(rng)
+        if _held_out("sentence:" + s, cfg.test_sentence_fraction, cfg.seed) == (split == "test"):
+          parts.append(s)
+      rate = int(rng.integers(130, 221))
+      text = " ".join(parts)
+      specs.append(Spec(id=f"{split}-{len(specs):06d}", text=text, voice=pool[rng.integers(len(pool))],
+                        rate=rate, pitch=int(rng.integers(20, 81)), pitch_range=int(rng.integers(20, 81))))
+      seconds += len(text.split()) / _WORDS_PER_SECOND * 160 / rate + 0.4 * len(parts)
+    out[split] = specs
+  return out
+
+
+_SYNTH = None
+
+
+def _synthesize_shard(task) -> dict:
+  """Worker: synthesizes one shard's utterances, resamples to 16 kHz, writes the shard."""
+  global _SYNTH  # one eSpeak instance per worker process
+  from w2v2_jax.audio import resample  # pylint: disable=import-outside-toplevel
+  path, split, specs = task
+  if _SYNTH is None:
+    _SYNTH = espeak.Synthesizer()
+
+  def utterances():
+    for spec in specs:
+      pcm = _SYNTH.synth(spec.text + ".", spec.voice, spec.rate, spec.pitch, spec.pitch_range)
+      audio = resample(pcm.astype(np.float32) / 32768, _SYNTH.sample_rate, SAMPLE_RATE)
+      yield records.Utterance(spec.id, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16),
+                              spec.text, spec.voice)
+
+  return records.write_shard(path, utterances(), lambda: {
+      "split": split, "seen": len(specs), "written": len(specs), "skipped": [],
+      "items_sha": hashlib.sha256(repr(specs).encode()).hexdigest()[:16]})
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("W2V2_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "w2v2_jax"))
+
+
+def ensure_corpus(cfg: CorpusConfig = CorpusConfig(), cache_dir: str | None = None,
+                  workers: int = 0, log=print) -> str:
+  """Returns the folder of the corpus's shards, synthesizing what is missing (all cores)."""
+  out_dir = os.path.join(cache_dir or default_cache_dir(), f"espeak-corpus-{cfg.fingerprint()}")
+  report_path = os.path.join(out_dir, "report.json")
+  if os.path.exists(report_path):
+    return out_dir
+  os.makedirs(out_dir, exist_ok=True)
+  tasks = []
+  for split, specs in plan(cfg).items():
+    for k in range(0, len(specs), cfg.shard_size):
+      path = os.path.join(out_dir, records.shard_name(split, k // cfg.shard_size))
+      if not os.path.exists(records.index_path(path)):
+        tasks.append((path, split, specs[k:k + cfg.shard_size]))
+  start = time.time()
+  log(f"corpus: synthesizing {len(tasks)} shards into {out_dir}")
+  with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
+    for n, index in enumerate(pool.imap_unordered(_synthesize_shard, tasks), start=1):
+      rate = n / (time.time() - start)
+      log(f"corpus: {n}/{len(tasks)} shards, {sum(index['num_samples']) / SAMPLE_RATE:.0f} s audio "
+          f"in the last, {rate * 60:.1f} shards/min, ETA {(len(tasks) - n) / rate:.0f} s")
+  report = writer.build_report(out_dir)
+  report["config"] = dataclasses.asdict(cfg)
+  report["seconds"] = round(time.time() - start, 1)
+  records._write_json(report_path, report)  # pylint: disable=protected-access
+  return out_dir

@@ -1,0 +1,241 @@
+"""Streaming input for training: prepared shards -> cropped, length-bucketed batches per process.
+
+The order of every epoch is a plan computed from the shard indexes alone (utterance lengths), the
+seed and the epoch number, identically on every process:
+  1. drop utterances shorter than min_sample_size; put each in a length bucket;
+  2. permute the utterances; cut each bucket into global batches (dropping each bucket's
+     remainder); shuffle the batches; draw each utterance's crop offset;
+  3. process p reads rows [r0, r1) of each global batch: disjoint, same count on every host.
+A running batch counter is therefore the whole iterator state, and a restored iterator yields
+exactly the batches it would have yielded. tf.data reads and crops in parallel and prefetches.
+
+Bucketing modes (static shapes: one compiled program per bucket):
+  crop: each utterance is cropped to the largest bucket length it covers; no padding (fairseq
+        pre-training crops to the batch's shortest utterance, also without padding).
+  pad:  each utterance is cropped to max_sample_size, then padded up to the next bucket length;
+        `lengths` says how much is real.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import threading
+
+import numpy as np
+
+from w2v2_jax.data import records
+
+STRIDE = 320  # the feature encoder's total stride; bucket lengths are multiples of it
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  data_dir: str
+  split: str
+  global_batch: int
+  max_sample_size: int = 250_000
+  min_sample_size: int = 32_000
+  num_buckets: int = 6
+  buckets: tuple[int, ...] = ()     # explicit bucket lengths; default: geometric, num_buckets
+  mode: str = "crop"                # crop | pad
+  normalize: bool = False           # zero mean, unit variance per utterance (eps 1e-5)
+  shuffle: bool = True
+  seed: int = 0
+  num_epochs: int | None = None     # None = repeat forever
+  prefetch: int = 4
+  threads: int = 0                  # 0 = tf.data AUTOTUNE
+
+
+def bucket_lengths(cfg: InputConfig) -> tuple[int, ...]:
+  """Ascending bucket lengths in samples: the given ones, or geometric from min to max."""
+  if cfg.buckets:
+    return tuple(sorted(int(b) for b in cfg.buckets))
+  if cfg.num_buckets == 1 or cfg.min_sample_size >= cfg.max_sample_size:
+    return (cfg.max_sample_size,) if cfg.mode == "pad" else (cfg.min_sample_size,)
+  geo = np.geomspace(cfg.min_sample_size, cfg.max_sample_size, cfg.num_buckets)
+  lengths = [int(g // STRIDE * STRIDE) for g in geo[:-1]] + [cfg.max_sample_size]
+  lengths[0] = max(lengths[0], cfg.min_sample_size) if cfg.mode == "pad" else cfg.min_sample_size
+  return tuple(sorted(set(lengths)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+  records: np.ndarray    # int64 [batches, global_batch]: record index in the split
+  starts: np.ndarray     # int64 [batches, global_batch]: crop offset
+  lengths: np.ndarray    # int32 [batches, global_batch]: samples kept
+  width: np.ndarray      # int64 [batches]: the batch's array length (its bucket)
+
+
+class Batches:
+  """Global batch plans for one split, epoch by epoch (pure numpy, no TF)."""
+
+  def __init__(self, cfg: InputConfig, num_samples: np.ndarray):
+    self.cfg = cfg
+    self.buckets = np.asarray(bucket_lengths(cfg), np.int64)
+    usable = np.minimum(num_samples, cfg.max_sample_size)
+    self.keep = num_samples >= cfg.min_sample_size
+    if cfg.mode == "crop":
+      bucket = np.searchsorted(self.buckets, usable, side="right") - 1
+      self.keep &= bucket >= 0
+    elif cfg.mode == "pad":
+      bucket = np.searchsorted(self.buckets, usable, side="left")
+      self.keep &= bucket < len(self.buckets)
+    else:
+      raise ValueError(f"data.mode={cfg.mode!r}: use 'crop' or 'pad'")
+    self.num_samples = num_samples
+    self.bucket = np.where(self.keep, bucket, -1)
+    counts = np.bincount(self.bucket[self.keep], minlength=len(self.buckets))
+    self.batches_per_bucket = counts // cfg.global_batch
+    self.per_epoch = int(self.batches_per_bucket.sum())
+    if self.per_epoch == 0:
+      raise ValueError(f"{cfg.data_dir} split {cfg.split!r}: {int(self.keep.sum())} usable utterances "
+                       f"(>= min_sample_size={cfg.min_sample_size}) fill no global batch of "
+                       f"{cfg.global_batch} in any bucket {self.buckets.tolist()}; lower the batch size "
+                       "or add data")
+    self.dropped_short = int((~self.keep).sum())
+
+  def epoch(self, epoch: int) -> EpochPlan:
+    cfg, b = self.cfg, self.cfg.global_batch
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(len(self.num_samples)) if cfg.shuffle else np.arange(len(self.num_samples))
+    order = order[self.keep[order]]
+    batches, widths = [], []
+    for k, n in enumerate(self.batches_per_bucket):
+      members = order[self.bucket[order] == k][:n * b]
+      batches.append(members.reshape(n, b))
+      widths.append(np.full(n, self.buckets[k]))
+    recs, width = np.concatenate(batches), np.concatenate(widths)
+    if cfg.shuffle:
+      perm = rng.permutation(len(recs))
+      recs, width = recs[perm], width[perm]
+    total = self.num_samples[recs]
+    kept = np.broadcast_to(width[:, None], recs.shape) if cfg.mode == "crop" else \
+        np.minimum(total, cfg.max_sample_size)
+    room = total - kept
+    starts = (rng.random(recs.shape) * (room + 1)).astype(np.int64) if cfg.shuffle else room // 2
+    return EpochPlan(recs, np.minimum(starts, room), kept.astype(np.int32), width)
+
+  def fingerprint(self) -> str:
+    """Identifies the batch sequence: restoring an iterator state checks it."""
+    blob = repr((dataclasses.astuple(self.cfg)[1:], self.num_samples.tobytes()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class AudioInput:
+  """Iterator of this process's rows of each global batch: {'audio' [b, L] f32, 'lengths' [b] i32}.
+
+  `rows` = (r0, r1) picks the rows of the global batch this process feeds; by default the
+  process's even share. `state()` / `restore()` save and set the position exactly.
+  """
+
+  def __init__(self, cfg: InputConfig, rows: tuple[int, int] | None = None,
+               process_index: int = 0, process_count: int = 1):
+    self.cfg = cfg
+    self.index = records.load_split(cfg.data_dir, cfg.split)
+    self.batches = Batches(cfg, self.index.num_samples)
+    if rows is None:
+      if cfg.global_batch % process_count:
+        raise ValueError(f"batch size {cfg.global_batch} does not divide over {process_count} processes")
+      per = cfg.global_batch // process_count
+      rows = (process_index * per, (process_index + 1) * per)
+    self.rows = rows
+    self.position = 0
+    self._source = None
+    self._plans = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self._iterator = None
+
+  # -- plan and reading ------------------------------------------------------------------------
+  @property
+  def batches_per_epoch(self) -> int:
+    return self.batches.per_epoch
+
+  def _plan(self, epoch: int) -> EpochPlan:
+    with self._lock:
+      if epoch not in self._plans:
+        self._plans[epoch] = self.batches.epoch(epoch)
+        while len(self._plans) > 3:
+          self._plans.popitem(last=False)
+      return self._plans[epoch]
+
+  def local_plan(self, position: int):
+    """(record ids, starts, lengths, width) of this process's rows of global batch `position`."""
+    epoch, k = divmod(int(position), self.batches_per_epoch)
+    plan, (r0, r1) = self._plan(epoch), self.rows
+    return plan.records[k, r0:r1], plan.starts[k, r0:r1], plan.lengths[k, r0:r1], int(plan.width[k])
+
+  def load(self, position) -> tuple[np.ndarray, np.ndarray]:
+    """Reads, crops, scales (and optionally normalises) one local batch."""
+    recs, starts, lengths, width = self.local_plan(position)
+    if self._source is None:
+      with self._lock:
+        self._source = self._source or records.open_records(self.index.files)
+    raw = self._source.__getitems__(recs.tolist())
+    audio = np.zeros((len(recs), width), np.float32)
+    for row, (blob, start, n) in enumerate(zip(raw, starts, lengths)):
+      pcm = records.decode(blob).audio
+      np.multiply(pcm[start:start + n], np.float32(1 / 32768), out=audio[row, :n], casting="unsafe")
+      if self.cfg.normalize:
+        seg = audio[row, :n]
+        seg -= seg.mean()
+        seg /= np.sqrt(seg.var() + 1e-5)
+    return audio, lengths.astype(np.int32)
+
+  # -- tf.data -----------------------------------------------------------------------------------
+  def dataset(self, start: int = 0):
+    """tf.data of local batches for global batch counters start, start+1, ... (deterministic)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    end = self.batches_per_epoch * self.cfg.num_epochs if self.cfg.num_epochs else np.iinfo(np.int64).max
+    rows = self.rows[1] - self.rows[0]
+
+    def load(position):
+      audio, lengths = tf.numpy_function(self.load, [position], (tf.float32, tf.int32), stateful=False)
+      audio.set_shape((rows, None))
+      lengths.set_shape((rows,))
+      return {"audio": audio, "lengths": lengths}
+
+    threads = self.cfg.threads or tf.data.AUTOTUNE
+    ds = tf.data.Dataset.range(start, end).map(load, num_parallel_calls=threads, deterministic=True)
+    return ds.prefetch(self.cfg.prefetch)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._iterator is None:
+      self._iterator = self.dataset(self.position).as_numpy_iterator()
+    batch = next(self._iterator)  # StopIteration ends a finite run
+    self.position += 1
+    return batch
+
+  # -- exact resume ----------------------------------------------------------------------------
+  def state(self) -> dict:
+    return {"position": self.position, "fingerprint": self.batches.fingerprint(),
+            "rows": list(self.rows)}
+
+  def restore(self, state: dict) -> None:
+    if state["fingerprint"] != self.batches.fingerprint():
+      raise ValueError(f"data iterator state does not match {self.cfg.data_dir} split "
+                       f"{self.cfg.split!r}: the data or the data config (batch, buckets, seed, crop) "
+                       "changed since the checkpoint; restore with the same data config")
+    self.position = int(state["position"])
+    self._iterator = None
+
+
+def local_rows(sharding, global_batch: int) -> tuple[int, int]:
+  """The contiguous rows of a batch-sharded global array that this process's devices hold."""
+  index_map = sharding.addressable_devices_indices_map((global_batch,))
+  rows = sorted({r for idx in index_map.values()
+                 for r in range(*idx[0].indices(global_batch))})
+  if rows != list(range(rows[0], rows[-1] + 1)):
+    raise ValueError("this process's devices hold non-contiguous batch rows; order the mesh's "
+                     "devices so each process owns a contiguous block of the batch axes")
+  return rows[0], rows[-1] + 1
+
+
+def to_global(batch: dict, sharding, global_batch: int) -> dict:
+  """Local rows -> global jax.Arrays; `sharding` splits dim 0 over the mesh's batch axes."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return {key: jax.make_array_from_process_local_data(sharding, value, (global_batch,) + value.shape[1:])
+          for key, value in batch.items()}
