@@ -1,4 +1,4 @@
-"""w2v2-prepare: audio files, a TSV manifest or a TFDS dataset -> ArrayRecord shards + report.json.
+"""w2v2-prepare: audio files, a TSV manifest or a TFDS dataset -> TFRecord shards + report.json.
 
   w2v2-prepare --input=DIR|manifest.tsv|tfds:NAME[/CONFIG][:SPLIT] --output=DATA_DIR \
       [--valid_fraction=0.01 --split_by=speaker --speaker_level=2] [--min_seconds=1 --max_seconds=30]

@@ -1,10 +1,11 @@
-"""The shard format: ArrayRecord files of tf.train.Example records, plus a JSON index per shard.
+"""The shard format: TFRecord files of tf.train.Example records, plus a JSON index per shard.
 
 A record holds mono 16 kHz int16 `audio` (raw little-endian bytes), `num_samples`, `id`, and
-optional `transcript` and `speaker`. ArrayRecord gives random access, so the input pipeline can
-address any record by a global index and resume from a single integer. Each shard's JSON index
-(written last, so it doubles as the "done" marker) lists every record's id and length and the
-files skipped while writing it.
+optional `transcript` and `speaker`; any tf.data.TFRecordDataset can stream it. The JSON index
+(written last, so it doubles as the "done" marker) lists every record's id, length and the byte
+offset of its audio in the file, and the files skipped while writing the shard. The offsets give
+random access: the input pipeline reads just the bytes of a crop (os.pread, no GIL held), so it can
+address any utterance by a global index and resume from a single integer.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 
 import numpy as np
 
-WRITER_OPTIONS = "group_size:1,uncompressed"  # random access; int16 audio does not compress
+_FRAMING = 12  # TFRecord: uint64 length + uint32 masked CRC before the data, uint32 CRC after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Utterance:
 
 
 def shard_name(split: str, index: int) -> str:
-  return f"{split}-{index:05d}.array_record"
+  return f"{split}-{index:05d}.tfrecord"
 
 
 def encode(utt: Utterance) -> bytes:
@@ -55,26 +56,29 @@ def write_shard(path: str, utterances, index_extra) -> dict:
 
   `index_extra()` is called after `utterances` is exhausted, for counts gathered on the way.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tmp = path + ".tmp"
-  writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
-  ids, lengths, speakers, labeled = [], [], [], []
-  for utt in utterances:
-    writer.write(encode(utt))
-    ids.append(utt.id)
-    lengths.append(int(utt.audio.size))
-    speakers.append(utt.speaker)
-    labeled.append(bool(utt.transcript))
-  writer.close()
+  ids, lengths, speakers, labeled, offsets, position = [], [], [], [], [], 0
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for utt in utterances:
+      blob = encode(utt)
+      writer.write(blob)
+      audio = np.ascontiguousarray(utt.audio, "<i2").tobytes()
+      offsets.append(position + _FRAMING + blob.find(audio))  # any match holds the same bytes
+      position += _FRAMING + len(blob) + 4
+      ids.append(utt.id)
+      lengths.append(int(utt.audio.size))
+      speakers.append(utt.speaker)
+      labeled.append(bool(utt.transcript))
   os.replace(tmp, path)
   index = dict(index_extra(), file=os.path.basename(path), ids=ids, num_samples=lengths,
-               speakers=speakers, labeled=labeled)
+               audio_offsets=offsets, speakers=speakers, labeled=labeled)
   _write_json(index_path(path), index)
   return index
 
 
 def index_path(shard_path: str) -> str:
-  return shard_path[:-len(".array_record")] + ".json"
+  return shard_path[:-len(".tfrecord")] + ".json"
 
 
 def _write_json(path: str, obj) -> None:
@@ -89,19 +93,21 @@ class SplitIndex:
   """All shards of one split in order; record i of the split is `files` concatenated at i."""
   files: tuple[str, ...]
   num_samples: np.ndarray  # int64 [N]
+  file_index: np.ndarray   # int32 [N]: which of `files`
+  audio_offsets: np.ndarray  # int64 [N]: byte offset of the int16 audio in its file
   ids: tuple[str, ...]
   labeled: np.ndarray  # bool [N]
 
 
 def load_split(data_dir: str, split: str) -> SplitIndex:
   """Reads the JSON indexes of `split` in `data_dir`; errors name what is missing."""
-  shards = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"{split}-[0-9][0-9][0-9][0-9][0-9].array_record")))
+  shards = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"{split}-[0-9][0-9][0-9][0-9][0-9].tfrecord")))
   if not shards:
     have = sorted({os.path.basename(p).rsplit("-", 1)[0] for p in
-                   glob.glob(os.path.join(glob.escape(data_dir), "*.array_record"))})
+                   glob.glob(os.path.join(glob.escape(data_dir), "*.tfrecord"))})
     raise ValueError(f"{data_dir}: no shards of split {split!r} (splits here: {have or 'none'}); "
                      "run w2v2-prepare first")
-  files, lengths, ids, labeled = [], [], [], []
+  files, lengths, ids, labeled, file_index, offsets = [], [], [], [], [], []
   for shard in shards:
     if not os.path.exists(index_path(shard)):
       raise ValueError(f"{shard}: shard has no index {os.path.basename(index_path(shard))}; it is "
@@ -109,13 +115,31 @@ def load_split(data_dir: str, split: str) -> SplitIndex:
     with open(index_path(shard)) as f:
       index = json.load(f)
     files.append(shard)
+    file_index.extend([len(files) - 1] * len(index["ids"]))
+    offsets.extend(index["audio_offsets"])
     lengths.extend(index["num_samples"])
     ids.extend(index["ids"])
     labeled.extend(index["labeled"])
-  return SplitIndex(tuple(files), np.asarray(lengths, np.int64), tuple(ids), np.asarray(labeled, bool))
+  return SplitIndex(tuple(files), np.asarray(lengths, np.int64), np.asarray(file_index, np.int32),
+                    np.asarray(offsets, np.int64), tuple(ids), np.asarray(labeled, bool))
 
 
-def open_records(files):
-  """Random-access reader over `files` in order (thread-safe)."""
-  from array_record.python.array_record_data_source import ArrayRecordDataSource  # pylint: disable=import-outside-toplevel
-  return ArrayRecordDataSource(list(files))
+class AudioReader:
+  """Random-access crops of a split's audio: one pread per crop, thread-safe, no GIL while reading."""
+
+  def __init__(self, index: SplitIndex):
+    self.index = index
+    self._fds = [os.open(f, os.O_RDONLY) for f in index.files]
+
+  def read(self, record: int, start: int, out: np.ndarray) -> None:
+    """Fills int16 `out` with samples [start, start + len(out)) of utterance `record`."""
+    fd = self._fds[self.index.file_index[record]]
+    offset = int(self.index.audio_offsets[record]) + 2 * int(start)
+    if os.preadv(fd, [memoryview(out).cast("B")], offset) != out.nbytes:
+      raise OSError(f"{self.index.files[self.index.file_index[record]]}: truncated shard (record "
+                    f"{self.index.ids[record]!r}); re-run w2v2-prepare into a new folder")
+
+  def close(self):
+    for fd in self._fds:
+      os.close(fd)
+    self._fds = []
