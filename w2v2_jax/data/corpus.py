@@ -85,23 +85,19 @@ def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
   return out
 
 
-_SYNTH = None
-
-
 def _synthesize_shard(task) -> dict:
   """Worker: synthesizes one shard's utterances, resamples to 16 kHz, writes the shard."""
-  global _SYNTH  # one eSpeak instance per worker process
   from w2v2_jax.audio import resample  # pylint: disable=import-outside-toplevel
   path, split, specs = task
-  if _SYNTH is None:
-    _SYNTH = espeak.Synthesizer()
 
   def utterances():
-    for spec in specs:
-      pcm = _SYNTH.synth(spec.text + ".", spec.voice, spec.rate, spec.pitch, spec.pitch_range)
-      audio = resample(pcm.astype(np.float32) / 32768, _SYNTH.sample_rate, SAMPLE_RATE)
-      yield records.Utterance(spec.id, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16),
-                              spec.text, spec.voice)
+    with espeak.Synthesizer() as synth:  # fresh state per shard: the same bytes on every run
+      for spec in specs:
+        pcm = synth.synth(spec.text + ".", spec.voice, spec.rate, spec.pitch, spec.pitch_range,
+                          seed=int(hashlib.sha256(spec.id.encode()).hexdigest()[:8], 16))
+        audio = resample(pcm.astype(np.float32) / 32768, synth.sample_rate, SAMPLE_RATE)
+        yield records.Utterance(spec.id, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16),
+                                spec.text, spec.voice)
 
   return records.write_shard(path, utterances(), lambda: {
       "split": split, "seen": len(specs), "written": len(specs), "skipped": [],

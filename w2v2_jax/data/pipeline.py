@@ -225,7 +225,7 @@ def waveform(audio, lengths, normalize: bool):
   per utterance over its real samples (fairseq's layer norm over the waveform, eps 1e-5)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   valid = jnp.arange(audio.shape[1])[None, :] < lengths[:, None]
-  x = audio.astype(jnp.float32) * (1 / 32768)
+  x = jnp.where(valid, audio.astype(jnp.float32) * (1 / 32768), 0)
   if normalize:
     n = jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
     mean = x.sum(1, keepdims=True) / n

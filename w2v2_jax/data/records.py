@@ -39,7 +39,7 @@ def encode(utt: Utterance) -> bytes:
            "num_samples": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[utt.audio.size])),
            "id": b(utt.id.encode()), "transcript": b(utt.transcript.encode()),
            "speaker": b(utt.speaker.encode())}
-  return example_pb2.Example(features=feature_pb2.Features(feature=feats)).SerializeToString()
+  return example_pb2.Example(features=feature_pb2.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def decode(record: bytes) -> Utterance:

@@ -1,0 +1,139 @@
+"""The tf.data input: batch plans (buckets, crops, coverage), exact resume, multi-process reads."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from w2v2_jax.data import records
+from w2v2_jax.data.pipeline import AudioInput, Batches, InputConfig, bucket_lengths, waveform
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """60 utterances of 0.3-3 s noise in 3 shards; sample values encode (utterance, position)."""
+  root = tmp_path_factory.mktemp("shards")
+  rng = np.random.default_rng(0)
+  utts = []
+  for i in range(60):
+    n = int(rng.integers(4800, 48000))
+    audio = ((np.arange(n) % 1000) + 1000 * (i % 30)).astype(np.int16)  # recognisable samples
+    utts.append(records.Utterance(f"u{i:03d}", audio))
+  for k in range(3):
+    records.write_shard(str(root / records.shard_name("train", k)), iter(utts[20 * k:20 * (k + 1)]),
+                        lambda: {"split": "train", "seen": 20, "written": 20, "skipped": []})
+  return str(root), utts
+
+
+def _cfg(data_dir, **kw):
+  return InputConfig(data_dir, "train", **{"global_batch": 8, "max_sample_size": 24000,
+                                           "min_sample_size": 8000, "num_buckets": 3, "seed": 5, **kw})
+
+
+def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
+  data_dir, utts = shards
+  for mode in ("crop", "pad"):
+    it = AudioInput(_cfg(data_dir, mode=mode, num_epochs=1))
+    buckets = bucket_lengths(it.cfg)
+    seen = []
+    for position, batch in enumerate(it):
+      recs, starts, lengths, width = it.local_plan(position)
+      assert batch["audio"].shape == (8, width) and width in buckets and batch["audio"].dtype == np.int16
+      for row, (r, s, n) in enumerate(zip(recs, starts, lengths)):
+        src = utts[r].audio
+        assert src.size >= 8000 and n == batch["lengths"][row]
+        np.testing.assert_array_equal(batch["audio"][row, :n], src[s:s + n])  # the planned crop
+        assert not batch["audio"][row, n:].any()
+        if mode == "crop":
+          assert n == width and src.size >= width
+        else:
+          assert n == min(src.size, 24000) and n <= width
+      seen.extend(recs)
+    assert position + 1 == it.batches_per_epoch
+    assert len(seen) == len(set(seen))  # an epoch never repeats an utterance
+    usable = sum(u.audio.size >= 8000 for u in utts)
+    assert usable - len(seen) < 8 * len(buckets)  # only each bucket's remainder is left out
+
+
+def test_plan_is_seeded_crops_uniform_and_epochs_differ():
+  lengths = np.random.default_rng(1).integers(20_000, 300_000, 5000)
+  cfg = InputConfig("unused", "train", global_batch=16)
+  a, b = Batches(cfg, lengths), Batches(cfg, lengths)
+  e0, e1 = a.epoch(0), a.epoch(1)
+  np.testing.assert_array_equal(e0.records, b.epoch(0).records)
+  np.testing.assert_array_equal(e0.starts, b.epoch(0).starts)
+  assert not np.array_equal(e0.records, e1.records)
+  assert len(bucket_lengths(cfg)) <= 6 and a.dropped_short == int((lengths < 32000).sum())
+  # Crop offsets are uniform over the possible positions: chi-square of their relative place.
+  room = lengths[e0.records] - e0.lengths
+  rel = (e0.starts[room > 1000] / room[room > 1000]).ravel()
+  counts = np.histogram(rel, bins=10, range=(0, 1))[0]
+  assert stats.chisquare(counts).pvalue > 1e-3
+  biased = np.histogram(rel ** 1.2, bins=10, range=(0, 1))[0]  # a control the test must catch
+  assert stats.chisquare(biased).pvalue < 1e-3
+  with pytest.raises(ValueError, match="fill no global batch"):
+    Batches(InputConfig("d", "train", global_batch=10_000), lengths)
+
+
+def test_waveform_scales_normalises_and_zeroes_padding():
+  rng = np.random.default_rng(0)
+  audio = (rng.standard_normal((2, 1000)) * 3000 + 500).astype(np.int16)
+  lengths = np.array([1000, 600], np.int32)
+  x = np.asarray(waveform(audio, lengths, normalize=False))
+  np.testing.assert_allclose(x[0], audio[0] / 32768, rtol=1e-6)
+  assert not x[1, 600:].any()
+  y = np.asarray(waveform(audio, lengths, normalize=True))
+  seg = audio[1, :600] / 32768
+  np.testing.assert_allclose(y[1, :600], (seg - seg.mean()) / np.sqrt(seg.var() + 1e-5), atol=1e-4)
+  assert not y[1, 600:].any()
+
+
+def _run(*args, env=None):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE, **(env or {})}
+  return subprocess.Popen([sys.executable, os.path.join(HERE, "input_worker.py"), *map(str, args)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, tmp_path):
+  data_dir, _ = shards
+  out = str(tmp_path / "r")
+  for phase in ("first", "second"):
+    p = _run("resume", data_dir, out, phase)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+  first, second = np.load(out + ".first.npz"), np.load(out + ".second.npz")
+  assert sorted(first.files) == sorted(second.files)
+  for k in first.files:
+    np.testing.assert_array_equal(first[k], second[k])
+  assert json.load(open(out + ".state.json"))["position"] == 3
+  it = AudioInput(_cfg(data_dir))
+  with pytest.raises(ValueError, match="changed since the checkpoint"):
+    AudioInput(_cfg(data_dir, seed=6)).restore(json.load(open(out + ".state.json")))
+  del it
+
+
+def test_two_processes_read_disjoint_rows_covering_the_epoch(shards, tmp_path):
+  data_dir, _ = shards
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = str(tmp_path / "d")
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [_run("distributed", data_dir, out, port, pid, env=env) for pid in (0, 1)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+  r0, r1 = (json.load(open(f"{out}.{pid}.json")) for pid in (0, 1))
+  assert r0["rows"] == [0, 4] and r1["rows"] == [4, 8]
+  assert len(r0["ids"]) == len(r1["ids"])  # same number of batches: no host can stall the others
+  assert not set(r0["ids"]) & set(r1["ids"])
+  plan = AudioInput(_cfg(data_dir)).batches.epoch(0)
+  assert sorted(r0["ids"] + r1["ids"]) == sorted(plan.records.ravel().tolist())
+  assert r0["sums"] == r1["sums"]  # both see the same global arrays
+  assert [s[1] for s in r0["sums"]] == plan.lengths.sum(1).tolist()
