@@ -65,3 +65,31 @@ def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
                                                    config=ocp.args.JsonRestore()))
   config = restored["config"]
   return ModelConfig.from_dict(config["model"]), restored["state"]["params"], config["kind"], config["experiment"]
+
+
+def run_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:
+  """The training run's manager: async, every `every` steps, keep the last `keep`, preemption-aware."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)), options=options,
+                               item_names=("state", "data", "config", "metadata"))
+
+
+def save_run(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, model_cfg: ModelConfig,
+             experiment: dict, metadata: dict, force: bool = False) -> bool:
+  """Train state + data-iterator state + configs; `force` saves off the interval (end, preemption)."""
+  config = {"model": model_cfg.to_dict(), "kind": "pretraining", "experiment": experiment}
+  return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data=ocp.args.JsonSave(data_state),
+                                                config=ocp.args.JsonSave(config),
+                                                metadata=ocp.args.JsonSave(metadata)), force=force)
+
+
+def restore_run(mgr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  """Latest complete checkpoint restored onto `abstract_state`'s shardings (any topology), or None."""
+  step = mgr.latest_step()
+  if step is None:
+    return None
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                       data=ocp.args.JsonRestore()))
+  return step, restored["state"], restored["data"]

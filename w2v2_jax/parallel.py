@@ -1,0 +1,74 @@
+"""Mesh, logical-axis sharding rules and the parameter sharding table.
+
+Mesh axes are (data, fsdp, tensor). Modules name logical axes on parameters and activations; the
+rules that map them onto the mesh live in the experiment config (`config.mesh.rules`), with
+DEFAULT_RULES as the FSDP default: parameters sharded over `fsdp` along their largest named dim,
+MLP/attention projections over `tensor`, the batch over (data, fsdp).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+DEFAULT_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("mlp", "tensor"), ("joined_kv", "tensor"), ("vocab", "tensor"),
+    ("embed", "fsdp"), ("conv_out", "fsdp"), ("codevectors", "fsdp"), ("mlp", "fsdp"),
+    ("joined_kv", "fsdp"), ("vq_dim", "fsdp"),
+)
+REPLICATED_LIMIT = 2**20  # elements; a bigger parameter replicated under FSDP is an error
+
+
+def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
+  """Mesh over (data, fsdp, tensor); one size may be -1 (the rest of the devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(shape.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh: {dict(zip(AXES, sizes))} does not divide {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"config.mesh: {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"there are {len(devices)}")
+  # Auto axes: GSPMD propagates shardings from the declared parameter/batch shardings and the
+  # modules' logical constraints (Explicit sharding-in-types is not what Linen emits).
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def param_shardings(boxed_abstract, mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of boxed (nn.Partitioned) abstract parameters."""
+  specs = nn.get_partition_spec(boxed_abstract)
+  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def sharding_table(abstract_params, shardings, mesh) -> tuple[str, list[str]]:
+  """A printable table (name, shape, spec, MiB per device) and the names of large replicated params."""
+  rows, offenders = [], []
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  total = 0.0
+  for (path, leaf), sh in zip(flat, flat_sh):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    shards = math.prod(mesh.shape[a] for dim in sh.spec if dim for a in ((dim,) if isinstance(dim, str) else dim))
+    mib = leaf.size * leaf.dtype.itemsize / shards / 2**20
+    total += mib
+    rows.append(f"  {name:<70} {str(tuple(leaf.shape)):<18} {str(tuple(sh.spec)):<28} {mib:9.2f}")
+    if mesh.shape["fsdp"] > 1 and shards == 1 and leaf.size > REPLICATED_LIMIT:
+      offenders.append(name)
+  head = f"  {'parameter':<70} {'shape':<18} {'spec':<28} {'MiB/dev':>9}"
+  return "\n".join([head] + rows + [f"  total parameter memory per device: {total:.1f} MiB"]), offenders

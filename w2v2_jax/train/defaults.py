@@ -1,0 +1,42 @@
+"""The config schema every pre-training experiment shares; experiments/*.py override it."""
+import ml_collections
+
+from w2v2_jax import objectives
+from w2v2_jax.models.config import preset
+
+
+def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_train_steps = 400_000
+  c.batch_size = 64                 # global utterances per step (after cropping)
+  c.checkpoint_every_steps = 5_000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 100
+  c.eval_every_steps = 5_000
+  c.eval_batches = 20
+
+  c.model_preset = model_preset
+  c.model = preset(model_preset).to_dict()   # every ModelConfig field, overridable
+
+  obj = objectives.ObjectiveConfig()
+  c.objective = ml_collections.ConfigDict({f: getattr(obj, f) for f in obj.__dataclass_fields__})
+  c.objective.latent_temp = (2.0, 0.5, 0.999995)  # start, end, decay per update (fairseq)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "shards"          # "shards" (w2v2-prepare output) or "corpus" (offline eSpeak)
+  c.data.data_dir = ""
+  c.data.train_split = "train"
+  c.data.valid_split = "valid"
+  c.data.corpus_hours = 2.0         # source=corpus: unlabeled hours to synthesize (cached)
+  c.data.max_sample_size = 250_000
+  c.data.min_sample_size = 32_000
+  c.data.num_buckets = 6
+  c.data.mode = "crop"
+  c.data.normalize = False
+
+  c.optim = ml_collections.ConfigDict(dict(lr=5e-4, warmup_steps=32_000, total_steps=-1, end_lr=0.0, power=1.0,
+                                           b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=0.0))
+  c.train = ml_collections.ConfigDict(dict(microbatches=1, max_consecutive_skips=20))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  return c

@@ -1,0 +1,264 @@
+"""The pre-training run, top to bottom: config check, mesh, data, state, step, loop.
+
+Restarting the same command resumes from the latest complete checkpoint, with the data iterator
+where it stopped, so an interrupted run ends bitwise equal to an uninterrupted one (same mesh).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from w2v2_jax import objectives, parallel
+from w2v2_jax.data import pipeline
+from w2v2_jax.models.config import ModelConfig
+from w2v2_jax.models.init import init_params
+from w2v2_jax.train import checkpointing, optim, step as steps
+
+
+def model_config(config) -> ModelConfig:
+  return ModelConfig.from_dict(config.model.to_dict())
+
+
+def objective_config(config) -> objectives.ObjectiveConfig:
+  fields = objectives.ObjectiveConfig.__dataclass_fields__
+  return objectives.ObjectiveConfig(**{k: v for k, v in config.objective.items() if k in fields})
+
+
+def data_dir(config) -> str:
+  if config.data.source == "corpus":
+    from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
+    return corpus.ensure_corpus(corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours),
+                                log=logging.info)
+  if config.data.source != "shards" or not config.data.data_dir:
+    raise ValueError("config.data.source must be 'corpus', or 'shards' with config.data.data_dir set "
+                     f"(got source={config.data.source!r}, data_dir={config.data.data_dir!r})")
+  return config.data.data_dir
+
+
+def input_config(config, directory: str, split: str, train: bool) -> pipeline.InputConfig:
+  d = config.data
+  return pipeline.InputConfig(directory, split, config.batch_size, max_sample_size=d.max_sample_size,
+                              min_sample_size=d.min_sample_size, num_buckets=d.num_buckets, mode=d.mode,
+                              shuffle=train, seed=config.seed, num_epochs=None if train else 1)
+
+
+def validate(config, mesh) -> None:
+  """Checks that fail before compiling, each naming its key."""
+  cfg, obj = model_config(config), objective_config(config)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % batch_shards:
+    raise ValueError(f"config.batch_size={config.batch_size} does not divide over the mesh's batch axes "
+                     f"(data x fsdp = {batch_shards})")
+  if config.batch_size % (config.train.microbatches * batch_shards):
+    raise ValueError(f"config.train.microbatches={config.train.microbatches}: each micro-batch of "
+                     f"{config.batch_size} // microbatches must divide over {batch_shards} batch shards")
+  buckets = pipeline.bucket_lengths(input_config(config, "", "", True))
+  if buckets[0] < cfg.receptive_field:
+    raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: the shortest crop "
+                     f"({buckets[0]} samples) is shorter than the receptive field ({cfg.receptive_field})")
+  frames = int(cfg.num_frames(buckets[0]))
+  if frames < obj.mask_length + 1 or frames < obj.num_negatives // 4:
+    raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: {frames} frames in the "
+                     f"shortest bucket cannot hold mask spans of config.objective.mask_length="
+                     f"{obj.mask_length} and draw config.objective.num_negatives={obj.num_negatives}")
+  if config.data.mode not in ("crop", "pad"):
+    raise ValueError(f"config.data.mode={config.data.mode!r}: use 'crop' or 'pad'")
+
+
+class Preemption:
+  """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) pre-training; returns the last logged metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  cfg, obj = model_config(config), objective_config(config)
+  if config.optim.total_steps < 0:
+    config.optim.total_steps = config.num_train_steps
+
+  # -- mesh -------------------------------------------------------------------------------------
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  validate(config, mesh)
+  rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+
+  # -- data -------------------------------------------------------------------------------------
+  directory = data_dir(config)
+  batch_sharding = parallel.batch_sharding(mesh)
+  rows = pipeline.local_rows(batch_sharding, config.batch_size)
+  train_data = pipeline.AudioInput(input_config(config, directory, config.data.train_split, True), rows=rows)
+
+  # -- state ------------------------------------------------------------------------------------
+  tx = optim.optimizer(config.optim)
+  boxed = jax.eval_shape(lambda k: init_params(cfg, k, boxed=True), jax.random.key(0))
+  param_sh = parallel.param_shardings(boxed, mesh, rules)
+  abstract_params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
+                                 is_leaf=lambda x: hasattr(x, "value"))
+  table, offenders = parallel.sharding_table(abstract_params, param_sh, mesh)
+  if is_main:
+    logging.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), table)
+  if offenders:
+    raise ValueError(f"config.mesh.rules leave large parameters replicated under FSDP: {offenders[:3]}")
+  abstract_state = jax.eval_shape(lambda: steps.init_state(abstract_params_zeros(abstract_params), tx))
+  state_sh = jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                          abstract_state)
+  state_sh = dataclasses.replace(state_sh, params=param_sh,
+                                 opt_state=opt_state_shardings(abstract_state.opt_state, param_sh, mesh))
+  with jax.set_mesh(mesh):
+    init = jax.jit(lambda k: steps.init_state(init_params(cfg, k), tx), out_shardings=state_sh)
+    mgr = checkpointing.run_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+    restored = checkpointing.restore_run(mgr, target)
+    if restored is None:
+      state = init(jax.random.key(config.seed))
+      start = 0
+    else:
+      start, state, data_state = restored
+      train_data.restore(data_state)
+      logging.info("resumed from step %d (data position %d)", start, train_data.position)
+
+    # -- step -----------------------------------------------------------------------------------
+    train_step = jax.jit(steps.make_train_step(cfg, obj, tx, config), donate_argnums=(0,),
+                         in_shardings=(state_sh, batch_sharding, None), out_shardings=(state_sh, None))
+    eval_step = jax.jit(steps.make_eval_step(cfg, obj, config), in_shardings=(param_sh, batch_sharding, None, None))
+
+    # -- loop -----------------------------------------------------------------------------------
+    writer = _summary_writer(workdir) if is_main else None
+    experiment = json.loads(config.to_json())
+    preemption = Preemption()
+    key = jax.random.key(config.seed + 1)
+    last, t_log, audio_s, steps_since = {}, time.time(), 0.0, 0
+    for step in range(start, config.num_train_steps):
+      batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
+      state, metrics = train_step(state, batch, key)
+      audio_s += float(np.sum(batch_lengths(batch))) / 16000
+      steps_since += 1
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == config.num_train_steps:
+        metrics = jax.device_get(metrics)
+        if int(metrics["skipped_in_a_row"]) >= config.train.max_consecutive_skips:
+          raise FloatingPointError(
+              f"{int(metrics['skipped_in_a_row'])} non-finite steps in a row at step {done}: lower "
+              "config.optim.lr, set config.optim.clip_norm, or raise config.train.max_consecutive_skips")
+        elapsed = time.time() - t_log
+        last = {k: float(v) for k, v in metrics.items()}
+        last.update(audio_seconds_per_second=audio_s / elapsed, step_time=elapsed / steps_since)
+        eta = (config.num_train_steps - done) * last["step_time"]
+        logging.info("step %d/%d loss %.3f acc %.3f ppl %.1f/%.1f temp %.3f lr %.2e gnorm %.2f skipped %d | "
+                     "%.1f audio-s/s %.2f s/step ETA %s", done, config.num_train_steps, last["loss"],
+                     last["accuracy"], last["prob_perplexity"], last["code_perplexity"], last["temperature"],
+                     last["lr"], last["grad_norm"], int(last["skipped_total"]), last["audio_seconds_per_second"],
+                     last["step_time"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+        if writer:
+          for k, v in last.items():
+            writer.scalar(f"train/{k}", v, done)
+          writer.flush()
+        t_log, audio_s, steps_since = time.time(), 0.0, 0
+      if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+        ev = evaluate(config, directory, eval_step, state.params, batch_sharding, rows, done)
+        if ev:
+          logging.info("step %d valid loss %.3f acc %.3f", done, ev["loss"], ev["accuracy"])
+          last.update({f"valid_{k}": v for k, v in ev.items()})
+          if writer:
+            for k, v in ev.items():
+              writer.scalar(f"valid/{k}", v, done)
+            writer.flush()
+      force = preemption.requested or mgr.reached_preemption(done) or done == config.num_train_steps
+      checkpointing.save_run(mgr, done, state, train_data.state(), cfg, experiment,
+                             {"step": done, "time": time.time()}, force=force)
+      if preemption.requested or mgr.reached_preemption(done):
+        logging.warning("preempted: saved step %d; re-run the same command to resume", done)
+        break
+    mgr.wait_until_finished()
+    mgr.close()
+  last["step"] = int(jax.device_get(state.step))
+  last["params"] = state.params
+  return last
+
+
+def batch_lengths(batch):
+  return np.asarray(jax.device_get(batch["lengths"]))
+
+
+def evaluate(config, directory, eval_step, params, batch_sharding, rows, step) -> dict:
+  """Mean pre-training metrics over config.eval_batches batches of the valid split (if present)."""
+  try:
+    data = pipeline.AudioInput(input_config(config, directory, config.data.valid_split, False), rows=rows)
+  except ValueError as e:
+    logging.warning("no validation: %s", e)
+    return {}
+  sums, n = {}, 0
+  for batch in data:
+    m = jax.device_get(eval_step(params, pipeline.to_global(batch, batch_sharding, config.batch_size),
+                                 jax.random.key(n), step))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    n += 1
+    if n == config.eval_batches:
+      break
+  return {k: v / n for k, v in sums.items()} if n else {}
+
+
+def abstract_params_zeros(abstract):
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+
+
+def opt_state_shardings(opt_state, param_sh, mesh):
+  """Optimizer moments shard like their parameters; scalars (counts) are replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return _shard_like_params(opt_state, param_sh, replicated)
+
+
+def _shard_like_params(opt_state, param_sh, replicated):
+  """Walk the optax state: any subtree shaped like the params tree takes the params' shardings."""
+  params_struct = jax.tree.structure(param_sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+
+  def visit(node):
+    try:
+      if jax.tree.structure(node) == params_struct:
+        return param_sh
+    except Exception:  # noqa: BLE001
+      pass
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      return type(node)(*[visit(c) for c in node])
+    if isinstance(node, (tuple, list)):
+      return type(node)(visit(c) for c in node)
+    if isinstance(node, dict):
+      return {k: visit(v) for k, v in node.items()}
+    return jax.tree.map(lambda _: replicated, node)
+
+  return visit(opt_state)
+
+
+class _SummaryWriter:
+  """TensorBoard event files (tensorboardX: no TensorFlow summary ops needed)."""
+
+  def __init__(self, logdir):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self._writer = SummaryWriter(logdir)
+
+  def scalar(self, tag, value, step):
+    self._writer.add_scalar(tag, value, step)
+
+  def flush(self):
+    self._writer.flush()
+
+
+def _summary_writer(workdir):
+  return _SummaryWriter(os.path.join(workdir, "tensorboard"))

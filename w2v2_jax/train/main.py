@@ -1,0 +1,69 @@
+"""w2v2-train: pre-train wav2vec 2.0 from an experiments/ config; re-running the command resumes.
+
+  w2v2-train --config=experiments/demo.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+      [--coordinator=HOST:PORT --num_processes=N --process_id=I]   # multi-host; TPU/SLURM auto-detect
+"""
+from __future__ import annotations
+
+import logging as logging_std
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from w2v2_jax.cli import one_line_errors
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard events, logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-host: coordinator HOST:PORT (else auto-detect).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def initialize_distributed():
+  """jax.distributed for pods (TPU metadata), SLURM (env) or explicit flags; no-op for one host."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif any(v in os.environ for v in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) \
+      and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    jax.distributed.initialize()
+
+
+class _DropLibraryInfo(logging_std.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the console; warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_libraries():
+  for handler in logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers:
+    handler.addFilter(_DropLibraryInfo())
+
+
+@one_line_errors("w2v2-train")
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE")
+  if _WORKDIR.value is None:
+    raise ValueError("--workdir is required")
+  if _CONFIG.value is None:
+    raise ValueError("--config is required, e.g. --config=experiments/demo.py")
+  initialize_distributed()
+  import jax  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  quiet_libraries()
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  logging.info("config:\n%s", _CONFIG.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
