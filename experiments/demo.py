@@ -3,15 +3,17 @@
 COMMAND:  w2v2-train --config=experiments/demo.py --workdir=/tmp/w2v2_demo
 HARDWARE: any CPU (2 cores is enough); the corpus (~2 h of speech) is synthesized on first use and
           cached under ~/.cache/w2v2_jax.
-EXPECTED: ~300 steps; the loss falls from ~4.6 (log 101 at chance) well below it as the
-          contrastive accuracy rises. Figures measured with this command are in the README.
+EXPECTED: 200 steps in about 9 minutes on 2 CPU cores. As measured so far, the loss settles at
+          chance (~4.62 = ln 101, accuracy ~1/101) and does not yet leave that plateau within 200
+          steps on this corpus; see the README ("Known open problems"). A single repeated batch
+          is learned (loss 8.5 -> 0.6), so the gradients flow.
 """
 from w2v2_jax.train.defaults import pretraining_config
 
 
 def get_config(arg=None):
   c = pretraining_config("small")
-  c.num_train_steps = int(arg) if arg else 300
+  c.num_train_steps = int(arg) if arg else 200
   c.batch_size = 8
   c.checkpoint_every_steps = 100
   c.log_every_steps = 10

@@ -1,7 +1,14 @@
 """w2v2-train: config checks, FSDP-sharded parameters, and exact resume after an interruption."""
+import os
+import signal
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
+
+import train_config
 
 from w2v2_jax.data import records
 from w2v2_jax.train import defaults, loop
@@ -26,25 +33,15 @@ def speech_like_shards(tmp_path_factory):
 
 
 def _config(data_dir, steps):
-  c = defaults.pretraining_config("tiny")
-  c.num_train_steps = steps
-  c.batch_size = 8
-  c.checkpoint_every_steps = 100
-  c.log_every_steps = 1
-  c.eval_every_steps = 100
-  c.eval_batches = 1
-  c.data.data_dir = data_dir
-  c.data.max_sample_size = 16000
-  c.data.min_sample_size = 16000
-  c.data.num_buckets = 1
-  c.objective.num_negatives = 10
-  c.objective.mask_length = 4
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 2
-  c.optim.total_steps = 6
-  c.mesh.data = 2
-  c.mesh.fsdp = 4
-  return c
+  return train_config.get_config(f"{data_dir},{steps}")
+
+
+def test_learning_rate_follows_fairseq_polynomial_decay():
+  from w2v2_jax.train.optim import learning_rate
+  lr = learning_rate(1e-3, warmup_steps=4, total_steps=12)
+  np.testing.assert_allclose([float(lr(k)) for k in range(13)],
+                             [2.5e-4, 5e-4, 7.5e-4, 1e-3] + [1e-3 * (1 - (k - 4) / 8) for k in range(4, 13)],
+                             rtol=1e-6, atol=1e-12)
 
 
 def test_config_errors_name_the_key(speech_like_shards):
@@ -66,12 +63,29 @@ def test_config_errors_name_the_key(speech_like_shards):
     c.optim.learning_rate = 1.0  # locked: unknown keys fail
 
 
-def test_interrupted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path):
+def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path):
+  """w2v2-train gets SIGTERM mid-run, saves, exits; the same command resumes to the same end."""
+  workdir = str(tmp_path / "resumed")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.path.dirname(__file__)}
+  proc = subprocess.Popen([sys.executable, "-m", "w2v2_jax.train.main",
+                           f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:"
+                           f"{speech_like_shards},6", f"--workdir={workdir}"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "step 2/6" in line:
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0, "".join(lines[-20:])
+  assert any("preempted: saved step" in l for l in lines), "".join(lines[-20:])
+  stopped = int(next(l for l in lines if "preempted: saved step" in l).split("saved step ")[1].split(";")[0])
+  assert 2 <= stopped < 6
+  assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == stopped
+
   straight = loop.train_and_evaluate(_config(speech_like_shards, 6), str(tmp_path / "straight"))
   assert straight["step"] == 6 and straight["skipped_total"] == 0
-  first = loop.train_and_evaluate(_config(speech_like_shards, 3), str(tmp_path / "resumed"))
-  assert first["step"] == 3
-  resumed = loop.train_and_evaluate(_config(speech_like_shards, 6), str(tmp_path / "resumed"))
+  resumed = loop.train_and_evaluate(_config(speech_like_shards, 6), workdir)
   assert resumed["step"] == 6
   for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -80,3 +94,80 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_pa
   # Parameters are sharded FSDP-style over the mesh, not replicated.
   big = max(jax.tree.leaves(straight["params"]), key=lambda x: x.size)
   assert len({str(s.index) for s in big.addressable_shards}) > 1
+
+
+def test_non_finite_steps_are_skipped_then_abort(speech_like_shards, tmp_path):
+  c = _config(speech_like_shards, 8)
+  c.optim.lr = float("nan")  # the first update poisons every parameter; later losses are NaN
+  c.optim.warmup_steps = 0
+  c.train.max_consecutive_skips = 3
+  with pytest.raises(FloatingPointError, match="3 non-finite steps in a row at step 4"):
+    loop.train_and_evaluate(c, str(tmp_path / "nan"))
+
+
+def test_skipped_step_leaves_state_untouched(speech_like_shards):
+  import jax.numpy as jnp
+  from w2v2_jax.models.init import init_params
+  from w2v2_jax.train import optim, step as steps
+  c = _config(speech_like_shards, 1)
+  c.optim.warmup_steps = 0
+  cfg, obj = loop.model_config(c), loop.objective_config(c)
+  tx = optim.optimizer(c.optim)
+  params = init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)), jnp.int16),
+           "lengths": jnp.full((8,), 16000, jnp.int32)}
+  train_step = jax.jit(steps.make_train_step(cfg, obj, tx, c))
+  bad = jax.tree.map(lambda x: x, params)
+  bad["quantizer"]["codevectors"] = bad["quantizer"]["codevectors"].at[0, 0, 0].set(jnp.nan)
+  state = steps.init_state(bad, tx)
+  new, metrics = train_step(state, batch, jax.random.key(1))
+  assert not np.isfinite(float(metrics["loss"])) and int(new.skipped_total) == 1 == int(new.skipped_in_a_row)
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  good, metrics = train_step(steps.init_state(params, tx), batch, jax.random.key(1))
+  assert np.isfinite(float(metrics["loss"])) and int(good.skipped_total) == 0
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good.params)))
+
+
+@pytest.mark.parametrize("name", ["demo", "base_librispeech", "large_librispeech", "large_lv60", "xlsr_300m"])
+def test_every_experiment_config_loads_and_validates(name):
+  import importlib.util
+  from w2v2_jax import parallel
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert {"COMMAND:", "HARDWARE:", "EXPECTED:"} <= set(module.__doc__.split())
+  loop.validate(config, parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+  assert loop.model_config(config).num_hidden_layers >= 4
+
+
+def test_two_process_run_matches_one_process(speech_like_shards, tmp_path):
+  """The same command on 2 hosts x 2 devices and on 1 host x 4 devices: same parameters."""
+  import socket
+  from w2v2_jax.train import checkpointing
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  cfg = f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{speech_like_shards},3"
+  common = [sys.executable, "-m", "w2v2_jax.train.main", cfg, "--config.mesh.data=1", "--config.mesh.fsdp=4"]
+
+  def env(devices):
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(__file__)}
+
+  procs = [subprocess.Popen(common + [f"--workdir={tmp_path / 'multi'}", f"--coordinator=127.0.0.1:{port}",
+                                      "--num_processes=2", f"--process_id={i}"], env=env(2),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  single = subprocess.run(common + [f"--workdir={tmp_path / 'single'}"], env=env(4), capture_output=True,
+                          text=True, timeout=600)
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert single.returncode == 0, single.stderr[-3000:]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  assert "step 3/3" in outs[0] and "step 3/3" not in outs[1]  # logs come from process 0 only
+  _, multi_params, _, _ = checkpointing.load_params(str(tmp_path / "multi" / "checkpoints" / "3"))
+  _, single_params, _, _ = checkpointing.load_params(str(tmp_path / "single" / "checkpoints" / "3"))
+  for a, b in zip(jax.tree.leaves(multi_params), jax.tree.leaves(single_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)

@@ -7,13 +7,12 @@ FLOP count for the step. (The optimizer update is not included; it is a small fr
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
 from absl import app, flags
 
-from w2v2_jax.cli import one_line_errors
+from w2v2_jax.cli import one_line_errors, write_json
 
 _MODEL = flags.DEFINE_string("model", "base", "Model preset (base, large, large_lv60, xlsr_300m, ..., tiny).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Utterances per step.")
@@ -63,9 +62,7 @@ def main(argv):
              "step_s_median": round(median, 3), "audio_s_per_s": round(_BATCH.value * _SECONDS.value / median, 2),
              "xla_gflop_per_step": round(flops / 1e9, 1), "loss": round(float(loss), 4)}
   print(" ".join(f"{k}={v}" for k, v in figures.items()))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(figures, f, indent=2)
+  write_json(_JSON.value, figures)
 
 
 def run():

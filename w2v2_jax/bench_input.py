@@ -16,6 +16,8 @@ import time
 
 from absl import app, flags
 
+from w2v2_jax.cli import write_json
+
 _WHAT = flags.DEFINE_enum("what", "input", ["input", "prepare", "corpus"], "Which throughput to measure.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared shards (input); default: synthetic ones.")
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
@@ -107,9 +109,7 @@ def main(argv):
                      audio_hours_per_minute=hours / (time.time() - start) * 60)
       print(f"corpus: {hours:.2f} h synthesized in {figures['seconds']:.1f} s = "
             f"{figures['audio_hours_per_minute']:.2f} audio-h/min")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(figures, f, indent=1)
+  write_json(_JSON.value, figures)
 
 
 def run():

@@ -7,7 +7,7 @@ import sys
 from w2v2_jax.audio import AudioError
 from w2v2_jax.interop.hf import CheckpointError
 
-EXPECTED_ERRORS = (AudioError, CheckpointError, OSError, ValueError)
+EXPECTED_ERRORS = (AudioError, CheckpointError, OSError, ValueError, FloatingPointError)
 
 
 def one_line_errors(prog: str):
@@ -23,6 +23,14 @@ def one_line_errors(prog: str):
         sys.exit(1)
     return run
   return wrap
+
+
+def write_json(path: str | None, figures: dict) -> None:
+  """Benchmark CLIs: also write their figures to --json=PATH when given."""
+  if path:
+    import json  # pylint: disable=import-outside-toplevel
+    with open(path, "w") as f:
+      json.dump(figures, f, indent=1)
 
 
 def split_list(value: str) -> list[str]:

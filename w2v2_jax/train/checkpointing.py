@@ -58,13 +58,24 @@ def resolve_step_dir(path: str) -> str | None:
 
 
 def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
-  """Restore only what inference needs: (model config, params as numpy, kind, experiment config)."""
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  restored = ckptr.restore(os.path.abspath(step_dir),
-                           args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                   config=ocp.args.JsonRestore()))
-  config = restored["config"]
-  return ModelConfig.from_dict(config["model"]), restored["state"]["params"], config["kind"], config["experiment"]
+  """Restore only what inference needs: (model config, params as numpy, kind, experiment config).
+
+  Works whatever topology wrote the checkpoint (a pod, several hosts): the saved shapes are read
+  from its metadata and restored onto this process's first device.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  step_dir = os.path.abspath(step_dir)
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(os.path.join(step_dir, "state"))
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+  state = ckptr.restore(os.path.join(step_dir, "state"), target)
+  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "config"))
+  params = jax.tree.map(np.asarray, state["params"])
+  return ModelConfig.from_dict(config["model"]), params, config["kind"], config["experiment"]
 
 
 def run_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:

@@ -1,7 +1,7 @@
 """The config schema every pre-training experiment shares; experiments/*.py override it."""
 import ml_collections
 
-from w2v2_jax import objectives
+from w2v2_jax import objectives, parallel
 from w2v2_jax.models.config import preset
 
 
@@ -39,4 +39,22 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
                                            b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=0.0))
   c.train = ml_collections.ConfigDict(dict(microbatches=1, max_consecutive_skips=20))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh.rules = parallel.DEFAULT_RULES   # logical axis -> mesh axes, first free match wins
+  return c
+
+
+def stable_layer_norm_recipe(model_preset: str) -> ml_collections.ConfigDict:
+  """fairseq's LARGE-LV60 (wav2vec2_large_librivox) recipe for a pre-LN, layer-norm-extractor model."""
+  c = pretraining_config(model_preset)
+  c.num_train_steps = 600_000       # the paper's (the YAML says 1M)
+  c.batch_size = 512                # crops of <= 320k samples: ~2.7 h per update, as 128 x 1.2M samples
+  c.data.max_sample_size = 320_000
+  c.data.normalize = True
+  c.optim.lr = 3e-4                 # the paper's value (the fairseq YAML says 0.005)
+  c.optim.warmup_steps = 32_000
+  c.objective.latent_temp = (2.0, 0.1, 0.999995)
+  c.objective.feature_penalty_weight = 0.0
+  c.model["layerdrop"] = 0.0
+  c.model["dtype"] = "bfloat16"
+  c.model["remat"] = True
   return c

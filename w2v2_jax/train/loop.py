@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,44 @@ def validate(config, mesh) -> None:
     raise ValueError(f"config.data.mode={config.data.mode!r}: use 'crop' or 'pad'")
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where everything lives: the mesh, the optimiser, and the state's shapes and shardings."""
+  mesh: jax.sharding.Mesh
+  tx: Any
+  abstract_state: Any       # steps.TrainState of ShapeDtypeStructs
+  state_shardings: Any      # steps.TrainState of NamedShardings
+  param_shardings: Any
+  table: str                # the printable parameter sharding table
+
+
+def plan_layout(config, devices=None) -> Layout:
+  """Mesh from config.mesh (over `devices`, default all), FSDP/tensor shardings from the rules.
+
+  Validates the config first, and refuses large parameters left replicated under FSDP.
+  """
+  cfg = model_config(config)
+  mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.AXES}, devices)
+  validate(config, mesh)
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
+  tx = optim.optimizer(config.optim)
+  boxed = jax.eval_shape(lambda k: init_params(cfg, k, boxed=True), jax.random.key(0))
+  param_sh = parallel.param_shardings(boxed, mesh, rules)
+  abstract_params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
+                                 is_leaf=lambda x: hasattr(x, "value"))
+  table, offenders = parallel.sharding_table(abstract_params, param_sh, mesh)
+  if offenders:
+    raise ValueError(f"config.mesh.rules leave large parameters replicated under FSDP: {offenders[:3]}")
+  abstract_state = jax.eval_shape(lambda: steps.init_state(abstract_params_zeros(abstract_params), tx))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_sh = jax.tree.map(lambda _: replicated, abstract_state)
+  state_sh = dataclasses.replace(state_sh, params=param_sh,
+                                 opt_state=_shard_like_params(abstract_state.opt_state, param_sh, replicated))
+  abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                abstract_state, state_sh)
+  return Layout(mesh, tx, abstract_state, state_sh, param_sh, table)
+
+
 class Preemption:
   """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
 
@@ -93,10 +132,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.optim.total_steps < 0:
     config.optim.total_steps = config.num_train_steps
 
-  # -- mesh -------------------------------------------------------------------------------------
-  mesh = parallel.make_mesh(config.mesh.to_dict())
-  validate(config, mesh)
-  rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+  # -- mesh and state layout ------------------------------------------------------------------
+  layout = plan_layout(config)
+  mesh, tx, state_sh, param_sh = layout.mesh, layout.tx, layout.state_shardings, layout.param_shardings
+  if is_main:
+    logging.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), layout.table)
 
   # -- data -------------------------------------------------------------------------------------
   directory = data_dir(config)
@@ -105,26 +145,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_data = pipeline.AudioInput(input_config(config, directory, config.data.train_split, True), rows=rows)
 
   # -- state ------------------------------------------------------------------------------------
-  tx = optim.optimizer(config.optim)
-  boxed = jax.eval_shape(lambda k: init_params(cfg, k, boxed=True), jax.random.key(0))
-  param_sh = parallel.param_shardings(boxed, mesh, rules)
-  abstract_params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
-                                 is_leaf=lambda x: hasattr(x, "value"))
-  table, offenders = parallel.sharding_table(abstract_params, param_sh, mesh)
-  if is_main:
-    logging.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), table)
-  if offenders:
-    raise ValueError(f"config.mesh.rules leave large parameters replicated under FSDP: {offenders[:3]}")
-  abstract_state = jax.eval_shape(lambda: steps.init_state(abstract_params_zeros(abstract_params), tx))
-  state_sh = jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                          abstract_state)
-  state_sh = dataclasses.replace(state_sh, params=param_sh,
-                                 opt_state=opt_state_shardings(abstract_state.opt_state, param_sh, mesh))
+  abstract_state = layout.abstract_state
   with jax.set_mesh(mesh):
     init = jax.jit(lambda k: steps.init_state(init_params(cfg, k), tx), out_shardings=state_sh)
     mgr = checkpointing.run_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
-    restored = checkpointing.restore_run(mgr, target)
+    restored = checkpointing.restore_run(mgr, abstract_state)
     if restored is None:
       state = init(jax.random.key(config.seed))
       start = 0
@@ -147,7 +172,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for step in range(start, config.num_train_steps):
       batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
       state, metrics = train_step(state, batch, key)
-      audio_s += float(np.sum(batch_lengths(batch))) / 16000
+      audio_s += metrics["audio_samples"]  # device scalar; summed without a host sync
       steps_since += 1
       done = step + 1
       if done % config.log_every_steps == 0 or done == config.num_train_steps:
@@ -157,8 +182,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"{int(metrics['skipped_in_a_row'])} non-finite steps in a row at step {done}: lower "
               "config.optim.lr, set config.optim.clip_norm, or raise config.train.max_consecutive_skips")
         elapsed = time.time() - t_log
-        last = {k: float(v) for k, v in metrics.items()}
-        last.update(audio_seconds_per_second=audio_s / elapsed, step_time=elapsed / steps_since)
+        last = {k: float(v) for k, v in metrics.items() if k != "audio_samples"}
+        last.update(audio_seconds_per_second=float(audio_s) / 16000 / elapsed, step_time=elapsed / steps_since)
         eta = (config.num_train_steps - done) * last["step_time"]
         logging.info("step %d/%d loss %.3f acc %.3f ppl %.1f/%.1f temp %.3f lr %.2e gnorm %.2f skipped %d | "
                      "%.1f audio-s/s %.2f s/step ETA %s", done, config.num_train_steps, last["loss"],
@@ -192,10 +217,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return last
 
 
-def batch_lengths(batch):
-  return np.asarray(jax.device_get(batch["lengths"]))
-
-
 def evaluate(config, directory, eval_step, params, batch_sharding, rows, step) -> dict:
   """Mean pre-training metrics over config.eval_batches batches of the valid split (if present)."""
   try:
@@ -217,12 +238,6 @@ def evaluate(config, directory, eval_step, params, batch_sharding, rows, step) -
 
 def abstract_params_zeros(abstract):
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
-
-
-def opt_state_shardings(opt_state, param_sh, mesh):
-  """Optimizer moments shard like their parameters; scalars (counts) are replicated."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return _shard_like_params(opt_state, param_sh, replicated)
 
 
 def _shard_like_params(opt_state, param_sh, replicated):

@@ -16,18 +16,25 @@ from w2v2_jax.cli import one_line_errors
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard events, logs.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize: on (TPU pod / SLURM / GPU cluster auto-detection), "
+                                 "off, or auto = on when SLURM_NTASKS > 1 or a TPU pod environment is seen.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-host: coordinator HOST:PORT (else auto-detect).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def initialize_distributed():
-  """jax.distributed for pods (TPU metadata), SLURM (env) or explicit flags; no-op for one host."""
+  """jax.distributed for TPU pods, SLURM, or explicit coordinator flags; nothing for one process."""
   import jax  # pylint: disable=import-outside-toplevel
   if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise ValueError("--coordinator needs --num_processes and --process_id")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif any(v in os.environ for v in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) \
-      and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    return
+  cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") \
+      or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+  if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and cluster):
     jax.distributed.initialize()
 
 

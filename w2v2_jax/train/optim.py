@@ -5,8 +5,11 @@ import optax
 
 
 def learning_rate(lr: float, warmup_steps: int, total_steps: int, end_lr: float = 0.0, power: float = 1.0):
-  """Linear warm-up to `lr`, then polynomial decay to `end_lr` at `total_steps` (fairseq)."""
-  warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  """Linear warm-up to `lr`, then polynomial decay to `end_lr` at `total_steps` (fairseq).
+
+  As fairseq's polynomial_decay, update k < warmup uses lr * (k + 1) / warmup: never zero.
+  """
+  warmup = optax.linear_schedule(lr / max(warmup_steps, 1), lr, max(warmup_steps - 1, 1))
   decay = optax.polynomial_schedule(lr, end_lr, power, max(total_steps - warmup_steps, 1))
   return optax.join_schedules([warmup, decay], [warmup_steps])
 

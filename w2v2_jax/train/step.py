@@ -80,6 +80,7 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
         skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
         skipped_total=state.skipped_total + jnp.where(finite, 0, 1))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, temperature=temperature,
+                   audio_samples=lengths.sum(),
                    lr=schedule_lr_fn(state.step), skipped_total=new_state.skipped_total,
                    skipped_in_a_row=new_state.skipped_in_a_row)
     return new_state, metrics

@@ -1,0 +1,16 @@
+"""wav2vec 2.0 LARGE-LV60 (pre-LN, layer-norm extractor) on Libri-Light 60k h (fairseq vox recipe).
+
+COMMAND:  w2v2-train --config=experiments/large_lv60.py --workdir=gs://BUCKET/lv60 \
+              --config.data.data_dir=/data/librilight
+HARDWARE: fairseq: 128 V100 x 5.2 days, 1.2M samples per GPU (~2.7 h per update), 1M updates in
+          the YAML (paper 600k). Here: 512 crops of at most 320k samples; per-chip memory from
+          w2v2-aot (README recipe table).
+EXPECTED: loss falls below 2.5 in the first 50k updates; waveform normalisation on, no feature
+          penalty, latent_temp (2, 0.1, 0.999995).
+"""
+from w2v2_jax.train.defaults import stable_layer_norm_recipe
+
+
+def get_config(arg=None):
+  del arg
+  return stable_layer_norm_recipe("large_lv60")

@@ -1,0 +1,96 @@
+"""w2v2-aot: compile the real sharded train step for a TPU slice on any host; print whether it fits.
+
+  w2v2-aot --config=experiments/base_librispeech.py --topology=v5p-128 [--config.KEY=VALUE ...]
+
+Needs libtpu (pip install 'w2v2-jax[tpu]'); no TPU. Prints the sharding table, the per-chip
+memory from XLA's memory analysis against the chip's HBM, and XLA's FLOPs per step, for the
+largest bucket (the most memory-hungry shape).
+"""
+from __future__ import annotations
+
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from w2v2_jax.cli import one_line_errors, write_json
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice: v4-32, v5p-128, v5e-256, v6e-64, ...")
+_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+
+# name -> (topology_name prefix, cores per chip counted in the slice name, HBM GiB per chip)
+CHIPS = {"v4": ("v4", 2, 32), "v5p": ("v5p", 2, 95), "v5e": ("v5e", 1, 16), "v6e": ("v6e", 1, 32)}
+
+
+def topology_devices(slice_name: str):
+  """'v5p-128' -> the 64 chip devices of a 4x4x4 v5p slice (libtpu, compile-only)."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  kind, _, count = slice_name.partition("-")
+  if kind not in CHIPS or not count.isdigit():
+    raise ValueError(f"--topology={slice_name}: use one of {sorted(CHIPS)} with a size, e.g. v5p-128")
+  prefix, cores, _ = CHIPS[kind]
+  chips = int(count) // cores
+  if kind in ("v4", "v5p"):  # 3-D tori: the most cubic x<=y<=z with x*y*z = chips
+    dims = min(((x, y, chips // (x * y)) for x in range(1, chips + 1) for y in range(x, chips + 1)
+                if chips % (x * y) == 0 and chips // (x * y) >= y), key=lambda d: d[2] - d[0])
+    per_host = (2, 2, 1)
+  else:
+    side = int(chips ** 0.5)
+    while chips % side:
+      side -= 1
+    dims, per_host = (side, chips // side), (2, 2, 1)
+  name = f"{prefix}:{'x'.join(map(str, dims))}"
+  return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
+                                      chips_per_host_bounds=per_host, num_slices=1).devices, CHIPS[kind][2]
+
+
+@one_line_errors("w2v2-aot")
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from w2v2_jax import parallel  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import loop, step as steps  # pylint: disable=import-outside-toplevel
+
+  config = _CONFIG.value
+  if config is None:
+    raise ValueError("--config is required")
+  if config.optim.total_steps < 0:
+    config.optim.total_steps = config.num_train_steps
+  devices, hbm_gib = topology_devices(_TOPOLOGY.value)
+  layout = loop.plan_layout(config, devices)
+  widest = max(pipeline.bucket_lengths(loop.input_config(config, "", "", True)))
+  batch_sh = parallel.batch_sharding(layout.mesh)
+  batch = {"audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
+           "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  train_step = steps.make_train_step(loop.model_config(config), loop.objective_config(config), layout.tx, config)
+  with jax.set_mesh(layout.mesh):
+    compiled = jax.jit(train_step, donate_argnums=(0,), in_shardings=(layout.state_shardings, batch_sh, None),
+                       out_shardings=(layout.state_shardings, None)).lower(layout.abstract_state, batch, key).compile()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+              - mem.alias_size_in_bytes) / 2**30
+  figures = {"topology": _TOPOLOGY.value, "chips": len(devices), "mesh": dict(layout.mesh.shape),
+             "batch": config.batch_size, "crop_samples": widest, "dtype": config.model.dtype,
+             "remat": config.model.remat, "per_chip_gib": round(per_chip, 2), "hbm_gib": hbm_gib,
+             "fits": per_chip < 0.95 * hbm_gib,
+             "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
+             "argument_gib": round(mem.argument_size_in_bytes / 2**30, 2),
+             "xla_tflop_per_step_per_chip": round(float(cost.get("flops", 0.0)) / 1e12, 2) if cost else None}
+  print(f"parameter shardings on mesh {dict(layout.mesh.shape)}:\n{layout.table}")
+  print(" ".join(f"{k}={v}" for k, v in figures.items()))
+  print(f"{'FITS' if figures['fits'] else 'DOES NOT FIT'}: {per_chip:.2f} GiB of {hbm_gib} GiB HBM per chip")
+  write_json(_JSON.value, figures)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
