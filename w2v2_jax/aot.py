@@ -40,7 +40,8 @@ def topology_devices(slice_name: str):
       side -= 1
     dims, per_host = (side, chips // side), (2, 2, 1)
   name = f"{prefix}:{'x'.join(map(str, dims))}"
-  return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
+  chip_config = "megacore" if kind == "v4" else "default"  # v4: one device per chip, as on a real pod
+  return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
                                       chips_per_host_bounds=per_host, num_slices=1).devices, CHIPS[kind][2]
 
 

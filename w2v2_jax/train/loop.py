@@ -204,10 +204,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             for k, v in ev.items():
               writer.scalar(f"valid/{k}", v, done)
             writer.flush()
-      force = preemption.requested or mgr.reached_preemption(done) or done == config.num_train_steps
+      # One process: our SIGTERM flag. Several: only Orbax's preemption sync point, which every
+      # process reaches at the same step (a flag seen by some processes would deadlock the save).
+      preempted = mgr.reached_preemption(done) or (preemption.requested and jax.process_count() == 1)
       checkpointing.save_run(mgr, done, state, train_data.state(), cfg, experiment,
-                             {"step": done, "time": time.time()}, force=force)
-      if preemption.requested or mgr.reached_preemption(done):
+                             {"step": done, "time": time.time()}, force=preempted or done == config.num_train_steps)
+      if preempted:
         logging.warning("preempted: saved step %d; re-run the same command to resume", done)
         break
     mgr.wait_until_finished()
