@@ -11,7 +11,7 @@ import pytest
 import train_config
 
 from w2v2_jax.data import records
-from w2v2_jax.train import defaults, loop
+from w2v2_jax.train import loop
 
 
 @pytest.fixture(scope="module")
