@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
