@@ -25,9 +25,7 @@ def shards(tmp_path_factory):
     n = int(rng.integers(4800, 48000))
     audio = ((np.arange(n) % 1000) + 1000 * (i % 30)).astype(np.int16)  # recognisable samples
     utts.append(records.Utterance(f"u{i:03d}", audio))
-  for k in range(3):
-    records.write_shard(str(root / records.shard_name("train", k)), iter(utts[20 * k:20 * (k + 1)]),
-                        lambda: {"split": "train", "seen": 20, "written": 20, "skipped": []})
+  records.write_split(str(root), "train", utts, shard_size=20)
   return str(root), utts
 
 

@@ -26,9 +26,8 @@ def speech_like_shards(tmp_path_factory):
     f0 = rng.uniform(100, 250) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
     x = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / 16000) / k for k in range(1, 6)) + 0.1 * rng.standard_normal(n)
     utts.append(records.Utterance(f"u{i}", (x / np.abs(x).max() * 12000).astype(np.int16)))
-  for split, part in (("train", utts[:32]), ("valid", utts[32:])):
-    records.write_shard(str(root / records.shard_name(split, 0)), iter(part),
-                        lambda: {"split": split, "seen": 0, "written": 0, "skipped": []})
+  records.write_split(str(root), "train", utts[:32], shard_size=32)
+  records.write_split(str(root), "valid", utts[32:], shard_size=32)
   return str(root)
 
 

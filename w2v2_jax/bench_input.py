@@ -47,10 +47,7 @@ def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = 
       os.makedirs(sub, exist_ok=True)
       sf.write(os.path.join(sub, u.id + ".flac"), u.audio, 16000, subtype="PCM_16")
     return
-  os.makedirs(out_dir, exist_ok=True)
-  for k in range(0, len(utts), 256):
-    records.write_shard(os.path.join(out_dir, records.shard_name("train", k // 256)), iter(utts[k:k + 256]),
-                        lambda: {"split": "train", "seen": 0, "written": 0, "skipped": []})
+  records.write_split(out_dir, "train", utts, shard_size=256)
 
 
 def bench_input(data_dir: str) -> dict:

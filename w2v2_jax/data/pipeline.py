@@ -216,7 +216,11 @@ class AudioInput:
       raise ValueError(f"data iterator state does not match {self.cfg.data_dir} split "
                        f"{self.cfg.split!r}: the data or the data config (batch, buckets, seed, crop) "
                        "changed since the checkpoint; restore with the same data config")
-    self.position = int(state["position"])
+    self.seek(int(state["position"]))
+
+  def seek(self, position: int) -> None:
+    """Next batch is global batch `position` (0 = the start, e.g. for another validation pass)."""
+    self.position = position
     self._iterator = None
 
 

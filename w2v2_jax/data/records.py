@@ -77,6 +77,15 @@ def write_shard(path: str, utterances, index_extra) -> dict:
   return index
 
 
+def write_split(out_dir: str, split: str, utterances: list, shard_size: int) -> None:
+  """In-memory utterances -> complete shards of `split` (synthetic data: benchmarks, tests)."""
+  os.makedirs(out_dir, exist_ok=True)
+  for k in range(0, len(utterances), shard_size):
+    part = utterances[k:k + shard_size]
+    write_shard(os.path.join(out_dir, shard_name(split, k // shard_size)), iter(part),
+                lambda n=len(part): {"split": split, "seen": n, "written": n, "skipped": []})
+
+
 def index_path(shard_path: str) -> str:
   return shard_path[:-len(".tfrecord")] + ".json"
 

@@ -142,6 +142,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batch_sharding = parallel.batch_sharding(mesh)
   rows = pipeline.local_rows(batch_sharding, config.batch_size)
   train_data = pipeline.AudioInput(input_config(config, directory, config.data.train_split, True), rows=rows)
+  valid_data = open_valid(config, directory, rows)
 
   # -- state ------------------------------------------------------------------------------------
   abstract_state = layout.abstract_state
@@ -195,7 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           writer.flush()
         t_log, audio_s, steps_since = time.time(), 0.0, 0
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-        ev = evaluate(config, directory, eval_step, state.params, batch_sharding, rows, done)
+        ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done)
         if ev:
           logging.info("step %d valid loss %.3f acc %.3f", done, ev["loss"], ev["accuracy"])
           last.update({f"valid_{k}": v for k, v in ev.items()})
@@ -218,13 +219,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return last
 
 
-def evaluate(config, directory, eval_step, params, batch_sharding, rows, step) -> dict:
-  """Mean pre-training metrics over config.eval_batches batches of the valid split (if present)."""
+def open_valid(config, directory, rows):
+  """The validation input (one pass per evaluation), or None with a warning if the split is unusable."""
   try:
-    data = pipeline.AudioInput(input_config(config, directory, config.data.valid_split, False), rows=rows)
+    return pipeline.AudioInput(input_config(config, directory, config.data.valid_split, False), rows=rows)
   except ValueError as e:
     logging.warning("no validation: %s", e)
+    return None
+
+
+def evaluate(config, data, eval_step, params, batch_sharding, step) -> dict:
+  """Mean pre-training metrics over config.eval_batches batches of the valid split (if present)."""
+  if data is None:
     return {}
+  data.seek(0)
   sums, n = {}, 0
   for batch in data:
     m = jax.device_get(eval_step(params, pipeline.to_global(batch, batch_sharding, config.batch_size),
