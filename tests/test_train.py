@@ -170,3 +170,46 @@ def test_two_process_run_matches_one_process(speech_like_shards, tmp_path):
   _, single_params, _, _ = checkpointing.load_params(str(tmp_path / "single" / "checkpoints" / "3"))
   for a, b in zip(jax.tree.leaves(multi_params), jax.tree.leaves(single_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)])
+def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape):
+  """One train step on a (data, fsdp, tensor) mesh: same loss and updated parameters as on one device.
+
+  Adam's first update is ~lr * sign(g), which turns reduction-order noise in near-zero gradients into
+  full-size parameter differences; eps = 1 makes the update ~lr * g, so parameters compare gradients.
+  """
+  import jax.numpy as jnp
+  from w2v2_jax import parallel
+  from w2v2_jax.models.init import init_params
+  from w2v2_jax.train import step as steps
+
+  def config(mesh):
+    c = _config(speech_like_shards, 1)
+    c.optim.lr, c.optim.eps, c.optim.warmup_steps = 1.0, 1.0, 0
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    return c
+  c, c1 = config(mesh_shape), config((1, 1, 1))
+  cfg, obj = loop.model_config(c), loop.objective_config(c)
+  rng = np.random.default_rng(0)
+  batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)), jnp.int16),
+           "lengths": jnp.full((8,), 16000, jnp.int32)}
+  key = jax.random.key(1)
+
+  one = loop.plan_layout(c1, jax.devices()[:1])
+  state = steps.init_state(init_params(cfg, jax.random.key(0)), one.tx)
+  single_state, single = jax.jit(steps.make_train_step(cfg, obj, one.tx, c1))(
+      jax.device_put(state, jax.devices()[0]), batch, key)
+
+  layout = loop.plan_layout(c)
+  with jax.set_mesh(layout.mesh):
+    sharded_state = jax.device_put(state, layout.state_shardings)
+    bsh = parallel.batch_sharding(layout.mesh)
+    step = jax.jit(steps.make_train_step(cfg, obj, layout.tx, c), in_shardings=(layout.state_shardings, bsh, None),
+                   out_shardings=(layout.state_shardings, None))
+    new_state, sharded = step(sharded_state, jax.device_put(batch, bsh), key)
+  if mesh_shape[1] > 1:  # FSDP really split the parameters
+    assert any(len({str(s.index) for s in x.addressable_shards}) > 1 for x in jax.tree.leaves(new_state.params))
+  np.testing.assert_allclose(float(sharded["loss"]), float(single["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(single_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)

@@ -2,8 +2,10 @@
 
   w2v2-bench --model=base --batch=4 --seconds=4 [--dtype=bfloat16] [--remat] [--steps=5] [--json=OUT]
 
-Prints compile time, the median step time after one warm-up, audio-seconds per second, and XLA's
-FLOP count for the step. (The optimizer update is not included; it is a small fraction of the step.)
+Times the loss-and-gradient step and the forward alone: compile time, median time after a warm-up,
+audio-seconds per second, analytic FLOPs (w2v2_jax/flops.py) next to XLA's count, MFU against the
+chip's peak (CPU: this host's measured fp32 matmul peak) and XLA's peak memory. The optimizer update
+is not included; it is a small fraction of the step.
 """
 from __future__ import annotations
 
@@ -23,44 +25,74 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 
 
+def _time(compiled, args_for, steps):
+  """Median seconds of `steps` calls after one warm-up call."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(compiled(*args_for(0)))
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args_for(i + 1)))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _compile(fn, args):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  seconds = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes)
+  return compiled, seconds, float((cost or {}).get("flops", 0.0)), peak
+
+
 @one_line_errors("w2v2-bench")
 def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
 
-  from w2v2_jax import objectives
+  from w2v2_jax import flops, objectives
   from w2v2_jax.models.config import preset
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train.pretrain import make_loss_fn
 
   cfg = preset(_MODEL.value).replace(dtype=_DTYPE.value, remat=_REMAT.value)
-  samples = int(_SECONDS.value * 16000)
+  batch, samples = _BATCH.value, int(_SECONDS.value * 16000)
   params = init_params(cfg, jax.random.key(0))
-  audio = jax.random.normal(jax.random.key(1), (_BATCH.value, samples), jnp.float32)
-  lengths = jnp.full((_BATCH.value,), samples)
+  audio = jax.random.normal(jax.random.key(1), (batch, samples), jnp.float32)
+  lengths = jnp.full((batch,), samples)
   loss_fn = make_loss_fn(cfg, objectives.ObjectiveConfig())
-  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-  args = (params, audio, lengths, jax.random.key(2), jnp.float32(2.0))
+  temp = jnp.float32(2.0)
+  args_for = lambda i: (params, audio, lengths, jax.random.key(2 + i), temp)  # noqa: E731
+  train, train_compile_s, train_xla, train_mem = _compile(
+      jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), args_for(0))
+  fwd, fwd_compile_s, fwd_xla, _ = _compile(
+      jax.jit(lambda *a: loss_fn(*a, deterministic=True)), args_for(0))
+  train_s = _time(train, args_for, _STEPS.value)
+  fwd_s = _time(fwd, args_for, _STEPS.value)
 
-  t0 = time.perf_counter()
-  compiled = step.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for i in range(_STEPS.value):
-    t = time.perf_counter()
-    (loss, _), _ = compiled(params, audio, lengths, jax.random.key(3 + i), jnp.float32(2.0))
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t)
-  median = statistics.median(times)
-  figures = {"model": _MODEL.value, "batch": _BATCH.value, "seconds": _SECONDS.value, "dtype": _DTYPE.value,
-             "remat": _REMAT.value, "device": str(jax.devices()[0].device_kind), "compile_s": round(compile_s, 2),
-             "step_s_median": round(median, 3), "audio_s_per_s": round(_BATCH.value * _SECONDS.value / median, 2),
-             "xla_gflop_per_step": round(flops / 1e9, 1), "loss": round(float(loss), 4)}
+  peak, peak_source = flops.peak_flops(jax.devices()[0], _DTYPE.value)
+  train_flops = flops.train_flops(cfg, samples, batch)
+  fwd_flops = flops.forward_flops(cfg, samples, batch)
+  figures = {
+      "model": _MODEL.value, "batch": batch, "seconds": _SECONDS.value, "dtype": _DTYPE.value,
+      "remat": _REMAT.value, "device": str(jax.devices()[0].device_kind),
+      "compile_s": round(train_compile_s, 2), "forward_compile_s": round(fwd_compile_s, 2),
+      "step_s_median": round(train_s, 4), "forward_s_median": round(fwd_s, 4),
+      "audio_s_per_s": round(batch * _SECONDS.value / train_s, 2),
+      "forward_audio_s_per_s": round(batch * _SECONDS.value / fwd_s, 2),
+      "analytic_gflop_per_step": round(train_flops / 1e9, 1), "xla_gflop_per_step": round(train_xla / 1e9, 1),
+      "analytic_gflop_forward": round(fwd_flops / 1e9, 1), "xla_gflop_forward": round(fwd_xla / 1e9, 1),
+      "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source,
+      "mfu": round(train_flops / train_s / peak, 4), "forward_mfu": round(fwd_flops / fwd_s / peak, 4),
+      "peak_memory_gib": round(train_mem / 2**30, 3) if train_mem is not None else None,
+  }
   print(" ".join(f"{k}={v}" for k, v in figures.items()))
   write_json(_JSON.value, figures)
 

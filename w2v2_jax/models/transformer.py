@@ -26,6 +26,12 @@ class WeightNormConv(nn.Module):
                    (k,), jnp.float32)
     bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (h,), jnp.float32)
     w = g[:, None, None] * v / jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1:
+      # XLA's SPMD partitioner (jax 0.10.2) returns twice the weight gradient of a grouped conv whose
+      # batch is sharded while a mesh axis (tensor) is replicated; sharding the channels (whole
+      # groups) over that axis avoids it. Caught by tests/test_train.py's 2x2x2 mesh test.
+      x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
     y = jax.lax.conv_general_dilated(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype), window_strides=(1,),
                                      padding=[(k // 2, k // 2)], dimension_numbers=("NWC", "WIO", "NWC"),
                                      feature_group_count=groups)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from w2v2_jax import objectives, parallel
+from w2v2_jax import flops, objectives, parallel
 from w2v2_jax.data import pipeline
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import init_params
@@ -168,11 +168,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     experiment = json.loads(config.to_json())
     preemption = Preemption()
     key = jax.random.key(config.seed + 1)
-    last, t_log, audio_s, steps_since = {}, time.time(), 0.0, 0
+    peak, peak_source = flops.peak_flops(jax.devices()[0], cfg.dtype)
+    peak *= jax.device_count()
+    if is_main:
+      logging.info("MFU is against %.3g FLOP/s for %d devices (%s)", peak, jax.device_count(), peak_source)
+    last, t_log, audio_s, steps_since, step_flops = {}, time.time(), 0.0, 0, 0.0
     for step in range(start, config.num_train_steps):
       batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
       state, metrics = train_step(state, batch, key)
       audio_s += metrics["audio_samples"]  # device scalar; summed without a host sync
+      step_flops += flops.train_flops(cfg, batch["audio"].shape[1], config.batch_size)
       steps_since += 1
       done = step + 1
       if done % config.log_every_steps == 0 or done == config.num_train_steps:
@@ -183,18 +188,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
               "config.optim.lr, set config.optim.clip_norm, or raise config.train.max_consecutive_skips")
         elapsed = time.time() - t_log
         last = {k: float(v) for k, v in metrics.items() if k != "audio_samples"}
-        last.update(audio_seconds_per_second=float(audio_s) / 16000 / elapsed, step_time=elapsed / steps_since)
+        last.update(audio_seconds_per_second=float(audio_s) / 16000 / elapsed, step_time=elapsed / steps_since,
+                    mfu=step_flops / elapsed / peak)
         eta = (config.num_train_steps - done) * last["step_time"]
         logging.info("step %d/%d loss %.3f acc %.3f ppl %.1f/%.1f temp %.3f lr %.2e gnorm %.2f skipped %d | "
-                     "%.1f audio-s/s %.2f s/step ETA %s", done, config.num_train_steps, last["loss"],
+                     "%.1f audio-s/s %.2f s/step MFU %.1f%% ETA %s", done, config.num_train_steps, last["loss"],
                      last["accuracy"], last["prob_perplexity"], last["code_perplexity"], last["temperature"],
                      last["lr"], last["grad_norm"], int(last["skipped_total"]), last["audio_seconds_per_second"],
-                     last["step_time"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+                     last["step_time"], 100 * last["mfu"], time.strftime("%H:%M:%S", time.gmtime(eta)))
         if writer:
           for k, v in last.items():
             writer.scalar(f"train/{k}", v, done)
           writer.flush()
-        t_log, audio_s, steps_since = time.time(), 0.0, 0
+        t_log, audio_s, steps_since, step_flops = time.time(), 0.0, 0, 0.0
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
         ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done)
         if ev:

@@ -1,0 +1,91 @@
+"""Analytic FLOPs of wav2vec 2.0 steps and the peak FLOP/s they are compared with (MFU).
+
+Counts multiply-adds of the matmuls and convolutions as 2 FLOPs each (elementwise work, norms and
+softmax are left out, as in the usual MFU convention). A train step is 3x the forward: the backward
+computes gradients with respect to both inputs and weights. Rematerialised recomputation is NOT
+counted, so MFU measures useful work only. Cross-checked against XLA's cost_analysis in
+tests/test_flops.py.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+from w2v2_jax.models.config import ModelConfig
+
+# Dense peak FLOP/s per chip from vendor datasheets (bf16 / fp32-on-tensor-cores where that is the
+# compute dtype in use). Keys are jax's device_kind strings.
+PEAK_FLOPS = {
+    # NVIDIA, dense (no sparsity). fp32 uses TF32 tensor cores (XLA's default matmul precision).
+    "NVIDIA H100 80GB HBM3": {"bfloat16": 989e12, "float32": 494e12},
+    "NVIDIA H100": {"bfloat16": 989e12, "float32": 494e12},
+    "NVIDIA H200": {"bfloat16": 989e12, "float32": 494e12},
+    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 156e12},
+    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 156e12},
+    "Tesla V100-SXM2-32GB": {"bfloat16": 125e12, "float32": 125e12},
+    # Google TPUs, bf16 per chip.
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+}
+
+
+def forward_flops(cfg: ModelConfig, num_samples: int, batch: int = 1, head: str = "pretraining",
+                  num_negatives: int = 100) -> float:
+  """FLOPs of one forward pass over `batch` utterances of `num_samples` samples each."""
+  flops, length, channels = 0.0, num_samples, 1
+  for dim, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
+    length = (length - k) // s + 1
+    flops += 2.0 * length * k * channels * dim
+    channels = dim
+  t, h = length, cfg.hidden_size
+  flops += 2.0 * t * channels * h  # feature projection
+  flops += 2.0 * t * cfg.num_conv_pos_embeddings * (h // cfg.num_conv_pos_embedding_groups) * h  # pos conv
+  per_layer = 2.0 * t * 4 * h * h + 2.0 * 2 * t * t * h + 2.0 * 2 * t * h * cfg.intermediate_size
+  flops += cfg.num_hidden_layers * per_layer
+  if head == "pretraining":
+    g, v = cfg.num_codevector_groups, cfg.num_codevectors_per_group
+    flops += 2.0 * t * channels * g * v  # quantizer logits
+    flops += 2.0 * t * g * v * (cfg.codevector_dim // g)  # one-hot @ codebook (a dense matmul in our code)
+    flops += 2.0 * t * cfg.codevector_dim * cfg.proj_codevector_dim  # project_q
+    flops += 2.0 * t * h * cfg.proj_codevector_dim  # project_hid
+    flops += 2.0 * t * t * cfg.proj_codevector_dim  # all-pairs cosine matrix (negatives are gathered from it)
+  elif head == "ctc":
+    flops += 2.0 * t * h * cfg.vocab_size
+  return batch * flops
+
+
+def train_flops(cfg: ModelConfig, num_samples: int, batch: int, head: str = "pretraining") -> float:
+  """FLOPs of one training step (forward + backward = 3x forward), without remat recomputation."""
+  return 3.0 * forward_flops(cfg, num_samples, batch, head)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak(n: int = 1024, repeats: int = 20) -> float:
+  """This host's measured fp32 matmul FLOP/s over all its cores (the best of `repeats` n x n matmuls)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  cpu = jax.devices("cpu")[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops(device, dtype: str) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from). CPU: measured; else the datasheet table."""
+  if device.platform == "cpu":
+    # Every forced CPU "device" shares the same cores: the host's peak is split between them.
+    return measured_cpu_peak() / max(len(device.client.local_devices()), 1), "measured fp32 matmul"
+  kind = device.device_kind
+  for name, peaks in PEAK_FLOPS.items():
+    if kind == name or kind.startswith(name):
+      return peaks.get(dtype, peaks["bfloat16"]), f"datasheet ({name}, {dtype})"
+  return float("nan"), f"unknown device kind {kind!r} (add it to w2v2_jax.flops.PEAK_FLOPS)"
