@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -63,14 +64,16 @@ def test_config_errors_name_the_key(speech_like_shards):
 
 
 def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path):
-  """w2v2-train gets SIGTERM mid-run, saves, exits; the same command resumes to the same end."""
+  """w2v2-train gets SIGTERM mid-run (saves, exits 0) or SIGKILL (no save); the same command then
+  resumes from the latest complete checkpoint and ends bitwise equal to an uninterrupted run."""
   workdir = str(tmp_path / "resumed")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.path.dirname(__file__)}
-  proc = subprocess.Popen([sys.executable, "-m", "w2v2_jax.train.main",
-                           f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:"
-                           f"{speech_like_shards},6", f"--workdir={workdir}"],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  def cmd(workdir):
+    return [sys.executable, "-m", "w2v2_jax.train.main",
+            f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{speech_like_shards},6",
+            f"--workdir={workdir}"]
+  proc = subprocess.Popen(cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -82,13 +85,27 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
   assert 2 <= stopped < 6
   assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == stopped
 
+  # SIGKILL (no chance to save) once the step-2 checkpoint is complete: the rerun restarts from it.
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen(cmd(killed) + ["--config.checkpoint_every_steps=2"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "2")) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.kill()
+  assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+  assert max(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit()) < 6
+
   straight = loop.train_and_evaluate(_config(speech_like_shards, 6), str(tmp_path / "straight"))
   assert straight["step"] == 6 and straight["skipped_total"] == 0
-  resumed = loop.train_and_evaluate(_config(speech_like_shards, 6), workdir)
-  assert resumed["step"] == 6
-  for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert straight["loss"] == resumed["loss"]
+  for resumed_dir in (workdir, killed):
+    c = _config(speech_like_shards, 6)
+    c.checkpoint_every_steps = 2 if resumed_dir == killed else c.checkpoint_every_steps
+    resumed = loop.train_and_evaluate(c, resumed_dir)
+    assert resumed["step"] == 6
+    for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert straight["loss"] == resumed["loss"]
   assert "valid_loss" in straight and np.isfinite(straight["valid_loss"])
   # Parameters are sharded FSDP-style over the mesh, not replicated.
   big = max(jax.tree.leaves(straight["params"]), key=lambda x: x.size)
@@ -144,23 +161,23 @@ def test_every_experiment_config_loads_and_validates(name):
 
 
 def test_two_process_run_matches_one_process(speech_like_shards, tmp_path):
-  """The same command on 2 hosts x 2 devices and on 1 host x 4 devices: same parameters."""
+  """The same command on 2 processes x 4 devices and on 1 process x 8 devices: same parameters."""
   import socket
   from w2v2_jax.train import checkpointing
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   cfg = f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{speech_like_shards},3"
-  common = [sys.executable, "-m", "w2v2_jax.train.main", cfg, "--config.mesh.data=1", "--config.mesh.fsdp=4"]
+  common = [sys.executable, "-m", "w2v2_jax.train.main", cfg, "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
 
   def env(devices):
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(__file__)}
 
   procs = [subprocess.Popen(common + [f"--workdir={tmp_path / 'multi'}", f"--coordinator=127.0.0.1:{port}",
-                                      "--num_processes=2", f"--process_id={i}"], env=env(2),
+                                      "--num_processes=2", f"--process_id={i}"], env=env(4),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-  single = subprocess.run(common + [f"--workdir={tmp_path / 'single'}"], env=env(4), capture_output=True,
+  single = subprocess.run(common + [f"--workdir={tmp_path / 'single'}"], env=env(8), capture_output=True,
                           text=True, timeout=600)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert single.returncode == 0, single.stderr[-3000:]

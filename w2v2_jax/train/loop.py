@@ -144,6 +144,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_data = pipeline.AudioInput(input_config(config, directory, config.data.train_split, True), rows=rows)
   valid_data = open_valid(config, directory, rows)
 
+  peak, peak_source = flops.peak_flops(jax.local_devices()[0], cfg.dtype)  # before the mesh context
+  peak *= jax.device_count()
+  if is_main:
+    logging.info("MFU is against %.3g FLOP/s for %d devices (%s)", peak, jax.device_count(), peak_source)
+
   # -- state ------------------------------------------------------------------------------------
   abstract_state = layout.abstract_state
   with jax.set_mesh(mesh):
@@ -168,10 +173,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     experiment = json.loads(config.to_json())
     preemption = Preemption()
     key = jax.random.key(config.seed + 1)
-    peak, peak_source = flops.peak_flops(jax.devices()[0], cfg.dtype)
-    peak *= jax.device_count()
-    if is_main:
-      logging.info("MFU is against %.3g FLOP/s for %d devices (%s)", peak, jax.device_count(), peak_source)
     last, t_log, audio_s, steps_since, step_flops = {}, time.time(), 0.0, 0, 0.0
     for step in range(start, config.num_train_steps):
       batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
