@@ -67,7 +67,7 @@ def test_plan_is_seeded_crops_uniform_and_epochs_differ():
   np.testing.assert_array_equal(e0.records, b.epoch(0).records)
   np.testing.assert_array_equal(e0.starts, b.epoch(0).starts)
   assert not np.array_equal(e0.records, e1.records)
-  assert len(bucket_lengths(cfg)) <= 6 and a.dropped_short == int((lengths < 32000).sum())
+  assert len(bucket_lengths(cfg)) <= 6 and a.dropped == int((lengths < 32000).sum())
   # Crop offsets are uniform over the possible positions: chi-square of their relative place.
   room = lengths[e0.records] - e0.lengths
   rel = (e0.starts[room > 1000] / room[room > 1000]).ravel()

@@ -29,6 +29,11 @@ def main(argv):
   cfg, params, kind = load_pretrained(_CHECKPOINT.value)
   target = kind if _TARGET.value == "auto" else _TARGET.value
   hf.save_hf_dir(_OUTPUT.value, cfg, params, target)
+  if target == "ctc":  # the letter vocabulary, in the format of HF's Wav2Vec2CTCTokenizer
+    import os  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.load import load_ctc  # pylint: disable=import-outside-toplevel
+    _, _, vocab, _ = load_ctc(_CHECKPOINT.value)
+    vocab.save(os.path.join(_OUTPUT.value, "vocab.json"))
   print(f"wrote {_OUTPUT.value} (transformers class {hf.config_to_hf(cfg, target)['architectures'][0]})")
 
 

@@ -31,3 +31,25 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
   params = jax.tree.map(np.asarray, params)
   hf.check_params_match(cfg, params, kind, source=step_dir)
   return cfg, params, kind
+
+
+def load_ctc(path: str):
+  """A CTC checkpoint (ours or HF) -> (config, numpy params, Vocabulary, normalize_waveform)."""
+  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+  cfg, params, kind = load_pretrained(path)
+  if kind != "ctc":
+    raise CheckpointError(f"{path}: a {kind!r} checkpoint has no CTC head; fine-tune it first "
+                          "(w2v2-train --config=experiments/demo_finetune.py ...)")
+  if hf.is_hf_dir(path):
+    vocab_path = os.path.join(path, "vocab.json")
+    if not os.path.exists(vocab_path):
+      raise CheckpointError(f"{path}: no vocab.json next to the CTC weights")
+    with open(os.path.join(path, "config.json")) as f:
+      import json  # pylint: disable=import-outside-toplevel
+      normalize = bool(json.load(f).get("feat_extract_norm") == "layer")
+    return cfg, params, ctc.Vocabulary.load(vocab_path), normalize
+  _, _, _, experiment = checkpointing.load_params(checkpointing.resolve_step_dir(path))
+  if "vocab" not in experiment:
+    raise CheckpointError(f"{path}: the CTC checkpoint carries no vocabulary")
+  normalize = bool(experiment.get("data", {}).get("normalize", False))
+  return cfg, params, ctc.Vocabulary(tuple(experiment["vocab"])), normalize

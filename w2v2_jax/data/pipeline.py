@@ -39,6 +39,7 @@ class InputConfig:
   num_buckets: int = 6
   buckets: tuple[int, ...] = ()     # explicit bucket lengths; default: geometric, num_buckets
   mode: str = "crop"                # crop | pad
+  crop_long: bool = True            # False (CTC): utterances over max_sample_size are left out, not cut
   shuffle: bool = True
   seed: int = 0
   num_epochs: int | None = None     # None = repeat forever
@@ -74,6 +75,8 @@ class Batches:
     self.buckets = np.asarray(bucket_lengths(cfg), np.int64)
     usable = np.minimum(num_samples, cfg.max_sample_size)
     self.keep = num_samples >= cfg.min_sample_size
+    if not cfg.crop_long:
+      self.keep &= num_samples <= cfg.max_sample_size
     if cfg.mode == "crop":
       bucket = np.searchsorted(self.buckets, usable, side="right") - 1
       self.keep &= bucket >= 0
@@ -92,7 +95,7 @@ class Batches:
                        f"(>= min_sample_size={cfg.min_sample_size}) fill no global batch of "
                        f"{cfg.global_batch} in any bucket {self.buckets.tolist()}; lower the batch size "
                        "or add data")
-    self.dropped_short = int((~self.keep).sum())
+    self.dropped = int((~self.keep).sum())  # shorter than min (or, without crop_long, longer than max)
 
   def epoch(self, epoch: int) -> EpochPlan:
     cfg, b = self.cfg, self.cfg.global_batch
@@ -132,8 +135,9 @@ class AudioInput:
   """
 
   def __init__(self, cfg: InputConfig, rows: tuple[int, int] | None = None,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, labels: tuple | None = None):
     self.cfg = cfg
+    self.labels = labels  # (ids [N, L] int32, lengths [N] int32) per record: batches gain them
     self.index = records.load_split(cfg.data_dir, cfg.split)
     self.batches = Batches(cfg, self.index.num_samples)
     if rows is None:
@@ -167,8 +171,8 @@ class AudioInput:
     plan, (r0, r1) = self._plan(epoch), self.rows
     return plan.records[k, r0:r1], plan.starts[k, r0:r1], plan.lengths[k, r0:r1], int(plan.width[k])
 
-  def load(self, position) -> tuple[np.ndarray, np.ndarray]:
-    """Reads the crops of one local batch straight into a zero-padded int16 array."""
+  def load(self, position) -> tuple[np.ndarray, ...]:
+    """Reads the crops of one local batch straight into a zero-padded int16 array (+ labels)."""
     recs, starts, lengths, width = self.local_plan(position)
     if self._reader is None:
       with self._lock:
@@ -177,6 +181,8 @@ class AudioInput:
     for row, (rec, start, n) in enumerate(zip(recs, starts, lengths)):
       self._reader.read(rec, start, audio[row, :n])
       audio[row, n:] = 0
+    if self.labels is not None:
+      return audio, lengths.astype(np.int32), self.labels[0][recs], self.labels[1][recs]
     return audio, lengths.astype(np.int32)
 
   # -- tf.data -----------------------------------------------------------------------------------
@@ -187,10 +193,18 @@ class AudioInput:
     rows = self.rows[1] - self.rows[0]
 
     def load(position):
-      audio, lengths = tf.numpy_function(self.load, [position], (tf.int16, tf.int32), stateful=False)
+      if self.labels is None:
+        audio, lengths = tf.numpy_function(self.load, [position], (tf.int16, tf.int32), stateful=False)
+      else:
+        audio, lengths, labels, label_lengths = tf.numpy_function(
+            self.load, [position], (tf.int16, tf.int32, tf.int32, tf.int32), stateful=False)
       audio.set_shape((rows, None))
       lengths.set_shape((rows,))
-      return {"audio": audio, "lengths": lengths}
+      if self.labels is None:
+        return {"audio": audio, "lengths": lengths}
+      labels.set_shape((rows, self.labels[0].shape[1]))
+      label_lengths.set_shape((rows,))
+      return {"audio": audio, "lengths": lengths, "labels": labels, "label_lengths": label_lengths}
 
     threads = self.cfg.threads or tf.data.AUTOTUNE
     ds = tf.data.Dataset.range(start, end).map(load, num_parallel_calls=threads, deterministic=True)

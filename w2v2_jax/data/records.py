@@ -58,7 +58,7 @@ def write_shard(path: str, utterances, index_extra) -> dict:
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tmp = path + ".tmp"
-  ids, lengths, speakers, labeled, offsets, position = [], [], [], [], [], 0
+  ids, lengths, speakers, labeled, transcripts, offsets, position = [], [], [], [], [], [], 0
   with tf.io.TFRecordWriter(tmp) as writer:
     for utt in utterances:
       blob = encode(utt)
@@ -70,9 +70,10 @@ def write_shard(path: str, utterances, index_extra) -> dict:
       lengths.append(int(utt.audio.size))
       speakers.append(utt.speaker)
       labeled.append(bool(utt.transcript))
+      transcripts.append(utt.transcript)
   os.replace(tmp, path)
   index = dict(index_extra(), file=os.path.basename(path), ids=ids, num_samples=lengths,
-               audio_offsets=offsets, speakers=speakers, labeled=labeled)
+               audio_offsets=offsets, speakers=speakers, labeled=labeled, transcripts=transcripts)
   _write_json(index_path(path), index)
   return index
 
@@ -106,6 +107,21 @@ class SplitIndex:
   audio_offsets: np.ndarray  # int64 [N]: byte offset of the int16 audio in its file
   ids: tuple[str, ...]
   labeled: np.ndarray  # bool [N]
+
+  def transcripts(self) -> list[str]:
+    """Every record's transcript, from the indexes (older shards: read from the records)."""
+    out = []
+    for path in self.files:
+      with open(index_path(path)) as f:
+        index = json.load(f)
+      out.extend(index["transcripts"] if "transcripts" in index else
+                 [decode(r).transcript for r in _records(path)])
+    return out
+
+
+def _records(path: str):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.data.TFRecordDataset(path).as_numpy_iterator()
 
 
 def load_split(data_dir: str, split: str) -> SplitIndex:

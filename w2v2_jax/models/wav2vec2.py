@@ -43,7 +43,8 @@ class Wav2Vec2Model(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True):
+  def __call__(self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True,
+               mask_channel_indices=None):
     cfg = self.cfg
     conv_features = FeatureEncoder(cfg, name="feature_extractor")(audio)
     if cfg.feature_grad_mult == 0.0:
@@ -56,6 +57,8 @@ class Wav2Vec2Model(nn.Module):
                             (cfg.hidden_size,), jnp.float32)
     if mask_time_indices is not None:
       x = jnp.where(mask_time_indices[..., None], mask_embed.astype(x.dtype), x)
+    if mask_channel_indices is not None:  # fine-tuning's channel masking: [B, H] channels zeroed
+      x = jnp.where(mask_channel_indices[:, None, :], jnp.zeros((), x.dtype), x)
     x, hidden_states = Encoder(cfg, name="encoder")(x, frame_mask, deterministic)
     if frame_mask is None:
       frame_mask = jnp.ones(x.shape[:2], bool)
@@ -105,11 +108,13 @@ class Wav2Vec2ForCTC(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True):
+  def __call__(self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True,
+               mask_channel_indices=None):
     cfg = self.cfg
     if cfg.vocab_size <= 0:
       raise ValueError("Wav2Vec2ForCTC needs model.vocab_size > 0 (the size of the letter vocabulary)")
-    enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic)
+    enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic,
+                                              mask_channel_indices)
     x = nn.Dropout(cfg.final_dropout)(enc.last_hidden_state, deterministic=deterministic)
     logits = dense(cfg.vocab_size, ("embed", "vocab"), jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
                    name="lm_head")(x.astype(jnp.float32))

@@ -75,7 +75,8 @@ def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
   state = ckptr.restore(os.path.join(step_dir, "state"), target)
   config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "config"))
   params = jax.tree.map(np.asarray, state["params"])
-  return ModelConfig.from_dict(config["model"]), params, config["kind"], config["experiment"]
+  experiment = dict(config["experiment"], **({"vocab": config["vocab"]} if "vocab" in config else {}))
+  return ModelConfig.from_dict(config["model"]), params, config["kind"], experiment
 
 
 def run_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:
@@ -87,9 +88,12 @@ def run_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:
 
 
 def save_run(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, model_cfg: ModelConfig,
-             experiment: dict, metadata: dict, force: bool = False) -> bool:
+             experiment: dict, metadata: dict, force: bool = False, kind: str = "pretraining",
+             vocab: list | None = None) -> bool:
   """Train state + data-iterator state + configs; `force` saves off the interval (end, preemption)."""
-  config = {"model": model_cfg.to_dict(), "kind": "pretraining", "experiment": experiment}
+  config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": experiment}
+  if vocab is not None:
+    config["vocab"] = list(vocab)  # CTC: the letter vocabulary travels with the weights
   return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                 data=ocp.args.JsonSave(data_state),
                                                 config=ocp.args.JsonSave(config),

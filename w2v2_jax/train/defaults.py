@@ -58,3 +58,32 @@ def stable_layer_norm_recipe(model_preset: str) -> ml_collections.ConfigDict:
   c.model["dtype"] = "bfloat16"
   c.model["remat"] = True
   return c
+
+
+def finetuning_config(model_preset: str, labeled: str = "10h") -> ml_collections.ConfigDict:
+  """fairseq's CTC fine-tuning recipe for BASE (base_10h.yaml; other splits change a few keys)."""
+  c = pretraining_config(model_preset)
+  c.task = "ctc"
+  c.num_train_steps = 20_000
+  c.batch_size = 96                 # ~8 x 3.2M samples of whole utterances per update, as fairseq
+  c.checkpoint_every_steps = 1_000
+  c.log_every_steps = 50
+  c.eval_every_steps = 1_000
+  c.eval_batches = 0                # 0: the whole validation split (WER/CER on every utterance)
+  c.data.train_split = f"train_{labeled}"
+  c.data.valid_split = "dev_other"
+  c.data.mode = "pad"               # whole utterances: the transcript covers all of it
+  c.data.min_sample_size = 16_000
+  c.data.max_sample_size = 560_000  # 35 s; longer utterances are left out (and counted), never cut
+  c.model["feature_grad_mult"] = 0.0  # the feature encoder stays frozen
+  c.model["layerdrop"] = 0.05
+  c.model["activation_dropout"] = 0.1
+  c.finetune = ml_collections.ConfigDict(dict(
+      init="",                      # our pre-training workdir/step folder or a HF directory; "" = scratch
+      freeze_steps=10_000,          # the whole encoder is frozen (only the head learns) for these updates
+      mask_prob=0.65, mask_length=10, mask_channel_prob=0.5, mask_channel_length=64))
+  c.optim = ml_collections.ConfigDict(dict(
+      schedule="tri_stage", lr=5e-5, phase_ratio=(0.1, 0.4, 0.5), init_scale=0.01, final_scale=0.05,
+      warmup_steps=0, total_steps=-1, end_lr=0.0, power=1.0,
+      b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0))
+  return c

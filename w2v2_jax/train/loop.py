@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from w2v2_jax import flops, objectives, parallel
-from w2v2_jax.data import pipeline
+from w2v2_jax.data import pipeline, records
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import init_params
 from w2v2_jax.train import checkpointing, optim, step as steps
@@ -43,16 +43,51 @@ def data_dir(config) -> str:
   return config.data.data_dir
 
 
+def is_ctc(config) -> bool:
+  return config.get("task", "pretrain") == "ctc"
+
+
 def input_config(config, directory: str, split: str, train: bool) -> pipeline.InputConfig:
   d = config.data
   return pipeline.InputConfig(directory, split, config.batch_size, max_sample_size=d.max_sample_size,
                               min_sample_size=d.min_sample_size, num_buckets=d.num_buckets, mode=d.mode,
-                              shuffle=train, seed=config.seed, num_epochs=None if train else 1)
+                              shuffle=train, seed=config.seed, num_epochs=None if train else 1,
+                              crop_long=not is_ctc(config))  # a transcript covers the whole utterance
+
+
+def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.AudioInput:
+  """The input of one split; CTC batches also carry the transcripts' label ids."""
+  cfg = input_config(config, directory, split, train)
+  labels = None
+  if vocab is not None:
+    from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+    labels = finetune.label_arrays(records.load_split(directory, split).transcripts(), vocab)
+  return pipeline.AudioInput(cfg, rows=rows, labels=labels)
+
+
+def ctc_vocabulary(config, directory, workdir):
+  """The run's letter vocabulary: workdir/vocab.json if it exists (resume), else built from the train split."""
+  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "vocab.json")
+  if os.path.exists(path):
+    vocab = ctc.Vocabulary.load(path)
+  else:
+    transcripts = records.load_split(directory, config.data.train_split).transcripts()
+    if not any(transcripts):
+      raise ValueError(f"config.data.train_split={config.data.train_split!r} in {directory} has no transcripts; "
+                       "CTC fine-tuning needs a labeled split")
+    vocab = ctc.Vocabulary.build(transcripts)
+    if jax.process_index() == 0:
+      vocab.save(path)
+  config.model.vocab_size = len(vocab)
+  return vocab
 
 
 def validate(config, mesh) -> None:
   """Checks that fail before compiling, each naming its key."""
   cfg, obj = model_config(config), objective_config(config)
+  if config.get("task", "pretrain") not in ("pretrain", "ctc"):
+    raise ValueError(f"config.task={config.task!r}: use 'pretrain' or 'ctc'")
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % batch_shards:
     raise ValueError(f"config.batch_size={config.batch_size} does not divide over the mesh's batch axes "
@@ -65,7 +100,7 @@ def validate(config, mesh) -> None:
     raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: the shortest crop "
                      f"({buckets[0]} samples) is shorter than the receptive field ({cfg.receptive_field})")
   frames = int(cfg.num_frames(buckets[0]))
-  if frames < obj.mask_length + 1 or frames < obj.num_negatives // 4:
+  if not is_ctc(config) and frames < obj.mask_length + 1 or frames < obj.num_negatives // 4:
     raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: {frames} frames in the "
                      f"shortest bucket cannot hold mask spans of config.objective.mask_length="
                      f"{obj.mask_length} and draw config.objective.num_negatives={obj.num_negatives}")
@@ -94,7 +129,8 @@ def plan_layout(config, devices=None) -> Layout:
   validate(config, mesh)
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
   tx = optim.optimizer(config.optim)
-  boxed = jax.eval_shape(lambda k: init_params(cfg, k, boxed=True), jax.random.key(0))
+  kind = "ctc" if is_ctc(config) else "pretraining"
+  boxed = jax.eval_shape(lambda k: init_params(cfg, k, kind, boxed=True), jax.random.key(0))
   param_sh = parallel.param_shardings(boxed, mesh, rules)
   abstract_params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
                                  is_leaf=lambda x: hasattr(x, "value"))
@@ -124,9 +160,12 @@ class Preemption:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) pre-training; returns the last logged metrics."""
+  """Runs (or resumes) pre-training or CTC fine-tuning (config.task); returns the last logged metrics."""
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  directory = data_dir(config)
+  vocab = ctc_vocabulary(config, directory, workdir) if is_ctc(config) else None
+  kind = "ctc" if vocab is not None else "pretraining"
   cfg, obj = model_config(config), objective_config(config)
   if config.optim.total_steps < 0:
     config.optim.total_steps = config.num_train_steps
@@ -138,11 +177,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), layout.table)
 
   # -- data -------------------------------------------------------------------------------------
-  directory = data_dir(config)
   batch_sharding = parallel.batch_sharding(mesh)
   rows = pipeline.local_rows(batch_sharding, config.batch_size)
-  train_data = pipeline.AudioInput(input_config(config, directory, config.data.train_split, True), rows=rows)
-  valid_data = open_valid(config, directory, rows)
+  train_data = open_input(config, directory, config.data.train_split, True, rows, vocab)
+  valid_data = open_valid(config, directory, rows, vocab)
 
   peak, peak_source = flops.peak_flops(jax.local_devices()[0], cfg.dtype)  # before the mesh context
   peak *= jax.device_count()
@@ -152,7 +190,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # -- state ------------------------------------------------------------------------------------
   abstract_state = layout.abstract_state
   with jax.set_mesh(mesh):
-    init = jax.jit(lambda k: steps.init_state(init_params(cfg, k), tx), out_shardings=state_sh)
+    if vocab is not None:
+      from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+      init = lambda k: jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(  # noqa: E731
+          finetune.initial_params(cfg, config, k))
+    else:
+      init = jax.jit(lambda k: steps.init_state(init_params(cfg, k), tx), out_shardings=state_sh)
     mgr = checkpointing.run_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     restored = checkpointing.restore_run(mgr, abstract_state)
     if restored is None:
@@ -192,20 +235,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last.update(audio_seconds_per_second=float(audio_s) / 16000 / elapsed, step_time=elapsed / steps_since,
                     mfu=step_flops / elapsed / peak)
         eta = (config.num_train_steps - done) * last["step_time"]
-        logging.info("step %d/%d loss %.3f acc %.3f ppl %.1f/%.1f temp %.3f lr %.2e gnorm %.2f skipped %d | "
+        if vocab is None:
+          health = "acc %.3f ppl %.1f/%.1f temp %.3f" % (last["accuracy"], last["prob_perplexity"],
+                                                          last["code_perplexity"], last["temperature"])
+        else:
+          health = "ctc %.3f" % last["ctc_loss"]
+        logging.info("step %d/%d loss %.3f %s lr %.2e gnorm %.2f skipped %d | "
                      "%.1f audio-s/s %.2f s/step MFU %.1f%% ETA %s", done, config.num_train_steps, last["loss"],
-                     last["accuracy"], last["prob_perplexity"], last["code_perplexity"], last["temperature"],
-                     last["lr"], last["grad_norm"], int(last["skipped_total"]), last["audio_seconds_per_second"],
-                     last["step_time"], 100 * last["mfu"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+                     health, last["lr"], last["grad_norm"], int(last["skipped_total"]),
+                     last["audio_seconds_per_second"], last["step_time"], 100 * last["mfu"],
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
         if writer:
           for k, v in last.items():
             writer.scalar(f"train/{k}", v, done)
           writer.flush()
         t_log, audio_s, steps_since, step_flops = time.time(), 0.0, 0, 0.0
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-        ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done)
-        if ev:
+        ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done, vocab)
+        if ev and vocab is not None:
+          logging.info("step %d valid loss %.3f WER %.3f CER %.3f", done, ev["loss"], ev["wer"], ev["cer"])
+          if is_main:
+            with open(os.path.join(workdir, "eval_results.json"), "a") as f:
+              f.write(json.dumps({"step": done, "split": config.data.valid_split, **ev}) + "\n")
+        elif ev:
           logging.info("step %d valid loss %.3f acc %.3f", done, ev["loss"], ev["accuracy"])
+        if ev:
           last.update({f"valid_{k}": v for k, v in ev.items()})
           if writer:
             for k, v in ev.items():
@@ -215,7 +269,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # process reaches at the same step (a flag seen by some processes would deadlock the save).
       preempted = mgr.reached_preemption(done) or (preemption.requested and jax.process_count() == 1)
       checkpointing.save_run(mgr, done, state, train_data.state(), cfg, experiment,
-                             {"step": done, "time": time.time()}, force=preempted or done == config.num_train_steps)
+                             {"step": done, "time": time.time()}, force=preempted or done == config.num_train_steps,
+                             kind=kind, vocab=vocab.tokens if vocab is not None else None)
       if preempted:
         logging.warning("preempted: saved step %d; re-run the same command to resume", done)
         break
@@ -226,30 +281,46 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return last
 
 
-def open_valid(config, directory, rows):
+def open_valid(config, directory, rows, vocab=None):
   """The validation input (one pass per evaluation), or None with a warning if the split is unusable."""
   try:
-    return pipeline.AudioInput(input_config(config, directory, config.data.valid_split, False), rows=rows)
+    return open_input(config, directory, config.data.valid_split, False, rows, vocab)
   except ValueError as e:
     logging.warning("no validation: %s", e)
     return None
 
 
-def evaluate(config, data, eval_step, params, batch_sharding, step) -> dict:
-  """Mean pre-training metrics over config.eval_batches batches of the valid split (if present)."""
+def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None) -> dict:
+  """Mean metrics over config.eval_batches batches of the valid split (if present); CTC adds the
+  corpus-level WER and CER of greedy decoding (config.eval_batches <= 0: the whole split)."""
   if data is None:
     return {}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   data.seek(0)
-  sums, n = {}, 0
+  sums, n, refs, hyps = {}, 0, [], []
   for batch in data:
-    m = jax.device_get(eval_step(params, pipeline.to_global(batch, batch_sharding, config.batch_size),
-                                 jax.random.key(n), step))
-    for k, v in m.items():
+    global_batch = pipeline.to_global(batch, batch_sharding, config.batch_size)
+    m = eval_step(params, global_batch, jax.random.key(n), step)
+    if vocab is not None:
+      from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+      argmax, frames, labels, label_lengths = multihost_utils.process_allgather(
+          (m.pop("logits_argmax"), m.pop("frame_lengths"), global_batch["labels"], global_batch["label_lengths"]),
+          tiled=True)
+      r, h = finetune.error_rates(vocab, argmax, frames, labels, label_lengths)
+      keep = [i for i, ref in enumerate(r) if ref]  # rows without a transcript (padding) are not scored
+      refs += [r[i] for i in keep]
+      hyps += [h[i] for i in keep]
+    for k, v in jax.device_get(m).items():
       sums[k] = sums.get(k, 0.0) + float(v)
     n += 1
     if n == config.eval_batches:
       break
-  return {k: v / n for k, v in sums.items()} if n else {}
+  out = {k: v / n for k, v in sums.items()} if n else {}
+  if refs:
+    from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+    out.update(wer=ctc.word_error_rate(refs, hyps), cer=ctc.char_error_rate(refs, hyps), utterances=len(refs))
+    logging.info("e.g. REF: %s | HYP: %s", refs[0], hyps[0])
+  return out
 
 
 def abstract_params_zeros(abstract):

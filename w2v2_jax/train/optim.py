@@ -14,9 +14,28 @@ def learning_rate(lr: float, warmup_steps: int, total_steps: int, end_lr: float 
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def tri_stage(lr: float, total_steps: int, phase_ratio=(0.1, 0.4, 0.5), init_scale: float = 0.01,
+              final_scale: float = 0.05):
+  """fairseq's tri_stage: linear warm-up from init_scale*lr, hold lr, exponential decay to final_scale*lr."""
+  warm, hold = (int(r * total_steps) for r in phase_ratio[:2])
+  decay = max(total_steps - warm - hold, 1)
+  return optax.join_schedules([
+      optax.linear_schedule(init_scale * lr, lr, max(warm, 1)),
+      optax.constant_schedule(lr),
+      optax.exponential_decay(lr, decay, final_scale),  # lr * final_scale ** (k / decay)
+      optax.constant_schedule(final_scale * lr)], [warm, warm + hold, warm + hold + decay])
+
+
+def schedule(cfg):
+  """The lr schedule named by cfg.schedule: "polynomial" (pre-training) or "tri_stage" (fine-tuning)."""
+  if cfg.get("schedule", "polynomial") == "tri_stage":
+    return tri_stage(cfg.lr, cfg.total_steps, tuple(cfg.phase_ratio), cfg.init_scale, cfg.final_scale)
+  return learning_rate(cfg.lr, cfg.warmup_steps, cfg.total_steps, cfg.end_lr, cfg.power)
+
+
 def optimizer(cfg) -> optax.GradientTransformation:
   """AdamW with fairseq's betas/eps/decay over every parameter; optional global-norm clipping."""
-  schedule = learning_rate(cfg.lr, cfg.warmup_steps, cfg.total_steps, cfg.end_lr, cfg.power)
+  schedule_fn = schedule(cfg)
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+  parts.append(optax.adamw(schedule_fn, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
   return optax.chain(*parts)

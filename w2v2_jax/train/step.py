@@ -10,7 +10,7 @@ import optax
 
 from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.models.quantizer import gumbel_temperature
-from w2v2_jax.train.optim import learning_rate
+from w2v2_jax.train.optim import schedule
 from w2v2_jax.train.pretrain import make_loss_fn
 
 
@@ -29,58 +29,89 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(zero, params, tx.init(params), zero, zero)
 
 
+def pretraining_loss_fn(model_cfg, obj_cfg, cfg):
+  """loss(params, batch, key, step, deterministic) -> (loss, metrics with the normaliser in "count")."""
+  loss_fn = make_loss_fn(model_cfg, obj_cfg)
+
+  def loss(params, batch, key, step, deterministic=False):
+    temperature = gumbel_temperature(step, *cfg.objective.latent_temp)
+    audio = waveform(batch["audio"], batch["lengths"], cfg.data.normalize)
+    value, metrics = loss_fn(params, audio, batch["lengths"], key, temperature, deterministic)
+    return value, dict(metrics, count=metrics["num_masked"], temperature=temperature)
+
+  return loss
+
+
+def task_loss_fn(model_cfg, obj_cfg, cfg):
+  """The loss of config.task: "pretrain" (contrastive) or "ctc" (fine-tuning)."""
+  if cfg.get("task", "pretrain") == "ctc":
+    from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+    return finetune.ctc_loss_fn(model_cfg, cfg)
+  return pretraining_loss_fn(model_cfg, obj_cfg, cfg)
+
+
+def frozen_updates(cfg):
+  """is_frozen(param path, step) -> bool: fine-tuning's freeze schedule, or None (nothing frozen)."""
+  if cfg.get("task", "pretrain") != "ctc":
+    return None
+  from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+  return finetune.frozen(cfg)
+
+
 def make_train_step(model_cfg, obj_cfg, tx, cfg):
   """train_step(state, batch, key) -> (state, metrics). Non-finite loss/grads skip the update.
 
   The batch is split into cfg.train.microbatches pieces; gradients of each piece's summed loss
-  are added and divided by the whole batch's masked-frame count, so accumulation is exact.
+  are added and divided by the whole batch's normaliser (masked frames, or sentences for CTC), so
+  accumulation is exact. Parameters the task freezes at this step get neither gradient nor update.
   """
-  loss_fn = make_loss_fn(model_cfg, obj_cfg)
+  loss_fn = task_loss_fn(model_cfg, obj_cfg, cfg)
+  freeze = frozen_updates(cfg)
   micro = cfg.train.microbatches
-  temp = cfg.objective.latent_temp
-  o = cfg.optim
-  schedule_lr_fn = learning_rate(o.lr, o.warmup_steps, o.total_steps, o.end_lr, o.power)
+  schedule_lr_fn = schedule(cfg.optim)
 
-  def summed_loss(params, audio, lengths, key, temperature):
-    loss, metrics = loss_fn(params, audio, lengths, key, temperature)
-    return loss * metrics["num_masked"], metrics  # undo the per-piece normalisation
+  def summed_loss(params, batch, key, step):
+    loss, metrics = loss_fn(params, batch, key, step)
+    return loss * metrics["count"], metrics  # undo the per-piece normalisation
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
   def train_step(state: TrainState, batch, key):
-    temperature = gumbel_temperature(state.step, *temp)
-    audio = waveform(batch["audio"], batch["lengths"], cfg.data.normalize)
-    lengths = batch["lengths"]
     key = jax.random.fold_in(key, state.step)
     if micro == 1:
-      (total, metrics), grads = grad_fn(state.params, audio, lengths, key, temperature)
-      count = metrics["num_masked"]
+      (total, metrics), grads = grad_fn(state.params, batch, key, state.step)
+      count = metrics["count"]
     else:
       pieces = lambda x: x.reshape((micro, x.shape[0] // micro) + x.shape[1:])  # noqa: E731
       def body(carry, xs):
         g_acc, l_acc, n_acc = carry
-        a, l, i = xs
-        (loss, m), g = grad_fn(state.params, a, l, jax.random.fold_in(key, i), temperature)
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + m["num_masked"]), m
+        piece, i = xs
+        (loss, m), g = grad_fn(state.params, piece, jax.random.fold_in(key, i), state.step)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + m["count"]), m
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, total, count), ms = jax.lax.scan(body, (zeros, 0.0, 0.0),
-                                               (pieces(audio), pieces(lengths), jnp.arange(micro)))
+                                               (jax.tree.map(pieces, batch), jnp.arange(micro)))
       metrics = jax.tree.map(lambda v: v.mean(0), ms)
-      metrics["num_masked"] = count
+      metrics["count"] = count
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
+    def zero_frozen(tree):
+      if freeze is None:
+        return tree
+      return jax.tree_util.tree_map_with_path(
+          lambda path, x: jnp.where(freeze(tuple(p.key for p in path), state.step), jnp.zeros_like(x), x), tree)
+    grads = zero_frozen(grads)
     loss = total / count
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = optax.apply_updates(state.params, zero_frozen(updates))  # no weight decay on frozen ones
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = TrainState(
         step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
         skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
         skipped_total=state.skipped_total + jnp.where(finite, 0, 1))
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, temperature=temperature,
-                   audio_samples=lengths.sum(),
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, audio_samples=batch["lengths"].sum(),
                    lr=schedule_lr_fn(state.step), skipped_total=new_state.skipped_total,
                    skipped_in_a_row=new_state.skipped_in_a_row)
     return new_state, metrics
@@ -89,13 +120,11 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
 
 
 def make_eval_step(model_cfg, obj_cfg, cfg):
-  """eval_step(params, batch, key, step) -> metrics: the pre-training loss without dropout."""
-  loss_fn = make_loss_fn(model_cfg, obj_cfg)
+  """eval_step(params, batch, key, step) -> metrics: the task's loss without dropout or masking."""
+  loss_fn = task_loss_fn(model_cfg, obj_cfg, cfg)
 
   def eval_step(params, batch, key, step):
-    audio = waveform(batch["audio"], batch["lengths"], cfg.data.normalize)
-    temperature = gumbel_temperature(step, *cfg.objective.latent_temp)
-    loss, metrics = loss_fn(params, audio, batch["lengths"], key, temperature, deterministic=True)
+    loss, metrics = loss_fn(params, batch, key, step, deterministic=True)
     return dict(metrics, loss=loss)
 
   return eval_step

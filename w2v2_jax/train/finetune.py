@@ -1,0 +1,123 @@
+"""CTC fine-tuning: the masked CTC loss, the freeze schedule, initial weights and WER evaluation.
+
+fairseq's recipe: a linear letter head on the pre-trained encoder; the feature encoder stays
+frozen; the whole encoder is frozen for the first config.finetune.freeze_steps updates (only the
+head learns); time masking (mask_prob, mask_length) and channel masking (mask_channel_prob,
+mask_channel_length) on the projected features; CTC with blank 0, zero_infinity and sentence
+averaging.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from w2v2_jax import ctc, objectives
+from w2v2_jax.data.pipeline import waveform
+from w2v2_jax.models.config import ModelConfig
+from w2v2_jax.models.init import build, init_params
+
+
+def ctc_loss_fn(cfg: ModelConfig, config):
+  """loss(params, batch, key, step, deterministic) -> (sentence-averaged CTC loss, metrics)."""
+  model = build(cfg, "ctc")
+  ft = config.finetune
+
+  def loss(params, batch, key, step, deterministic=False):
+    del step
+    audio = waveform(batch["audio"], batch["lengths"], config.data.normalize)
+    k_time, k_chan, k_drop, k_layer = jax.random.split(key, 4)
+    b, num_frames = audio.shape[0], int(cfg.num_frames(audio.shape[1]))
+    time_mask = channel_mask = None
+    if not deterministic and ft.mask_prob > 0:
+      time_mask = objectives.compute_span_mask(k_time, cfg.num_frames(batch["lengths"]), num_frames, ft.mask_prob,
+                                               ft.mask_length, min_masks=2, require_same_masks=False)
+    if not deterministic and ft.mask_channel_prob > 0:
+      h = cfg.hidden_size
+      channel_mask = objectives.compute_span_mask(k_chan, jnp.full((b,), h), h, ft.mask_channel_prob,
+                                                  ft.mask_channel_length, min_masks=0, require_same_masks=False)
+    logits, enc = model.apply({"params": params}, audio, batch["lengths"], time_mask, deterministic, channel_mask,
+                              rngs={"dropout": k_drop, "layerdrop": k_layer})
+    label_paddings = (jnp.arange(batch["labels"].shape[1])[None] >= batch["label_lengths"][:, None])
+    per_utt = ctc.ctc_loss(logits, 1.0 - enc.frame_mask.astype(jnp.float32), batch["labels"],
+                           label_paddings.astype(jnp.float32), zero_infinity=True)
+    real = (batch["label_lengths"] > 0).astype(jnp.float32)  # all-padding rows count for nothing
+    sentences = jnp.maximum(real.sum(), 1.0)
+    value = jnp.sum(per_utt * real) / sentences
+    metrics = {"ctc_loss": value, "count": real.sum(),
+               "frames_per_label": enc.frame_mask.sum() / jnp.maximum(batch["label_lengths"].sum(), 1)}
+    if not deterministic:
+      return value, metrics
+    return value, dict(metrics, logits_argmax=jnp.argmax(logits, -1),
+                       frame_lengths=enc.frame_mask.sum(1))
+
+  return loss
+
+
+def frozen(config):
+  """is_frozen(path, step): the feature encoder always (when feature_grad_mult is 0), the rest of the
+  encoder (wav2vec2/...) for the first config.finetune.freeze_steps updates; the head never."""
+  freeze_steps = config.finetune.freeze_steps
+  cnn_frozen = config.model.feature_grad_mult == 0.0
+
+  def is_frozen(path: tuple[str, ...], step):
+    if path[:1] != ("wav2vec2",):
+      return jnp.bool_(False)
+    if cnn_frozen and path[:2] == ("wav2vec2", "feature_extractor"):
+      return jnp.bool_(True)
+    return step < freeze_steps
+
+  return is_frozen
+
+
+def initial_params(cfg: ModelConfig, config, key):
+  """A CTC model's parameters: the encoder from config.finetune.init (ours or HF), a fresh head."""
+  params = init_params(cfg, key, "ctc")
+  path = config.finetune.init
+  if not path:
+    logging.info("fine-tuning from scratch (config.finetune.init is empty)")
+    return params
+  from w2v2_jax.load import load_pretrained  # pylint: disable=import-outside-toplevel
+  src_cfg, src, _ = load_pretrained(path)
+  arch = lambda c: {k: v for k, v in c.to_dict().items() if k in _ARCH_KEYS}  # noqa: E731
+  if arch(src_cfg) != arch(cfg):
+    diff = sorted(k for k in _ARCH_KEYS if getattr(src_cfg, k) != getattr(cfg, k))
+    raise ValueError(f"config.finetune.init={path}: its architecture differs from config.model in {diff}; "
+                     "set config.model_preset / config.model to match the checkpoint")
+  params["wav2vec2"] = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params["wav2vec2"], src["wav2vec2"])
+  logging.info("encoder initialised from %s", path)
+  return params
+
+
+_ARCH_KEYS = ("conv_dim", "conv_kernel", "conv_stride", "conv_bias", "feat_extract_norm", "hidden_size",
+              "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_conv_pos_embeddings",
+              "num_conv_pos_embedding_groups", "do_stable_layer_norm")
+
+
+def label_arrays(transcripts, vocab: ctc.Vocabulary, multiple: int = 8):
+  """Transcripts -> (ids [N, L] int32, lengths [N] int32), L the longest rounded up to `multiple`."""
+  encoded = [vocab.encode(t) for t in transcripts]
+  width = max(multiple, -(-max((len(e) for e in encoded), default=1) // multiple) * multiple)
+  ids = np.zeros((len(encoded), width), np.int32)
+  for i, e in enumerate(encoded):
+    ids[i, :len(e)] = e
+  return ids, np.asarray([len(e) for e in encoded], np.int32)
+
+
+def error_rates(vocab: ctc.Vocabulary, argmax, frame_lengths, labels, label_lengths) -> tuple[list, list]:
+  """Greedy hypotheses and references (strings) of one evaluated batch."""
+  hyps = [vocab.decode(collapse(row[:n])) for row, n in zip(np.asarray(argmax), np.asarray(frame_lengths))]
+  refs = [vocab.decode(list(row[:n])) for row, n in zip(np.asarray(labels), np.asarray(label_lengths))]
+  return refs, hyps
+
+
+def collapse(frame_ids, blank_id: int = 0) -> list[int]:
+  """Greedy CTC read-out of per-frame argmax ids: merge repeats, drop blanks."""
+  out, prev = [], None
+  for i in frame_ids:
+    i = int(i)
+    if i != prev and i != blank_id:
+      out.append(i)
+    prev = i
+  return out
