@@ -99,14 +99,21 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
 
 
 def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
-  """With freeze_steps=3: after 3 updates only the head moved; after 5 the encoder moved too, and the
+  """Starting from a pre-training checkpoint with freeze_steps=3: after 3 updates the encoder is
+  exactly the pre-trained one and only the head moved; after 5 the encoder moved too, and the
   feature encoder (feature_grad_mult 0) never does."""
   from w2v2_jax.models.init import init_params
+  from w2v2_jax.train import checkpointing
   c = finetune_config.get_config(f"{labeled_shards},3,3")
-  loop.ctc_vocabulary(c, labeled_shards, str(tmp_path))
+  pretrained = init_params(loop.model_config(c), jax.random.key(123), "pretraining")
+  source = checkpointing.save_params(str(tmp_path / "pretrained"), pretrained, loop.model_config(c), "pretraining")
+  run = str(tmp_path / "run")
+  c = finetune_config.get_config(f"{labeled_shards},3,3,{source}")
+  loop.ctc_vocabulary(c, labeled_shards, run)
   start = init_params(loop.model_config(c), jax.random.key(c.seed), "ctc")
-  after3 = loop.train_and_evaluate(c, str(tmp_path))["params"]
-  after5 = loop.train_and_evaluate(finetune_config.get_config(f"{labeled_shards},5,3"), str(tmp_path))["params"]
+  start["wav2vec2"] = pretrained["wav2vec2"]
+  after3 = loop.train_and_evaluate(c, run)["params"]
+  after5 = loop.train_and_evaluate(finetune_config.get_config(f"{labeled_shards},5,3,{source}"), run)["params"]
 
   def same(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -146,7 +146,8 @@ def test_skipped_step_leaves_state_untouched(speech_like_shards):
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good.params)))
 
 
-@pytest.mark.parametrize("name", ["demo", "base_librispeech", "large_librispeech", "large_lv60", "xlsr_300m"])
+@pytest.mark.parametrize("name", ["demo", "base_librispeech", "large_librispeech", "large_lv60", "xlsr_300m",
+                                  "demo_finetune", "base_10m", "base_1h", "base_10h", "base_100h", "base_960h"])
 def test_every_experiment_config_loads_and_validates(name):
   import importlib.util
   from w2v2_jax import parallel

@@ -78,6 +78,7 @@ def ctc_vocabulary(config, directory, workdir):
                        "CTC fine-tuning needs a labeled split")
     vocab = ctc.Vocabulary.build(transcripts)
     if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
       vocab.save(path)
   config.model.vocab_size = len(vocab)
   return vocab
