@@ -101,7 +101,7 @@ def validate(config, mesh) -> None:
     raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: the shortest crop "
                      f"({buckets[0]} samples) is shorter than the receptive field ({cfg.receptive_field})")
   frames = int(cfg.num_frames(buckets[0]))
-  if not is_ctc(config) and frames < obj.mask_length + 1 or frames < obj.num_negatives // 4:
+  if not is_ctc(config) and (frames < obj.mask_length + 1 or frames < obj.num_negatives // 4):
     raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: {frames} frames in the "
                      f"shortest bucket cannot hold mask spans of config.objective.mask_length="
                      f"{obj.mask_length} and draw config.objective.num_negatives={obj.num_negatives}")
@@ -222,7 +222,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
       state, metrics = train_step(state, batch, key)
       audio_s += metrics["audio_samples"]  # device scalar; summed without a host sync
-      step_flops += flops.train_flops(cfg, batch["audio"].shape[1], config.batch_size)
+      step_flops += flops.train_flops(cfg, batch["audio"].shape[1], config.batch_size,
+                                      "ctc" if vocab is not None else "pretraining")
       steps_since += 1
       done = step + 1
       if done % config.log_every_steps == 0 or done == config.num_train_steps:
