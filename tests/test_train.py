@@ -158,7 +158,6 @@ def test_every_experiment_config_loads_and_validates(name):
   config = module.get_config()
   assert {"COMMAND:", "HARDWARE:", "EXPECTED:"} <= set(module.__doc__.split())
   loop.validate(config, parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
-  assert loop.model_config(config).num_hidden_layers >= 4
 
 
 def test_two_process_run_matches_one_process(speech_like_shards, tmp_path):
