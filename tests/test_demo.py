@@ -29,3 +29,5 @@ def test_demo_pretraining_learns(tmp_path):
   assert s["valid/loss"][-1] < chance - 0.3, s["valid/loss"]  # held-out voices and sentences too
   assert s["valid/accuracy"][-1] > 5 / 101, s["valid/accuracy"]
   assert s["train/prob_perplexity"].min() > 32, s["train/prob_perplexity"].min()  # far from collapse
+  for png in ("curves.png", "codebook_usage.png"):  # the end-of-run plots
+    assert os.path.getsize(tmp_path / png) > 10_000, png

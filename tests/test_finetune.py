@@ -79,6 +79,12 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
   rows = [l.split("\t") for l in out.stdout.splitlines()]
   assert [r[0] for r in rows] == wavs and all(len(r) == 2 for r in rows)
 
+  # w2v2-plot on a CTC run: the curves only (no codebook).
+  out = subprocess.run([sys.executable, "-m", "w2v2_jax.plot", f"--workdir={workdir}"], capture_output=True,
+                       text=True, env=env, timeout=300)
+  assert out.returncode == 0 and out.stdout.split() == [os.path.join(workdir, "curves.png")], out.stderr[-2000:]
+  assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
+
   # w2v2-export -> transformers' Wav2Vec2ForCTC: the same logits, and the vocabulary beside them.
   import torch
   from transformers import Wav2Vec2ForCTC

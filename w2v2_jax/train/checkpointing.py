@@ -57,6 +57,11 @@ def resolve_step_dir(path: str) -> str | None:
   return None
 
 
+def load_config(step_dir: str) -> dict:
+  """A step folder's config item: {"model", "kind", "experiment"[, "vocab"]}, without the weights."""
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(os.path.abspath(step_dir), "config"))
+
+
 def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
   """Restore only what inference needs: (model config, params as numpy, kind, experiment config).
 
@@ -73,7 +78,7 @@ def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
   state = ckptr.restore(os.path.join(step_dir, "state"), target)
-  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "config"))
+  config = load_config(step_dir)
   params = jax.tree.map(np.asarray, state["params"])
   experiment = dict(config["experiment"], **({"vocab": config["vocab"]} if "vocab" in config else {}))
   return ModelConfig.from_dict(config["model"]), params, config["kind"], experiment

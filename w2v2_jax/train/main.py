@@ -22,6 +22,8 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-host: coordinator HOST:PORT (else auto-detect).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_PLOTS = flags.DEFINE_bool("plots", True, "At the end, write curves.png and codebook_usage.png (w2v2-plot) "
+                           "into the workdir (process 0).")
 
 
 def initialize_distributed():
@@ -66,6 +68,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _PLOTS.value and jax.process_index() == 0:
+    from w2v2_jax import plot  # pylint: disable=import-outside-toplevel
+    try:
+      for path in plot.write_plots(_WORKDIR.value):
+        logging.info("wrote %s", path)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("plots not written (the run itself is complete): %s: %s", type(e).__name__, e)
 
 
 def run():

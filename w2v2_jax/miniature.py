@@ -1,0 +1,98 @@
+"""w2v2-miniature: the paper's headline result in miniature, on the offline corpus, on CPU.
+
+Pre-trains on the corpus's unlabeled split, fine-tunes that model with CTC on the 10 labeled
+minutes, trains the same architecture from scratch on the same 10 minutes with the same number of
+updates, and reports both CERs and WERs on the test split (held-out voices and sentences).
+
+  w2v2-miniature --workdir=DIR [--pretrain=experiments/demo.py] [--finetune=experiments/demo_finetune.py]
+      [--pretrain.KEY=VALUE ...] [--finetune.KEY=VALUE ...]
+
+Each phase is an ordinary w2v2-train run in DIR/{pretrain,finetune_pretrained,finetune_scratch};
+DIR/miniature.json gets each phase's figures as it ends, so re-running the command resumes at the
+unfinished phase (inside it, from its latest checkpoint). The table goes to the console too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from w2v2_jax.cli import one_line_errors
+
+_PRETRAIN = config_flags.DEFINE_config_file("pretrain", "experiments/demo.py", "Pre-training config.",
+                                            lock_config=True)
+_FINETUNE = config_flags.DEFINE_config_file("finetune", "experiments/demo_finetune.py",
+                                            "Fine-tuning config (its finetune.init is set here).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the three runs and miniature.json.")
+
+
+def scratch_config(finetune_config):
+  """The from-scratch baseline: the same architecture, data and updates, with nothing frozen
+  (a frozen random encoder would be a straw man)."""
+  c = finetune_config.copy_and_resolve_references()
+  c.finetune.init = ""
+  c.finetune.freeze_steps = 0
+  c.model.feature_grad_mult = 1.0
+  return c
+
+
+def run_phase(name, config, workdir) -> dict:
+  from w2v2_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  logging.info("== %s -> %s", name, workdir)
+  start = time.time()
+  out = train_and_evaluate(config, workdir)
+  figures = {k: v for k, v in out.items() if k != "params" and isinstance(v, (int, float))}
+  figures["wall_seconds"] = time.time() - start
+  return figures
+
+
+@one_line_errors("w2v2-miniature")
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise ValueError("--workdir is required")
+  from w2v2_jax.train.main import quiet_libraries  # pylint: disable=import-outside-toplevel
+  quiet_libraries()
+  workdir = os.path.abspath(_WORKDIR.value)
+  pre_dir = os.path.join(workdir, "pretrain")
+  pretrained = _FINETUNE.value.copy_and_resolve_references()
+  pretrained.finetune.init = pre_dir
+  phases = [("pretrain", "pre-training", _PRETRAIN.value),
+            ("finetune_pretrained", "fine-tuning the pre-trained model", pretrained),
+            ("finetune_scratch", "training from scratch", scratch_config(_FINETUNE.value))]
+  path = os.path.join(workdir, "miniature.json")
+  results = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+  for name, what, config in phases:
+    if name in results:
+      logging.info("== %s: done before (%s), skipped", what, path)
+      continue
+    results[name] = run_phase(what, config, os.path.join(workdir, name))
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:  # after each phase, so a re-run resumes at the next one
+      json.dump(results, f, indent=1)
+  pre, scratch = results["finetune_pretrained"], results["finetune_scratch"]
+  results["cer_ratio"] = pre["valid_cer"] / max(scratch["valid_cer"], 1e-9)
+  results["total_wall_seconds"] = sum(results[name]["wall_seconds"] for name, _, _ in phases)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"{'':24s} {'CER':>6s} {'WER':>6s} {'wall':>8s}")
+  for name in ("finetune_pretrained", "finetune_scratch"):
+    r = results[name]
+    print(f"{name:24s} {r['valid_cer']:6.3f} {r['valid_wer']:6.3f} {r['wall_seconds']:7.0f}s")
+  print(f"pre-trained CER / scratch CER = {results['cer_ratio']:.2f} (target <= 0.6); "
+        f"pre-training {results['pretrain']['wall_seconds']:.0f} s; total {results['total_wall_seconds']:.0f} s")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

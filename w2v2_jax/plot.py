@@ -1,0 +1,167 @@
+"""w2v2-plot: PNGs of a run's health, written into its workdir (also at the end of every run).
+
+  w2v2-plot --workdir=DIR [--batches=8]
+
+curves.png: loss terms, accuracy, prob/code perplexity against the codebook size, lr, Gumbel
+temperature and gradient norm (pre-training); CTC loss, WER/CER, lr and gradient norm (fine-tuning).
+codebook_usage.png (pre-training): how often each codeword of each group is picked (argmax, as at
+inference) over a few validation batches of the latest checkpoint, sorted, with the perplexity.
+A healthy run uses most codewords; a few tall bars mean codebook collapse.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from w2v2_jax.cli import one_line_errors
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A w2v2-train workdir.")
+_BATCHES = flags.DEFINE_integer("batches", 8, "Validation batches for the codebook usage histogram.")
+
+_PRETRAIN_PANELS = (("loss", ("train/loss", "train/contrastive", "valid/loss", "valid/contrastive")),
+                    ("accuracy", ("train/accuracy", "valid/accuracy")),
+                    ("perplexity", ("train/prob_perplexity", "train/code_perplexity", "valid/code_perplexity")),
+                    ("learning rate", ("train/lr",)),
+                    ("Gumbel temperature", ("train/temperature",)),
+                    ("gradient norm", ("train/grad_norm",)))
+_CTC_PANELS = (("CTC loss", ("train/ctc_loss", "valid/loss")),
+               ("error rate", ("valid/wer", "valid/cer")),
+               ("learning rate", ("train/lr",)),
+               ("gradient norm", ("train/grad_norm",)))
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")  # files only: works headless, on pods and in CI
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
+  """WORKDIR/curves.png from the run's TensorBoard scalars; returns its path."""
+  from w2v2_jax.train import events  # pylint: disable=import-outside-toplevel
+  scalars = events.read_scalars(workdir)
+  panels = _CTC_PANELS if "train/ctc_loss" in scalars else _PRETRAIN_PANELS
+  panels = [(title, [t for t in tags if t in scalars]) for title, tags in panels]
+  panels = [(title, tags) for title, tags in panels if tags]
+  plt = _pyplot()
+  cols = 3 if len(panels) > 4 else 2
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+  for ax, (title, tags) in zip(axes.flat, panels):
+    for tag in tags:
+      steps, values = zip(*scalars[tag])
+      ax.plot(steps, values, marker="o" if len(steps) < 20 else None, ms=3, label=tag)
+    if title == "loss" and "train/contrastive" in scalars:
+      ax.axhline(np.log(101), color="gray", ls=":", lw=1, label="chance, ln 101")
+    if title == "perplexity" and codebook_size:
+      ax.axhline(codebook_size, color="gray", ls=":", lw=1, label=f"codewords ({codebook_size})")
+    if title in ("learning rate", "gradient norm"):
+      ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("update")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  fig.suptitle(os.path.abspath(workdir), fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(workdir, "curves.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
+  """([groups, codewords] argmax counts over the unmasked frames of `batches` validation batches, step)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.models.init import build  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import checkpointing, loop  # pylint: disable=import-outside-toplevel
+  cfg, params, kind, experiment = checkpointing.load_params(step_dir)
+  if kind != "pretraining":
+    raise ValueError(f"{step_dir}: codebook usage needs a pre-training checkpoint (this one is {kind!r})")
+  config = ml_collections.ConfigDict(experiment)
+  directory = loop.data_dir(config)
+  split = config.data.valid_split if os.path.isdir(os.path.join(directory, config.data.valid_split)) \
+      else config.data.train_split
+  data = pipeline.AudioInput(loop.input_config(config, directory, split, False), rows=(0, config.batch_size))
+  model = build(cfg, "pretraining")
+
+  @jax.jit
+  def codes(batch):
+    audio = pipeline.waveform(batch["audio"], batch["lengths"], config.data.normalize)
+    out = model.apply({"params": params}, audio, batch["lengths"], deterministic=True)
+    one_hot = jax.nn.one_hot(out.quantizer.argmax_idx, cfg.num_codevectors_per_group)
+    return jnp.einsum("btgv,bt->gv", one_hot, out.encoder.frame_mask.astype(jnp.float32))
+
+  counts = np.zeros((cfg.num_codevector_groups, cfg.num_codevectors_per_group))
+  for i, batch in enumerate(data):
+    if i == batches:
+      break
+    counts += np.asarray(codes(batch))
+  return counts, int(os.path.basename(step_dir))
+
+
+def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
+  """WORKDIR/codebook_usage.png for the latest checkpoint; returns its path."""
+  from w2v2_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
+  step_dir = checkpointing.resolve_step_dir(workdir)
+  if step_dir is None:
+    raise ValueError(f"{workdir}: no checkpoint to measure codebook usage from")
+  counts, step = codebook_counts(step_dir, batches)
+  plt = _pyplot()
+  groups, size = counts.shape
+  fig, axes = plt.subplots(1, groups, figsize=(5 * groups, 3.2), squeeze=False)
+  for g, ax in enumerate(axes.flat):
+    p = counts[g] / max(counts[g].sum(), 1)
+    perplexity = float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))))
+    ax.bar(np.arange(size), np.sort(p)[::-1], width=1.0)
+    ax.set_title(f"group {g}: {int((counts[g] > 0).sum())}/{size} codewords used, perplexity {perplexity:.1f}",
+                 fontsize=9)
+    ax.set_xlabel("codeword (sorted by use)")
+    ax.set_ylabel("share of frames")
+  fig.suptitle(f"codebook usage at step {step} ({int(counts[0].sum())} frames)", fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(workdir, "codebook_usage.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_plots(workdir: str, batches: int = 8) -> list[str]:
+  """Every plot that applies to this run: the curves, and codebook usage once a pre-training
+  checkpoint exists."""
+  from w2v2_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
+  step_dir = checkpointing.resolve_step_dir(workdir)
+  saved = checkpointing.load_config(step_dir) if step_dir else {}
+  cfg = ModelConfig.from_dict(saved["model"]) if saved else None
+  size = cfg.num_codevector_groups * cfg.num_codevectors_per_group if cfg else None
+  paths = [plot_curves(workdir, size)]
+  if saved.get("kind") == "pretraining":
+    paths.append(plot_codebook_usage(workdir, batches))
+  return paths
+
+
+@one_line_errors("w2v2-plot")
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value:
+    raise ValueError("--workdir is required")
+  for path in write_plots(_WORKDIR.value, _BATCHES.value):
+    logging.info("wrote %s", path)
+    print(path)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
