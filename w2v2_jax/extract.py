@@ -14,7 +14,7 @@ from absl import app, flags
 
 from w2v2_jax.cli import one_line_errors, split_list
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, w2v2_jax workdir or checkpoint step folder.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, w2v2_jax workdir or checkpoint step folder, or a fairseq .pt file.")
 _AUDIO = flags.DEFINE_string("audio", None, "Comma-separated audio files (any common format, rate, channels).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npz, one array [frames, hidden] per file stem.")
 _LAYER = flags.DEFINE_integer("layer", None, "Hidden-state index (0..num_layers); default: last_hidden_state.")
@@ -67,6 +67,7 @@ def main(argv):
   del argv
   import numpy as np
 
+  from w2v2_jax.interop import fairseq
   from w2v2_jax.interop.hf import wants_normalized_audio
   from w2v2_jax.load import load_pretrained
   for name, value in (("checkpoint", _CHECKPOINT.value), ("audio", _AUDIO.value), ("output", _OUTPUT.value)):
@@ -75,7 +76,9 @@ def main(argv):
   paths = split_list(_AUDIO.value)
   cfg, params, _ = load_pretrained(_CHECKPOINT.value)
   normalize = {"true": True, "false": False}.get(_NORMALIZE.value)
-  if normalize is None:
+  if normalize is None and fairseq.is_fairseq_file(_CHECKPOINT.value):
+    normalize = fairseq.normalize(_CHECKPOINT.value, cfg)
+  elif normalize is None:
     normalize = wants_normalized_audio(_CHECKPOINT.value, cfg)
   feats = extract(cfg, params, paths, _LAYER.value, normalize)
   output = _OUTPUT.value if _OUTPUT.value.endswith(".npz") else _OUTPUT.value + ".npz"

@@ -1,4 +1,5 @@
-"""One entry point for every kind of checkpoint the CLIs accept: HF directories and our Orbax checkpoints."""
+"""One entry point for every kind of checkpoint the CLIs accept: HF directories, fairseq .pt files and our
+Orbax checkpoints."""
 from __future__ import annotations
 
 import os
@@ -6,22 +7,24 @@ import os
 import jax
 import numpy as np
 
-from w2v2_jax.interop import hf
+from w2v2_jax.interop import fairseq, hf
 from w2v2_jax.interop.hf import CheckpointError
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import checkpointing
 
 
 def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
-  """PATH (HF directory, our workdir, or one of our step folders) -> (config, numpy params, kind)."""
+  """PATH (HF directory, fairseq .pt, our workdir, or one of our step folders) -> (config, numpy params, kind)."""
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint file or directory")
   if hf.is_hf_dir(path):
     return hf.load_hf_dir(path)
+  if fairseq.is_fairseq_file(path):
+    return fairseq.load(path)
   step_dir = checkpointing.resolve_step_dir(path)
   if step_dir is None:
-    raise CheckpointError(f"{path}: neither a HuggingFace directory (config.json + model.safetensors) nor a "
-                          f"w2v2_jax workdir or checkpoint step folder")
+    raise CheckpointError(f"{path}: neither a HuggingFace directory (config.json + model.safetensors), a "
+                          f"fairseq .pt file, nor a w2v2_jax workdir or checkpoint step folder")
   try:
     cfg, params, kind, _ = checkpointing.load_params(step_dir)
   except (KeyError, ValueError, TypeError) as e:
@@ -48,6 +51,12 @@ def load_ctc(path: str):
       import json  # pylint: disable=import-outside-toplevel
       normalize = bool(json.load(f).get("feat_extract_norm") == "layer")
     return cfg, params, ctc.Vocabulary.load(vocab_path), normalize
+  if fairseq.is_fairseq_file(path):
+    vocab = fairseq.vocabulary(path)
+    if len(vocab) != cfg.vocab_size:
+      raise CheckpointError(f"{path}: dict.ltr.txt gives {len(vocab)} tokens with the specials, the CTC head has "
+                            f"{cfg.vocab_size} outputs")
+    return cfg, params, vocab, fairseq.normalize(path, cfg)
   _, _, _, experiment = checkpointing.load_params(checkpointing.resolve_step_dir(path))
   if "vocab" not in experiment:
     raise CheckpointError(f"{path}: the CTC checkpoint carries no vocabulary")

@@ -11,7 +11,7 @@ from absl import app, flags
 
 from w2v2_jax.cli import one_line_errors
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "CTC checkpoint: w2v2_jax workdir/step folder or HF directory.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "CTC checkpoint: w2v2_jax workdir/step folder or HF directory, or a fairseq .pt file (fine-tuned: dict.ltr.txt beside it).")
 _AUDIO = flags.DEFINE_list("audio", None, "Audio files (any format soundfile/librosa reads; resampled to 16 kHz).")
 _BEAM = flags.DEFINE_integer("beam", 0, "Beam width; 0 = greedy decoding.")
 _KENLM = flags.DEFINE_string("kenlm", None, "Optional KenLM model (.arpa/.bin) for the beam search.")
