@@ -11,7 +11,7 @@ from absl import app, flags
 
 from w2v2_jax.cli import one_line_errors
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "w2v2_jax workdir or step folder, or an HF directory, or a fairseq .pt file.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "w2v2_jax workdir or step folder, HF directory, or fairseq .pt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write (config.json + model.safetensors).")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf"], "Output format.")
 _TARGET = flags.DEFINE_enum("target", "auto", ["auto", "pretraining", "model", "ctc"],

@@ -14,13 +14,21 @@ from absl import app, flags
 
 from w2v2_jax.cli import one_line_errors, split_list
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, w2v2_jax workdir or checkpoint step folder, or a fairseq .pt file.")
-_AUDIO = flags.DEFINE_string("audio", None, "Comma-separated audio files (any common format, rate, channels).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .npz, one array [frames, hidden] per file stem.")
-_LAYER = flags.DEFINE_integer("layer", None, "Hidden-state index (0..num_layers); default: last_hidden_state.")
-_NORMALIZE = flags.DEFINE_enum("normalize", "auto", ["auto", "true", "false"],
-                               "Zero-mean unit-variance audio first; auto: the checkpoint's preprocessor_config.json "
-                               "do_normalize, else true for layer-norm extractors (LV60, XLS-R).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined when the CLI runs, not on import: the library functions here can be imported together."""
+  flags.DEFINE_string("checkpoint", None,
+                      "HF directory, w2v2_jax workdir or checkpoint step folder, or a fairseq .pt file.")
+  flags.DEFINE_string("audio", None, "Comma-separated audio files (any common format, rate, channels).")
+  flags.DEFINE_string("output", None, "Output .npz, one array [frames, hidden] per file stem.")
+  flags.DEFINE_integer("layer", None, "Hidden-state index (0..num_layers); default: last_hidden_state.")
+  flags.DEFINE_enum("normalize", "auto", ["auto", "true", "false"],
+                    "Zero-mean unit-variance audio first; auto: the checkpoint's preprocessor_config.json "
+                    "do_normalize, else true for layer-norm extractors (LV60, XLS-R).")
+
+
 _RESERVED = ("file", "allow_pickle")  # np.savez keyword names
 
 
@@ -70,18 +78,18 @@ def main(argv):
   from w2v2_jax.interop import fairseq
   from w2v2_jax.interop.hf import wants_normalized_audio
   from w2v2_jax.load import load_pretrained
-  for name, value in (("checkpoint", _CHECKPOINT.value), ("audio", _AUDIO.value), ("output", _OUTPUT.value)):
+  for name, value in (("checkpoint", FLAGS.checkpoint), ("audio", FLAGS.audio), ("output", FLAGS.output)):
     if not value:
       raise ValueError(f"--{name} is required")
-  paths = split_list(_AUDIO.value)
-  cfg, params, _ = load_pretrained(_CHECKPOINT.value)
-  normalize = {"true": True, "false": False}.get(_NORMALIZE.value)
-  if normalize is None and fairseq.is_fairseq_file(_CHECKPOINT.value):
-    normalize = fairseq.normalize(_CHECKPOINT.value, cfg)
+  paths = split_list(FLAGS.audio)
+  cfg, params, _ = load_pretrained(FLAGS.checkpoint)
+  normalize = {"true": True, "false": False}.get(FLAGS.normalize)
+  if normalize is None and fairseq.is_fairseq_file(FLAGS.checkpoint):
+    normalize = fairseq.normalize(FLAGS.checkpoint, cfg)
   elif normalize is None:
-    normalize = wants_normalized_audio(_CHECKPOINT.value, cfg)
-  feats = extract(cfg, params, paths, _LAYER.value, normalize)
-  output = _OUTPUT.value if _OUTPUT.value.endswith(".npz") else _OUTPUT.value + ".npz"
+    normalize = wants_normalized_audio(FLAGS.checkpoint, cfg)
+  feats = extract(cfg, params, paths, FLAGS.layer, normalize)
+  output = FLAGS.output if FLAGS.output.endswith(".npz") else FLAGS.output + ".npz"
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   np.savez(output, **feats)
   for stem, x in feats.items():
@@ -90,6 +98,7 @@ def main(argv):
 
 
 def run():
+  define_flags()
   app.run(main)
 
 

@@ -17,8 +17,13 @@ from absl import app, flags, logging
 
 from w2v2_jax.cli import one_line_errors
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A w2v2-train workdir.")
-_BATCHES = flags.DEFINE_integer("batches", 8, "Validation batches for the codebook usage histogram.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined when the CLI runs, not on import: the library functions here can be imported together."""
+  flags.DEFINE_string("workdir", None, "A w2v2-train workdir.")
+  flags.DEFINE_integer("batches", 8, "Validation batches for the codebook usage histogram.")
 
 _PRETRAIN_PANELS = (("loss", ("train/loss", "train/contrastive", "valid/loss", "valid/contrastive")),
                     ("accuracy", ("train/accuracy", "valid/accuracy")),
@@ -32,11 +37,11 @@ _CTC_PANELS = (("CTC loss", ("train/ctc_loss", "valid/loss")),
                ("gradient norm", ("train/grad_norm",)))
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")  # files only: works headless, on pods and in CI
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
+def _figure(rows, cols, figsize):
+  """A figure and its axes grid without pyplot: no GUI backend needed, and a notebook's backend is left alone."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
@@ -46,10 +51,9 @@ def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
   panels = _CTC_PANELS if "train/ctc_loss" in scalars else _PRETRAIN_PANELS
   panels = [(title, [t for t in tags if t in scalars]) for title, tags in panels]
   panels = [(title, tags) for title, tags in panels if tags]
-  plt = _pyplot()
   cols = 3 if len(panels) > 4 else 2
   rows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+  fig, axes = _figure(rows, cols, (5 * cols, 3.4 * rows))
   for ax, (title, tags) in zip(axes.flat, panels):
     for tag in tags:
       steps, values = zip(*scalars[tag])
@@ -70,7 +74,6 @@ def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
   fig.tight_layout()
   path = os.path.join(workdir, "curves.png")
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -114,9 +117,8 @@ def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
   if step_dir is None:
     raise ValueError(f"{workdir}: no checkpoint to measure codebook usage from")
   counts, step = codebook_counts(step_dir, batches)
-  plt = _pyplot()
   groups, size = counts.shape
-  fig, axes = plt.subplots(1, groups, figsize=(5 * groups, 3.2), squeeze=False)
+  fig, axes = _figure(1, groups, (5 * groups, 3.2))
   for g, ax in enumerate(axes.flat):
     p = counts[g] / max(counts[g].sum(), 1)
     perplexity = float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))))
@@ -129,7 +131,6 @@ def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
   fig.tight_layout()
   path = os.path.join(workdir, "codebook_usage.png")
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -152,14 +153,15 @@ def write_plots(workdir: str, batches: int = 8) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     raise ValueError("--workdir is required")
-  for path in write_plots(_WORKDIR.value, _BATCHES.value):
+  for path in write_plots(FLAGS.workdir, FLAGS.batches):
     logging.info("wrote %s", path)
     print(path)
 
 
 def run():
+  define_flags()
   app.run(main)
 
 

@@ -11,10 +11,16 @@ from absl import app, flags
 
 from w2v2_jax.cli import one_line_errors
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "CTC checkpoint: w2v2_jax workdir/step folder or HF directory, or a fairseq .pt file (fine-tuned: dict.ltr.txt beside it).")
-_AUDIO = flags.DEFINE_list("audio", None, "Audio files (any format soundfile/librosa reads; resampled to 16 kHz).")
-_BEAM = flags.DEFINE_integer("beam", 0, "Beam width; 0 = greedy decoding.")
-_KENLM = flags.DEFINE_string("kenlm", None, "Optional KenLM model (.arpa/.bin) for the beam search.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined when the CLI runs, not on import: the library functions here can be imported together."""
+  flags.DEFINE_string("checkpoint", None, "CTC checkpoint: w2v2_jax workdir/step folder, HF directory, or a "
+                      "fairseq .pt file (dict.ltr.txt beside it).")
+  flags.DEFINE_list("audio", None, "Audio files (any format soundfile/librosa reads; resampled to 16 kHz).")
+  flags.DEFINE_integer("beam", 0, "Beam width; 0 = greedy decoding.")
+  flags.DEFINE_string("kenlm", None, "Optional KenLM model (.arpa/.bin) for the beam search.")
 
 
 def transcribe(cfg, params, vocab, paths, normalize=False, decoder=None):
@@ -45,17 +51,18 @@ def main(argv):
   del argv
   from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
   from w2v2_jax.load import load_ctc  # pylint: disable=import-outside-toplevel
-  if not _CHECKPOINT.value or not _AUDIO.value:
+  if not FLAGS.checkpoint or not FLAGS.audio:
     raise ValueError("--checkpoint and --audio are required")
-  cfg, params, vocab, normalize = load_ctc(_CHECKPOINT.value)
+  cfg, params, vocab, normalize = load_ctc(FLAGS.checkpoint)
   decoder = None
-  if _BEAM.value > 0 or _KENLM.value:
-    decoder = ctc.beam_search_decoder(vocab, kenlm_path=_KENLM.value, beam_width=max(_BEAM.value, 1))
-  for path, text in transcribe(cfg, params, vocab, _AUDIO.value, normalize, decoder):
+  if FLAGS.beam > 0 or FLAGS.kenlm:
+    decoder = ctc.beam_search_decoder(vocab, kenlm_path=FLAGS.kenlm, beam_width=max(FLAGS.beam, 1))
+  for path, text in transcribe(cfg, params, vocab, FLAGS.audio, normalize, decoder):
     print(f"{path}\t{text}")
 
 
 def run():
+  define_flags()
   app.run(main)
 
 

@@ -160,8 +160,12 @@ class Preemption:
     self.requested = True
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) pre-training or CTC fine-tuning (config.task); returns the last logged metrics."""
+def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
+  """Runs (or resumes) pre-training or CTC fine-tuning (config.task); returns the last logged metrics.
+
+  `on_log(step, metrics)`, if given, is called on process 0 at every log and eval step (e.g. a
+  notebook's live plot); metrics are the console's figures as floats.
+  """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   directory = data_dir(config)
@@ -251,6 +255,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           for k, v in last.items():
             writer.scalar(f"train/{k}", v, done)
           writer.flush()
+        if on_log is not None and is_main:
+          on_log(done, dict(last))
         t_log, audio_s, steps_since, step_flops = time.time(), 0.0, 0, 0.0
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
         ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done, vocab)
@@ -267,6 +273,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             for k, v in ev.items():
               writer.scalar(f"valid/{k}", v, done)
             writer.flush()
+          if on_log is not None and is_main:
+            on_log(done, {f"valid_{k}": v for k, v in ev.items()})
       # One process: our SIGTERM flag. Several: only Orbax's preemption sync point, which every
       # process reaches at the same step (a flag seen by some processes would deadlock the save).
       preempted = mgr.reached_preemption(done) or (preemption.requested and jax.process_count() == 1)
