@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging as logging_std
 import sys
 
 from w2v2_jax.audio import AudioError
@@ -36,3 +37,14 @@ def write_json(path: str | None, figures: dict) -> None:
 def split_list(value: str) -> list[str]:
   return [v.strip() for v in value.split(",") if v.strip()]
 
+
+class _DropLibraryInfo(logging_std.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the console; warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_libraries():
+  for handler in logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers:
+    handler.addFilter(_DropLibraryInfo())

@@ -20,7 +20,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli import one_line_errors
+from w2v2_jax.cli import one_line_errors, quiet_libraries
 
 _PRETRAIN = config_flags.DEFINE_config_file("pretrain", "experiments/demo.py", "Pre-training config.",
                                             lock_config=True)
@@ -55,7 +55,6 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}")
   if _WORKDIR.value is None:
     raise ValueError("--workdir is required")
-  from w2v2_jax.train.main import quiet_libraries  # pylint: disable=import-outside-toplevel
   quiet_libraries()
   workdir = os.path.abspath(_WORKDIR.value)
   pre_dir = os.path.join(workdir, "pretrain")

@@ -5,13 +5,12 @@
 """
 from __future__ import annotations
 
-import logging as logging_std
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli import one_line_errors
+from w2v2_jax.cli import one_line_errors, quiet_libraries
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
                                           lock_config=True)
@@ -38,18 +37,6 @@ def initialize_distributed():
       or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and cluster):
     jax.distributed.initialize()
-
-
-class _DropLibraryInfo(logging_std.Filter):
-  """Keeps Orbax's per-save INFO chatter out of the console; warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-
-def quiet_libraries():
-  for handler in logging_std.getLogger().handlers + logging_std.getLogger("absl").handlers:
-    handler.addFilter(_DropLibraryInfo())
 
 
 @one_line_errors("w2v2-train")
