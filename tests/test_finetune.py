@@ -127,3 +127,20 @@ def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
   assert not same(start["lm_head"], after3["lm_head"])
   assert not same(after3["wav2vec2"]["encoder"], after5["wav2vec2"]["encoder"])
   assert same(start["wav2vec2"]["feature_extractor"], after5["wav2vec2"]["feature_extractor"])
+
+
+def test_miniature_scratch_baseline_differs_only_in_init_and_freezing():
+  import importlib.util
+  from w2v2_jax import miniature
+  spec = importlib.util.spec_from_file_location("demo_finetune", os.path.join(
+      os.path.dirname(__file__), "..", "experiments", "demo_finetune.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  pretrained = module.get_config()
+  pretrained.finetune.init = "/somewhere/pretrain"
+  scratch = miniature.scratch_config(pretrained)
+  assert scratch.finetune.init == "" and scratch.finetune.freeze_steps == 0 and scratch.model.feature_grad_mult == 1.0
+  a, b = pretrained.to_dict(), scratch.to_dict()
+  for d in (a, b):
+    d["finetune"].pop("init"), d["finetune"].pop("freeze_steps"), d["model"].pop("feature_grad_mult")
+  assert a == b  # same architecture, data, updates, schedule and masking

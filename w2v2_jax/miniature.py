@@ -22,11 +22,15 @@ from ml_collections import config_flags
 
 from w2v2_jax.cli import one_line_errors, quiet_libraries
 
-_PRETRAIN = config_flags.DEFINE_config_file("pretrain", "experiments/demo.py", "Pre-training config.",
-                                            lock_config=True)
-_FINETUNE = config_flags.DEFINE_config_file("finetune", "experiments/demo_finetune.py",
-                                            "Fine-tuning config (its finetune.init is set here).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the three runs and miniature.json.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined when the CLI runs, not on import (scratch_config is imported by tests and scripts)."""
+  config_flags.DEFINE_config_file("pretrain", "experiments/demo.py", "Pre-training config.", lock_config=True)
+  config_flags.DEFINE_config_file("finetune", "experiments/demo_finetune.py",
+                                  "Fine-tuning config (its finetune.init is set here).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Folder for the three runs and miniature.json.")
 
 
 def scratch_config(finetune_config):
@@ -53,16 +57,16 @@ def run_phase(name, config, workdir) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  if _WORKDIR.value is None:
+  if FLAGS.workdir is None:
     raise ValueError("--workdir is required")
   quiet_libraries()
-  workdir = os.path.abspath(_WORKDIR.value)
+  workdir = os.path.abspath(FLAGS.workdir)
   pre_dir = os.path.join(workdir, "pretrain")
-  pretrained = _FINETUNE.value.copy_and_resolve_references()
+  pretrained = FLAGS.finetune.copy_and_resolve_references()
   pretrained.finetune.init = pre_dir
-  phases = [("pretrain", "pre-training", _PRETRAIN.value),
+  phases = [("pretrain", "pre-training", FLAGS.pretrain),
             ("finetune_pretrained", "fine-tuning the pre-trained model", pretrained),
-            ("finetune_scratch", "training from scratch", scratch_config(_FINETUNE.value))]
+            ("finetune_scratch", "training from scratch", scratch_config(FLAGS.finetune))]
   path = os.path.join(workdir, "miniature.json")
   results = {}
   if os.path.exists(path):
@@ -90,6 +94,7 @@ def main(argv):
 
 
 def run():
+  define_flags()
   app.run(main)
 
 

@@ -7,6 +7,7 @@ shards are cached under a folder named by its hash: a second call returns at onc
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -116,6 +117,16 @@ def ensure_corpus(cfg: CorpusConfig = CorpusConfig(), cache_dir: str | None = No
   if os.path.exists(report_path):
     return out_dir
   os.makedirs(out_dir, exist_ok=True)
+  # Several processes on one host (a local multi-process run, parallel tests) may ask at once:
+  # one synthesizes, the others wait for it and then find the report.
+  with open(os.path.join(out_dir, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(report_path):
+      _synthesize(cfg, out_dir, report_path, workers, log)
+  return out_dir
+
+
+def _synthesize(cfg: CorpusConfig, out_dir: str, report_path: str, workers: int, log) -> None:
   tasks = []
   for split, specs in plan(cfg).items():
     for k in range(0, len(specs), cfg.shard_size):
@@ -133,4 +144,3 @@ def ensure_corpus(cfg: CorpusConfig = CorpusConfig(), cache_dir: str | None = No
   report["config"] = dataclasses.asdict(cfg)
   report["seconds"] = round(time.time() - start, 1)
   records._write_json(report_path, report)  # pylint: disable=protected-access
-  return out_dir
