@@ -168,7 +168,8 @@ def test_two_process_run_matches_one_process(speech_like_shards, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   cfg = f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{speech_like_shards},3"
-  common = [sys.executable, "-m", "w2v2_jax.train.main", cfg, "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
+  common = [sys.executable, "-m", "w2v2_jax.train.main", cfg, "--config.mesh.data=2", "--config.mesh.fsdp=-1",
+            "--plots=false"]
 
   def env(devices):
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",

@@ -54,8 +54,9 @@ def main(argv):
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if _PLOTS.value and jax.process_index() == 0:
+  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  finished = result.get("step", 0) >= _CONFIG.value.num_train_steps  # not after a preemption: exit promptly
+  if _PLOTS.value and finished and jax.process_index() == 0:
     from w2v2_jax import plot  # pylint: disable=import-outside-toplevel
     try:
       for path in plot.write_plots(_WORKDIR.value):
