@@ -12,7 +12,7 @@ from w2v2_jax.train.defaults import finetuning_config
 
 def get_config(arg=None):
   c = finetuning_config("tiny")
-  c.num_train_steps = int(arg) if arg else 500
+  c.num_train_steps = int(arg) if arg else 1000
   c.batch_size = 8
   c.checkpoint_every_steps = 250
   c.log_every_steps = 50
@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.data.num_buckets = 4
   c.model["layerdrop"] = 0.0
   c.model["feature_grad_mult"] = 1.0    # the tiny CNN learns too (fairseq freezes BASE's); see the README
-  c.finetune.freeze_steps = 50
+  c.finetune.freeze_steps = 100
   c.finetune.mask_prob = 0.5
   c.finetune.mask_channel_length = 8    # the tiny model has 64 channels
   c.finetune.mask_channel_prob = 0.25
