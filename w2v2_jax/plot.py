@@ -78,7 +78,8 @@ def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
 
 
 def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
-  """([groups, codewords] argmax counts over the unmasked frames of `batches` validation batches, step)."""
+  """([groups, codewords] argmax counts over the frames of up to 8 utterances from each of `batches`
+  validation batches, step)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
@@ -92,7 +93,9 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
   directory = loop.data_dir(config)
   split = config.data.valid_split if os.path.isdir(os.path.join(directory, config.data.valid_split)) \
       else config.data.train_split
-  data = pipeline.AudioInput(loop.input_config(config, directory, split, False), rows=(0, config.batch_size))
+  # The first few rows of each global batch, on one device: a pod-sized batch would not fit there.
+  rows = (0, min(config.batch_size, 8))
+  data = pipeline.AudioInput(loop.input_config(config, directory, split, False), rows=rows)
   model = build(cfg, "pretraining")
 
   @jax.jit
