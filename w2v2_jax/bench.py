@@ -1,11 +1,14 @@
-"""w2v2-bench: time the full pre-training forward + backward (loss and gradients) of a model preset.
+"""w2v2-bench: time the real sharded pre-training step of an experiment config, and its forward alone.
 
-  w2v2-bench --model=base --batch=4 --seconds=4 [--dtype=bfloat16] [--remat] [--steps=5] [--json=OUT]
+  w2v2-bench --config=experiments/base_librispeech.py [--batch=4] [--seconds=4] [--steps=5] [--json=OUT]
+      [--config.model.dtype=float32 ...]
 
-Times the loss-and-gradient step and the forward alone: compile time, median time after a warm-up,
-audio-seconds per second, analytic FLOPs (w2v2_jax/flops.py) next to XLA's count, MFU against the
-chip's peak (CPU: this host's measured fp32 matmul peak) and XLA's peak memory. The optimizer update
-is not included; it is a small fraction of the step.
+The step is exactly w2v2-train's (AdamW update, in-graph masks and negatives, donated state) on the
+config's mesh over this host's devices, fed a synthetic batch of `--batch` crops of `--seconds`.
+Prints compile time, the median step time after a warm-up, audio-seconds per second, analytic
+FLOPs (w2v2_jax/flops.py) next to XLA's count, MFU against the chip's peak (CPU: this host's
+measured fp32 matmul peak; GPU/TPU: datasheet) and XLA's peak memory; the same for the forward
+(the evaluation loss: no dropout, no gradient).
 """
 from __future__ import annotations
 
@@ -13,33 +16,37 @@ import statistics
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from w2v2_jax.cli import one_line_errors, write_json
 
-_MODEL = flags.DEFINE_string("model", "base", "Model preset (base, large, large_lv60, xlsr_300m, ..., tiny).")
-_BATCH = flags.DEFINE_integer("batch", 4, "Utterances per step.")
-_SECONDS = flags.DEFINE_float("seconds", 4.0, "Crop length in seconds of 16 kHz audio.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise transformer layers.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
-_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+FLAGS = flags.FLAGS
 
 
-def _time(compiled, args_for, steps):
-  """Median seconds of `steps` calls after one warm-up call."""
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.block_until_ready(compiled(*args_for(0)))
+def define_flags():
+  """Defined when the CLI runs, not on import (the peer comparison imports measure())."""
+  config_flags.DEFINE_config_file("config", None, "Pre-training experiment config file.", lock_config=True)
+  flags.DEFINE_integer("batch", None, "Utterances per step (default: the config's batch_size).")
+  flags.DEFINE_float("seconds", None, "Crop length in seconds (default: the config's max_sample_size).")
+  flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
+  flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+
+
+def median_seconds(call, steps: int) -> float:
+  """Median wall seconds of `steps` calls after one warm-up call; `call()` must block until done."""
+  call()
   times = []
-  for i in range(steps):
+  for _ in range(steps):
     t = time.perf_counter()
-    jax.block_until_ready(compiled(*args_for(i + 1)))
+    call()
     times.append(time.perf_counter() - t)
   return statistics.median(times)
 
 
-def _compile(fn, args):
+def compile_stats(lowered):
+  """(compiled, compile seconds, XLA FLOPs, XLA peak bytes or None) of a lowered computation."""
   t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = lowered.compile()
   seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -51,53 +58,106 @@ def _compile(fn, args):
   return compiled, seconds, float((cost or {}).get("flops", 0.0)), peak
 
 
+class OurStep:
+  """w2v2-train's compiled train step (and eval forward) on a synthetic batch; call .train()/.forward()."""
+
+  def __init__(self, config, batch: int, samples: int):
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from w2v2_jax import parallel  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.models.init import init_params  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.train import loop, step as steps  # pylint: disable=import-outside-toplevel
+
+    if loop.is_ctc(config):
+      raise ValueError("--config: w2v2-bench times pre-training configs (config.task='pretrain')")
+    config.batch_size = batch
+    if config.optim.total_steps < 0:
+      config.optim.total_steps = config.num_train_steps
+    self.cfg = loop.model_config(config)
+    self.batch, self.samples = batch, samples
+    layout = loop.plan_layout(config)
+    self.mesh = layout.mesh
+    batch_sh = parallel.batch_sharding(layout.mesh)
+    rng = np.random.default_rng(0)
+    host = {"audio": np.clip(rng.normal(0, 3000, (batch, samples)), -32768, 32767).astype(np.int16),
+            "lengths": np.full((batch,), samples, np.int32)}
+    train_step = steps.make_train_step(self.cfg, loop.objective_config(config), layout.tx, config)
+    eval_step = steps.make_eval_step(self.cfg, loop.objective_config(config), config)
+    with jax.set_mesh(layout.mesh):
+      self.data = jax.device_put(host, batch_sh)
+      self.state = jax.jit(lambda k: steps.init_state(init_params(self.cfg, k), layout.tx),
+                           out_shardings=layout.state_shardings)(jax.random.key(0))
+      self.key = jax.random.key(1)
+      self.train_fn, self.compile_s, self.xla_flops, self.peak_bytes = compile_stats(
+          jax.jit(train_step, donate_argnums=(0,), in_shardings=(layout.state_shardings, batch_sh, None),
+                  out_shardings=(layout.state_shardings, None)).lower(self.state, self.data, self.key))
+      self.forward_fn, self.forward_compile_s, self.forward_xla_flops, _ = compile_stats(
+          jax.jit(eval_step, in_shardings=(layout.param_shardings, batch_sh, None, None)).lower(
+              self.state.params, self.data, self.key, jnp.int32(0)))
+    # XLA counts the FLOPs of one SPMD partition; the step's are the sum over the mesh.
+    self.xla_flops *= layout.mesh.size
+    self.forward_xla_flops *= layout.mesh.size
+
+  def train(self):
+    import jax  # pylint: disable=import-outside-toplevel
+    self.state, metrics = self.train_fn(self.state, self.data, self.key)
+    jax.block_until_ready((self.state, metrics))
+
+  def forward(self):
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    jax.block_until_ready(self.forward_fn(self.state.params, self.data, self.key, jnp.int32(0)))
+
+
+def measure(config, batch: int, samples: int, steps: int) -> dict:
+  """Every figure of one config at one batch shape (see the module docstring)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from w2v2_jax import flops  # pylint: disable=import-outside-toplevel
+
+  ours = OurStep(config, batch, samples)
+  train_s = median_seconds(ours.train, steps)
+  forward_s = median_seconds(ours.forward, steps)
+  peak, peak_source = flops.peak_flops(jax.devices()[0], ours.cfg.dtype)
+  peak *= len(ours.mesh.devices.flat)
+  train_flops = flops.train_flops(ours.cfg, samples, batch)
+  forward_flops = flops.forward_flops(ours.cfg, samples, batch)
+  seconds = samples / 16000
+  return {
+      "batch": batch, "seconds": seconds, "dtype": ours.cfg.dtype, "remat": ours.cfg.remat,
+      "mesh": dict(ours.mesh.shape), "device": str(jax.devices()[0].device_kind),
+      "compile_s": round(ours.compile_s, 2), "forward_compile_s": round(ours.forward_compile_s, 2),
+      "step_s_median": round(train_s, 4), "forward_s_median": round(forward_s, 4),
+      "audio_s_per_s": round(batch * seconds / train_s, 2),
+      "forward_audio_s_per_s": round(batch * seconds / forward_s, 2),
+      "analytic_gflop_per_step": round(train_flops / 1e9, 3), "xla_gflop_per_step": round(ours.xla_flops / 1e9, 3),
+      "analytic_gflop_forward": round(forward_flops / 1e9, 3),
+      "xla_gflop_forward": round(ours.forward_xla_flops / 1e9, 3),
+      "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source,
+      "mfu": round(train_flops / train_s / peak, 4), "forward_mfu": round(forward_flops / forward_s / peak, 4),
+      "peak_memory_gib": round(ours.peak_bytes / 2**30, 3) if ours.peak_bytes is not None else None,
+  }
+
+
 @one_line_errors("w2v2-bench")
 def main(argv):
-  del argv
-  import jax
-  import jax.numpy as jnp
-
-  from w2v2_jax import flops, objectives
-  from w2v2_jax.models.config import preset
-  from w2v2_jax.models.init import init_params
-  from w2v2_jax.train.pretrain import make_loss_fn
-
-  cfg = preset(_MODEL.value).replace(dtype=_DTYPE.value, remat=_REMAT.value)
-  batch, samples = _BATCH.value, int(_SECONDS.value * 16000)
-  params = init_params(cfg, jax.random.key(0))
-  audio = jax.random.normal(jax.random.key(1), (batch, samples), jnp.float32)
-  lengths = jnp.full((batch,), samples)
-  loss_fn = make_loss_fn(cfg, objectives.ObjectiveConfig())
-  temp = jnp.float32(2.0)
-  args_for = lambda i: (params, audio, lengths, jax.random.key(2 + i), temp)  # noqa: E731
-  train, train_compile_s, train_xla, train_mem = _compile(
-      jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), args_for(0))
-  fwd, fwd_compile_s, fwd_xla, _ = _compile(
-      jax.jit(lambda *a: loss_fn(*a, deterministic=True)), args_for(0))
-  train_s = _time(train, args_for, _STEPS.value)
-  fwd_s = _time(fwd, args_for, _STEPS.value)
-
-  peak, peak_source = flops.peak_flops(jax.devices()[0], _DTYPE.value)
-  train_flops = flops.train_flops(cfg, samples, batch)
-  fwd_flops = flops.forward_flops(cfg, samples, batch)
-  figures = {
-      "model": _MODEL.value, "batch": batch, "seconds": _SECONDS.value, "dtype": _DTYPE.value,
-      "remat": _REMAT.value, "device": str(jax.devices()[0].device_kind),
-      "compile_s": round(train_compile_s, 2), "forward_compile_s": round(fwd_compile_s, 2),
-      "step_s_median": round(train_s, 4), "forward_s_median": round(fwd_s, 4),
-      "audio_s_per_s": round(batch * _SECONDS.value / train_s, 2),
-      "forward_audio_s_per_s": round(batch * _SECONDS.value / fwd_s, 2),
-      "analytic_gflop_per_step": round(train_flops / 1e9, 1), "xla_gflop_per_step": round(train_xla / 1e9, 1),
-      "analytic_gflop_forward": round(fwd_flops / 1e9, 1), "xla_gflop_forward": round(fwd_xla / 1e9, 1),
-      "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source,
-      "mfu": round(train_flops / train_s / peak, 4), "forward_mfu": round(fwd_flops / fwd_s / peak, 4),
-      "peak_memory_gib": round(train_mem / 2**30, 3) if train_mem is not None else None,
-  }
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  config = FLAGS.config
+  if config is None:
+    raise ValueError("--config is required, e.g. --config=experiments/base_librispeech.py")
+  batch = FLAGS.batch or config.batch_size
+  samples = int(FLAGS.seconds * 16000) if FLAGS.seconds else config.data.max_sample_size
+  figures = measure(config, batch, samples, FLAGS.steps)
+  figures = {"config": config_flags.get_config_filename(FLAGS["config"]), **figures}
   print(" ".join(f"{k}={v}" for k, v in figures.items()))
-  write_json(_JSON.value, figures)
+  write_json(FLAGS.json, figures)
 
 
 def run():
+  define_flags()
   app.run(main)
 
 

@@ -1,0 +1,52 @@
+"""w2v2-bench and the peer comparison: the figures are consistent and the peers train our architecture."""
+import sys
+
+import jax
+import numpy as np
+
+from w2v2_jax import bench, bench_peers
+from w2v2_jax.models.init import init_params
+from w2v2_jax.train import loop
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_peers_get_our_architecture_and_objective():
+  import torch
+  import transformers
+
+  config = bench_peers.benchmark_config(2, "tiny")
+  fields = bench_peers.hf_fields(config)
+  hf_cfg = transformers.Wav2Vec2Config(**fields)
+  assert hf_cfg.do_stable_layer_norm and hf_cfg.feat_extract_norm == "layer" and hf_cfg.conv_bias
+  assert hf_cfg.layerdrop == 0.0 and hf_cfg.num_negatives == 100 and hf_cfg.mask_time_prob == 0.65
+  assert hf_cfg.contrastive_logits_temperature == 0.1 and hf_cfg.diversity_loss_weight == 0.1
+  torch.manual_seed(0)
+  theirs = sum(p.numel() for p in transformers.Wav2Vec2ForPreTraining(hf_cfg).parameters())
+  ours = _count(jax.eval_shape(lambda k: init_params(loop.model_config(config), k), jax.random.key(0)))
+  assert ours == theirs
+
+
+def test_torch_peer_worker_times_full_steps():
+  """The worker protocol, run with this venv's transformers (the Flax peer needs the 4.46.3 venv)."""
+  config = bench_peers.benchmark_config(2, "tiny")
+  peer = bench_peers.Peer(sys.executable, "hf_torch", bench_peers.hf_fields(config), 2, 16_000)
+  try:
+    assert peer.info["frames"] == 49 and peer.info["masked_frames"] > 0
+    assert all(peer.step() > 0 for _ in range(2))
+  finally:
+    peer.close()
+  assert peer.proc.returncode == 0
+
+
+def test_bench_measures_the_real_train_step():
+  from w2v2_jax.train.defaults import pretraining_config
+  config = pretraining_config("tiny")
+  config.data.min_sample_size = 16_000
+  figures = bench.measure(config, batch=8, samples=16_000, steps=1)
+  assert figures["mesh"]["fsdp"] == 8
+  assert 0.8 < figures["xla_gflop_per_step"] / figures["analytic_gflop_per_step"] < 1.5
+  assert figures["audio_s_per_s"] == round(8 / figures["step_s_median"], 2)
+  assert 0 < figures["mfu"] < 1 and figures["peak_memory_gib"] > 0
