@@ -152,3 +152,16 @@ def test_config_rejects_inconsistent_values():
     presets.tiny().replace(num_attention_heads=5)
   with pytest.raises(ValueError, match="feat_extract_norm"):
     presets.tiny().replace(feat_extract_norm="batch")
+
+
+def test_cpu_grouped_conv_has_the_plain_convs_values_and_gradients():
+  """The positional conv's CPU weight-gradient formulation (models/transformer.py) is exact."""
+  from w2v2_jax.models.transformer import _conv, grouped_conv_cpu
+  x = jax.random.normal(jax.random.key(0), (3, 37, 24))
+  w = jax.random.normal(jax.random.key(1), (8, 6, 24)) * 0.1   # kernel 8, 4 groups of 6 channels
+  dy = jax.random.normal(jax.random.key(2), (3, 38, 24))
+  y_ref, vjp_ref = jax.vjp(lambda a, b: _conv(a, b, 4, 4), x, w)
+  y, vjp = jax.vjp(lambda a, b: grouped_conv_cpu(a, b, 4, 4), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
