@@ -41,12 +41,15 @@ def test_torch_peer_worker_times_full_steps():
   assert peer.proc.returncode == 0
 
 
-def test_bench_measures_the_real_train_step():
+def test_bench_measures_the_real_train_step(tmp_path):
   from w2v2_jax.train.defaults import pretraining_config
   config = pretraining_config("tiny")
   config.data.min_sample_size = 16_000
-  figures = bench.measure(config, batch=8, samples=16_000, steps=1)
+  figures = bench.measure(config, batch=8, samples=16_000, steps=1, profile_dir=str(tmp_path))
+  assert list(tmp_path.rglob("*.xplane.pb")), "no jax.profiler trace written"
   assert figures["mesh"]["fsdp"] == 8
-  assert 0.8 < figures["xla_gflop_per_step"] / figures["analytic_gflop_per_step"] < 1.5
+  # XLA's count is summed over the 8 partitions (one partition's would be ~0.15 of the analytic);
+  # the tiny model's elementwise work and SPMD's replicated pieces put it above the matmul count.
+  assert 0.8 < figures["xla_gflop_per_step"] / figures["analytic_gflop_per_step"] < 2.0
   assert figures["audio_s_per_s"] == round(8 / figures["step_s_median"], 2)
   assert 0 < figures["mfu"] < 1 and figures["peak_memory_gib"] > 0

@@ -66,7 +66,7 @@ def main(argv):
   batch_sh = parallel.batch_sharding(layout.mesh)
   batch = {"audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
            "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
-  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0, impl=config.rng_impl).dtype)
   train_step = steps.make_train_step(loop.model_config(config), loop.objective_config(config), layout.tx, config)
   with jax.set_mesh(layout.mesh):
     compiled = jax.jit(train_step, donate_argnums=(0,), in_shardings=(layout.state_shardings, batch_sh, None),

@@ -1,7 +1,7 @@
 """w2v2-bench: time the real sharded pre-training step of an experiment config, and its forward alone.
 
   w2v2-bench --config=experiments/base_librispeech.py [--batch=4] [--seconds=4] [--steps=5] [--json=OUT]
-      [--config.model.dtype=float32 ...]
+      [--profile=DIR] [--config.model.dtype=float32 ...]
 
 The step is exactly w2v2-train's (AdamW update, in-graph masks and negatives, donated state) on the
 config's mesh over this host's devices, fed a synthetic batch of `--batch` crops of `--seconds`.
@@ -30,6 +30,8 @@ def define_flags():
   flags.DEFINE_float("seconds", None, "Crop length in seconds (default: the config's max_sample_size).")
   flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+  flags.DEFINE_string("profile", None, "Also trace the timed train steps with jax.profiler into this folder "
+                      "(open with TensorBoard's profile plugin or Perfetto).")
 
 
 def median_seconds(call, steps: int) -> float:
@@ -89,7 +91,7 @@ class OurStep:
       self.data = jax.device_put(host, batch_sh)
       self.state = jax.jit(lambda k: steps.init_state(init_params(self.cfg, k), layout.tx),
                            out_shardings=layout.state_shardings)(jax.random.key(0))
-      self.key = jax.random.key(1)
+      self.key = jax.random.key(1, impl=config.rng_impl)
       self.train_fn, self.compile_s, self.xla_flops, self.peak_bytes = compile_stats(
           jax.jit(train_step, donate_argnums=(0,), in_shardings=(layout.state_shardings, batch_sh, None),
                   out_shardings=(layout.state_shardings, None)).lower(self.state, self.data, self.key))
@@ -111,16 +113,20 @@ class OurStep:
     jax.block_until_ready(self.forward_fn(self.state.params, self.data, self.key, jnp.int32(0)))
 
 
-def measure(config, batch: int, samples: int, steps: int) -> dict:
+def measure(config, batch: int, samples: int, steps: int, profile_dir: str | None = None) -> dict:
   """Every figure of one config at one batch shape (see the module docstring)."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
 
   from w2v2_jax import flops  # pylint: disable=import-outside-toplevel
 
+  # The peak first, on an idle machine: measured after minutes of steps it has come out 2x low here.
+  peak, peak_source = flops.peak_flops(jax.devices()[0], config.model.dtype)
   ours = OurStep(config, batch, samples)
-  train_s = median_seconds(ours.train, steps)
+  with jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext():
+    train_s = median_seconds(ours.train, steps)
   forward_s = median_seconds(ours.forward, steps)
-  peak, peak_source = flops.peak_flops(jax.devices()[0], ours.cfg.dtype)
   peak *= len(ours.mesh.devices.flat)
   train_flops = flops.train_flops(ours.cfg, samples, batch)
   forward_flops = flops.forward_flops(ours.cfg, samples, batch)
@@ -150,7 +156,7 @@ def main(argv):
     raise ValueError("--config is required, e.g. --config=experiments/base_librispeech.py")
   batch = FLAGS.batch or config.batch_size
   samples = int(FLAGS.seconds * 16000) if FLAGS.seconds else config.data.max_sample_size
-  figures = measure(config, batch, samples, FLAGS.steps)
+  figures = measure(config, batch, samples, FLAGS.steps, FLAGS.profile)
   figures = {"config": config_flags.get_config_filename(FLAGS["config"]), **figures}
   print(" ".join(f"{k}={v}" for k, v in figures.items()))
   write_json(FLAGS.json, figures)

@@ -142,6 +142,7 @@ def main(argv):
     raise ValueError(f"--peers: unknown {unknown}; choose from {list(PEERS)}")
   batch, samples = FLAGS.batch, int(FLAGS.seconds * 16000)
   config = benchmark_config(batch, FLAGS.preset)
+  peak, peak_source = flops.peak_flops(jax.devices()[0], "float32")  # first, on an idle machine
   python = ensure_venv(FLAGS.venv) if peers else None
 
   logging.info("compiling our step (stable-LN %s, batch %d x %.2f s, fp32)", FLAGS.preset, batch, FLAGS.seconds)
@@ -168,7 +169,6 @@ def main(argv):
 
   seconds = samples / 16000
   train_flops = flops.train_flops(ours.cfg, samples, batch)
-  peak, peak_source = flops.peak_flops(jax.devices()[0], "float32")
   peak *= len(ours.mesh.devices.flat)
   results = {}
   for name, ts in times.items():

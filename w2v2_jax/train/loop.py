@@ -220,7 +220,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
     writer = _summary_writer(workdir) if is_main else None
     experiment = json.loads(config.to_json())
     preemption = Preemption()
-    key = jax.random.key(config.seed + 1)
+    key = jax.random.key(config.seed + 1, impl=config.rng_impl)
     last, t_log, audio_s, steps_since, step_flops = {}, time.time(), 0.0, 0, 0.0
     for step in range(start, config.num_train_steps):
       batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
