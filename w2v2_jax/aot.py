@@ -53,7 +53,7 @@ def main(argv):
 
   from w2v2_jax import parallel  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.train import loop, step as steps  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
 
   config = _CONFIG.value
   if config is None:
@@ -67,10 +67,9 @@ def main(argv):
   batch = {"audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
            "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
   key = jax.ShapeDtypeStruct((), jax.random.key(0, impl=config.rng_impl).dtype)
-  train_step = steps.make_train_step(loop.model_config(config), loop.objective_config(config), layout.tx, config)
+  train_step, _ = loop.jit_steps(config, layout)
   with jax.set_mesh(layout.mesh):
-    compiled = jax.jit(train_step, donate_argnums=(0,), in_shardings=(layout.state_shardings, batch_sh, None),
-                       out_shardings=(layout.state_shardings, None)).lower(layout.abstract_state, batch, key).compile()
+    compiled = train_step.lower(layout.abstract_state, batch, key).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

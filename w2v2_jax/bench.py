@@ -85,19 +85,16 @@ class OurStep:
     rng = np.random.default_rng(0)
     host = {"audio": np.clip(rng.normal(0, 3000, (batch, samples)), -32768, 32767).astype(np.int16),
             "lengths": np.full((batch,), samples, np.int32)}
-    train_step = steps.make_train_step(self.cfg, loop.objective_config(config), layout.tx, config)
-    eval_step = steps.make_eval_step(self.cfg, loop.objective_config(config), config)
+    train_step, eval_step = loop.jit_steps(config, layout)
     with jax.set_mesh(layout.mesh):
       self.data = jax.device_put(host, batch_sh)
       self.state = jax.jit(lambda k: steps.init_state(init_params(self.cfg, k), layout.tx),
                            out_shardings=layout.state_shardings)(jax.random.key(0))
       self.key = jax.random.key(1, impl=config.rng_impl)
       self.train_fn, self.compile_s, self.xla_flops, self.peak_bytes = compile_stats(
-          jax.jit(train_step, donate_argnums=(0,), in_shardings=(layout.state_shardings, batch_sh, None),
-                  out_shardings=(layout.state_shardings, None)).lower(self.state, self.data, self.key))
+          train_step.lower(self.state, self.data, self.key))
       self.forward_fn, self.forward_compile_s, self.forward_xla_flops, _ = compile_stats(
-          jax.jit(eval_step, in_shardings=(layout.param_shardings, batch_sh, None, None)).lower(
-              self.state.params, self.data, self.key, jnp.int32(0)))
+          eval_step.lower(self.state.params, self.data, self.key, jnp.int32(0)))
     # XLA counts the FLOPs of one SPMD partition; the step's are the sum over the mesh.
     self.xla_flops *= layout.mesh.size
     self.forward_xla_flops *= layout.mesh.size

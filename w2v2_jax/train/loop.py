@@ -148,6 +148,19 @@ def plan_layout(config, devices=None) -> Layout:
   return Layout(mesh, tx, abstract_state, state_sh, param_sh, table)
 
 
+def jit_steps(config, layout: Layout):
+  """w2v2-train's jitted train step (donated state) and eval step for a layout; w2v2-aot and
+  w2v2-bench compile these same two."""
+  cfg, obj = model_config(config), objective_config(config)
+  batch_sh = parallel.batch_sharding(layout.mesh)
+  train_step = jax.jit(steps.make_train_step(cfg, obj, layout.tx, config), donate_argnums=(0,),
+                       in_shardings=(layout.state_shardings, batch_sh, None),
+                       out_shardings=(layout.state_shardings, None))
+  eval_step = jax.jit(steps.make_eval_step(cfg, obj, config),
+                      in_shardings=(layout.param_shardings, batch_sh, None, None))
+  return train_step, eval_step
+
+
 class Preemption:
   """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
 
@@ -171,13 +184,13 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
   directory = data_dir(config)
   vocab = ctc_vocabulary(config, directory, workdir) if is_ctc(config) else None
   kind = "ctc" if vocab is not None else "pretraining"
-  cfg, obj = model_config(config), objective_config(config)
+  cfg = model_config(config)
   if config.optim.total_steps < 0:
     config.optim.total_steps = config.num_train_steps
 
   # -- mesh and state layout ------------------------------------------------------------------
   layout = plan_layout(config)
-  mesh, tx, state_sh, param_sh = layout.mesh, layout.tx, layout.state_shardings, layout.param_shardings
+  mesh, tx, state_sh = layout.mesh, layout.tx, layout.state_shardings
   if is_main:
     logging.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), layout.table)
 
@@ -212,9 +225,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
       logging.info("resumed from step %d (data position %d)", start, train_data.position)
 
     # -- step -----------------------------------------------------------------------------------
-    train_step = jax.jit(steps.make_train_step(cfg, obj, tx, config), donate_argnums=(0,),
-                         in_shardings=(state_sh, batch_sharding, None), out_shardings=(state_sh, None))
-    eval_step = jax.jit(steps.make_eval_step(cfg, obj, config), in_shardings=(param_sh, batch_sharding, None, None))
+    train_step, eval_step = jit_steps(config, layout)
 
     # -- loop -----------------------------------------------------------------------------------
     writer = _summary_writer(workdir) if is_main else None
