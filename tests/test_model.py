@@ -165,3 +165,25 @@ def test_cpu_grouped_conv_has_the_plain_convs_values_and_gradients():
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):
+  """The pre-LN residual-gradient barrier (models/layers.py) changes no value, and XLA:CPU keeps it."""
+  from w2v2_jax.models import layers, transformer
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+  y, vjp = jax.vjp(layers.materialize_grad, x)
+  np.testing.assert_array_equal(y, x)
+  np.testing.assert_array_equal(vjp(x * 3)[0], x * 3)
+  assert np.isnan(np.asarray(vjp(x.at[0, 0, 0].set(jnp.inf))[0])).all()   # non-finite stays non-finite
+
+  cfg = presets.tiny().replace(do_stable_layer_norm=True, feat_extract_norm="layer", hidden_dropout=0.0,
+                               attention_dropout=0.0, layerdrop=0.0)
+  params = init_params(cfg, jax.random.key(0))
+  audio, mask, negatives = _batch(cfg)
+  grad = jax.jit(jax.grad(_loss_fn(cfg, audio, mask, negatives)))
+  assert grad.lower(params, jax.random.key(1)).compile().as_text().count("conditional(") == cfg.num_hidden_layers
+  g = grad(params, jax.random.key(1))
+  monkeypatch.setattr(transformer, "materialize_grad", lambda v: v)
+  g_plain = jax.grad(_loss_fn(cfg, audio, mask, negatives))(params, jax.random.key(1))
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.models.layers import LayerNorm, dense, gelu, partitioned
+from w2v2_jax.models.layers import LayerNorm, dense, gelu, materialize_grad, partitioned
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -156,6 +156,8 @@ class EncoderLayer(nn.Module):
     else:
       x = ln(x + drop(attention(x, key_mask), deterministic=self.deterministic))
       x = final_ln(x + ffn(x))
+    if cfg.do_stable_layer_norm and _platform() == "cpu":
+      x = materialize_grad(x)  # post-LN's LayerNorms already cut the chain
     return nn.with_logical_constraint(x, _ACT)
 
 
