@@ -187,3 +187,15 @@ def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):
   g_plain = jax.grad(_loss_fn(cfg, audio, mask, negatives))(params, jax.random.key(1))
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_gelu_is_torchs_exact_gelu():
+  """layers.gelu (erf form, cheaper on XLA:CPU) equals torch's default GELU and jax's erfc form."""
+  import torch
+  from w2v2_jax.models.layers import gelu
+  x = np.linspace(-12, 12, 20001, dtype=np.float32)
+  np.testing.assert_allclose(gelu(jnp.asarray(x)), torch.nn.functional.gelu(torch.from_numpy(x)).numpy(),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(jnp.asarray(x)),
+                             jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x)),
+                             rtol=1e-5, atol=1e-6)

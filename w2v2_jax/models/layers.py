@@ -14,8 +14,12 @@ def partitioned(init, names):
 
 
 def gelu(x):
-  """Exact (erf) GELU, as fairseq and HF use; flax's default is the tanh approximation."""
-  return nn.gelu(x, approximate=False)
+  """Exact GELU written as torch writes it, x/2 (1 + erf(x/sqrt 2)); flax's default is the tanh approximation.
+
+  jax.nn.gelu(approximate=False) uses erfc, which XLA:CPU evaluates ~25% slower than erf (feature
+  encoder's [4, 12799, 512] at 2 cores: 74 vs 57 ms); the two agree to 1e-6.
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class LayerNorm(nn.Module):
