@@ -55,16 +55,11 @@ def main(argv):
   peak = flops.peak_flops(jax.devices()[0], cfg.dtype)[0]
   audio = jax.random.normal(jax.random.key(0), (b, samples))
   hidden = jax.random.normal(jax.random.key(0), (b, t, h))
-  no_transformer = cfg.replace(num_hidden_layers=0)
-  encoder_flops = (flops.forward_flops(no_transformer, samples, b, head="none")
-                   - 2.0 * b * t * cfg.conv_dim[-1] * h                                        # projection
-                   - 2.0 * b * t * cfg.num_conv_pos_embeddings * (h // cfg.num_conv_pos_embedding_groups) * h)
   parts = [
-      ("feature encoder", FeatureEncoder(cfg), audio, False, {}, encoder_flops),
-      ("positional conv", PositionalConvEmbedding(cfg), hidden, True, {},
-       2.0 * b * t * cfg.num_conv_pos_embeddings * (h // cfg.num_conv_pos_embedding_groups) * h),
+      ("feature encoder", FeatureEncoder(cfg), audio, False, {}, b * flops.feature_encoder_flops(cfg, samples)),
+      ("positional conv", PositionalConvEmbedding(cfg), hidden, True, {}, b * flops.pos_conv_flops(cfg, t)),
       (f"transformer layer (x{cfg.num_hidden_layers})", EncoderLayer(cfg, False), hidden, True, {"key_mask": None},
-       2.0 * b * (t * 4 * h * h + 2 * t * t * h + 2 * t * h * cfg.intermediate_size)),
+       b * flops.layer_flops(cfg, t)),
   ]
   print(f"{cfg.num_hidden_layers}-layer x {h}, batch {b} x {FLAGS.seconds} s, peak {peak / 1e9:.0f} GFLOP/s")
   for name, module, x, input_grad, kwargs, fwd_flops in parts:

@@ -32,19 +32,36 @@ PEAK_FLOPS = {
 }
 
 
-def forward_flops(cfg: ModelConfig, num_samples: int, batch: int = 1, head: str = "pretraining",
-                  num_negatives: int = 100) -> float:
-  """FLOPs of one forward pass over `batch` utterances of `num_samples` samples each."""
+def feature_encoder_flops(cfg: ModelConfig, num_samples: int) -> float:
+  """FLOPs of the conv feature encoder's forward over one utterance of `num_samples` samples."""
   flops, length, channels = 0.0, num_samples, 1
   for dim, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
     length = (length - k) // s + 1
     flops += 2.0 * length * k * channels * dim
     channels = dim
-  t, h = length, cfg.hidden_size
+  return flops
+
+
+def pos_conv_flops(cfg: ModelConfig, frames: int) -> float:
+  """FLOPs of the grouped positional conv's forward over `frames` frames."""
+  h = cfg.hidden_size
+  return 2.0 * frames * cfg.num_conv_pos_embeddings * (h // cfg.num_conv_pos_embedding_groups) * h
+
+
+def layer_flops(cfg: ModelConfig, frames: int) -> float:
+  """FLOPs of one transformer layer's forward over `frames` frames (projections, attention, FFN)."""
+  t, h = frames, cfg.hidden_size
+  return 2.0 * t * 4 * h * h + 2.0 * 2 * t * t * h + 2.0 * 2 * t * h * cfg.intermediate_size
+
+
+def forward_flops(cfg: ModelConfig, num_samples: int, batch: int = 1, head: str = "pretraining",
+                  num_negatives: int = 100) -> float:
+  """FLOPs of one forward pass over `batch` utterances of `num_samples` samples each."""
+  flops = feature_encoder_flops(cfg, num_samples)
+  t, h, channels = int(cfg.num_frames(num_samples)), cfg.hidden_size, cfg.conv_dim[-1]
   flops += 2.0 * t * channels * h  # feature projection
-  flops += 2.0 * t * cfg.num_conv_pos_embeddings * (h // cfg.num_conv_pos_embedding_groups) * h  # pos conv
-  per_layer = 2.0 * t * 4 * h * h + 2.0 * 2 * t * t * h + 2.0 * 2 * t * h * cfg.intermediate_size
-  flops += cfg.num_hidden_layers * per_layer
+  flops += pos_conv_flops(cfg, t)
+  flops += cfg.num_hidden_layers * layer_flops(cfg, t)
   if head == "pretraining":
     g, v = cfg.num_codevector_groups, cfg.num_codevectors_per_group
     flops += 2.0 * t * channels * g * v  # quantizer logits
