@@ -45,9 +45,8 @@ def test_straight_through_gumbel_is_one_hot_with_gradients():
   params = init_params(cfg, jax.random.key(0))
   model = build(cfg)
   audio, mask, negatives = _batch(cfg)
-  out = model.apply({"params": params}, audio, None, mask, 2.0, False, rngs={"gumbel": jax.random.key(1),
-                                                                             "dropout": jax.random.key(2),
-                                                                             "layerdrop": jax.random.key(3)})
+  rngs = {"gumbel": jax.random.key(1), "dropout": jax.random.key(2), "layerdrop": jax.random.key(3)}
+  out = jax.jit(lambda p: model.apply({"params": p}, audio, None, mask, 2.0, False, rngs=rngs))(params)
   g, v = cfg.num_codevector_groups, cfg.num_codevectors_per_group
   book = np.asarray(params["quantizer"]["codevectors"]).reshape(g, v, -1)
   idx = np.asarray(out.quantizer.code_idx)
@@ -63,15 +62,15 @@ def test_eval_quantizer_is_argmax():
   cfg = presets.tiny()
   params = init_params(cfg, jax.random.key(0))
   audio, _, _ = _batch(cfg)
-  out = build(cfg).apply({"params": params}, audio)
+  out = jax.jit(build(cfg).apply)({"params": params}, audio)
   logits = out.encoder.extract_features @ params["quantizer"]["weight_proj"]["kernel"] + \
       params["quantizer"]["weight_proj"]["bias"]
   logits = np.asarray(logits).reshape(*logits.shape[:2], cfg.num_codevector_groups, -1)
   assert np.array_equal(np.asarray(out.quantizer.code_idx), logits.argmax(-1))
   # In training the sampled codes differ, but code_perplexity's argmax_idx is still the raw-logit argmax.
-  trained = build(cfg.replace(feat_quantizer_dropout=0.0)).apply(
-      {"params": params}, audio, None, None, 2.0, False,
-      rngs={"gumbel": jax.random.key(1), "dropout": jax.random.key(2), "layerdrop": jax.random.key(3)})
+  trained = jax.jit(lambda p: build(cfg.replace(feat_quantizer_dropout=0.0)).apply(
+      {"params": p}, audio, None, None, 2.0, False,
+      rngs={"gumbel": jax.random.key(1), "dropout": jax.random.key(2), "layerdrop": jax.random.key(3)}))(params)
   assert not np.array_equal(np.asarray(trained.quantizer.code_idx), logits.argmax(-1))
   assert np.array_equal(np.asarray(trained.quantizer.argmax_idx), logits.argmax(-1))
 
@@ -104,11 +103,11 @@ def test_layerdrop_drops_whole_layers():
   params = init_params(cfg, jax.random.key(0))
   audio, _, _ = _batch(cfg)
   model = build(cfg, "model")
-  out = model.apply({"params": params}, audio, deterministic=False,
-                    rngs={"dropout": jax.random.key(1), "layerdrop": jax.random.key(2)})
+  out = jax.jit(lambda p: model.apply({"params": p}, audio, deterministic=False,
+                                      rngs={"dropout": jax.random.key(1), "layerdrop": jax.random.key(2)}))(params)
   # Every layer dropped: the output is the transformer input (post-LN: after the first LayerNorm).
   np.testing.assert_array_equal(np.asarray(out.last_hidden_state), np.asarray(out.hidden_states[0]))
-  kept = model.apply({"params": params}, audio, deterministic=True)
+  kept = jax.jit(lambda p: model.apply({"params": p}, audio, deterministic=True))(params)
   assert not np.allclose(np.asarray(kept.last_hidden_state), np.asarray(kept.hidden_states[0]))
 
 

@@ -209,6 +209,13 @@ def test_espeak_corpus_splits_voices_and_cache(tmp_path):
   full = corpus.plan(corpus.CorpusConfig())["unlabeled"]  # the default 2 h: plenty of variety
   assert len({s.voice for s in full}) > 150 and len({s.rate for s in full}) > 80
   assert len({s.pitch for s in full}) > 50 and len({s.text for s in full}) > 0.95 * len(full)
+  # Options added later keep the default corpus's hash, so caches stay valid; a room changes it.
+  assert corpus.CorpusConfig().fingerprint() == "f1aa05ec8afd" != corpus.CorpusConfig(rooms=True).fingerprint()
+  few = corpus.plan(corpus.CorpusConfig(labeled_voices=8))  # a small labeled set from few speakers
+  few_voices = {s.voice for s in few["labeled"]}
+  assert len(few_voices) == 8 and few_voices <= {s.voice for s in full}
+  assert sum(v.split("+")[1] in espeak.FEMALE_VARIANTS for v in few_voices) == 4
+  assert few["unlabeled"] == full and few["test"] == corpus.plan(corpus.CorpusConfig())["test"]
 
   lines = []
   out = corpus.ensure_corpus(cfg, cache_dir=str(tmp_path), workers=2, log=lines.append)
@@ -223,3 +230,29 @@ def test_espeak_corpus_splits_voices_and_cache(tmp_path):
   again = corpus.ensure_corpus(cfg, cache_dir=str(tmp_path / "again"), workers=1, log=lambda _: None)
   a, b = records.load_split(out, "labeled"), records.load_split(again, "labeled")
   assert [open(f, "rb").read() for f in a.files] == [open(f, "rb").read() for f in b.files]  # deterministic
+
+
+def test_rooms_add_noise_at_the_drawn_snr_and_reverb():
+  """Tone bursts with long silent gaps: the gaps hold only noise (the reverb tail has died), so the
+  SNR can be read back; over 40 rooms it stays in rooms.SNR_DB and spreads over it."""
+  from w2v2_jax.data import rooms
+  t = np.arange(16000) / 16000
+  burst = np.sin(2 * np.pi * 440 * t[:8000]) * np.hanning(8000)
+  clean = np.concatenate([np.concatenate([burst, np.zeros(16000)]) for _ in range(3)]).astype(np.float32)
+  gaps = np.zeros(clean.size, bool)
+  for k in range(3):
+    gaps[k * 24000 + 8000 + 14000:(k + 1) * 24000] = True  # 0.875 s after each burst: past RT60
+  snrs, tails = [], []
+  for seed in range(40):
+    out = rooms.in_a_room(clean, np.random.default_rng(seed))
+    assert out.shape == clean.shape and out.dtype == np.float32 and np.abs(out).max() <= 0.9 + 1e-6
+    noise = np.mean(out[gaps] ** 2)
+    snrs.append(10 * np.log10((np.mean(out ** 2) - noise) / noise))
+    just_after = slice(8000 + 400, 8000 + 1600)  # 25-100 ms after the first burst: reverb over noise
+    tails.append(np.mean(out[just_after] ** 2) / noise)
+  np.testing.assert_array_equal(rooms.in_a_room(clean, np.random.default_rng(3)),
+                                rooms.in_a_room(clean, np.random.default_rng(3)))
+  lo, hi = rooms.SNR_DB
+  assert lo - 1.5 < min(snrs) and max(snrs) < hi + 1.5, (min(snrs), max(snrs))
+  assert min(snrs) < lo + 5 and max(snrs) > hi - 5  # the whole range is drawn
+  assert np.mean(np.array(tails) > 2.5) > 0.2, np.round(sorted(tails), 1)  # the room rings after a burst

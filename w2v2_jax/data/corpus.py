@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from w2v2_jax.audio import SAMPLE_RATE
-from w2v2_jax.data import espeak, records, sentences, writer
+from w2v2_jax.data import espeak, records, rooms, sentences, writer
 
 SPLITS = ("unlabeled", "labeled", "test")
 _WORDS_PER_SECOND = 3.8  # eSpeak at 160 words/min (measured); only sizes the plan
@@ -27,6 +27,8 @@ _WORDS_PER_SECOND = 3.8  # eSpeak at 160 words/min (measured); only sizes the pl
 class CorpusConfig:
   unlabeled_hours: float = 2.0
   labeled_minutes: float = 10.0
+  labeled_voices: int = 0         # train voices the labeled split draws from; 0: all of them
+  rooms: bool = False             # every utterance in its own simulated room with noise (data/rooms.py)
   test_minutes: float = 10.0
   test_voice_fraction: float = 0.15
   test_sentence_fraction: float = 0.15
@@ -35,8 +37,17 @@ class CorpusConfig:
   shard_size: int = 256
 
   def fingerprint(self) -> str:
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + espeak.__name__ + "v1"
+    fields = dataclasses.asdict(self)
+    for name in _ADDED_LATER:  # at their defaults, the corpus is the one cached before they existed
+      if fields[name] == CorpusConfig.__dataclass_fields__[name].default:
+        del fields[name]
+    blob = json.dumps(fields, sort_keys=True) + espeak.__name__ + "v1"
+    if self.rooms:
+      blob += repr(rooms.SETTINGS)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_ADDED_LATER = ("labeled_voices", "rooms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +66,22 @@ def _held_out(key: str, fraction: float, seed: int) -> bool:
 
 
 def voices(cfg: CorpusConfig) -> dict[str, list[str]]:
-  """All accent+variant voices, split into train and held-out test voices."""
+  """All accent+variant voices, split into train and held-out test voices; `labeled` is the
+  train voices the labeled split speaks with (a few, when cfg.labeled_voices says so)."""
   every = [f"{a}+{v}" for a in espeak.ACCENTS for v in espeak.VARIANTS]
   test = [v for v in every if _held_out("voice:" + v, cfg.test_voice_fraction, cfg.seed)]
-  return {"train": [v for v in every if v not in test], "test": test}
+  train = [v for v in every if v not in test]
+  labeled = train
+  if cfg.labeled_voices:
+    if not 0 < cfg.labeled_voices <= len(train):
+      raise ValueError(f"corpus labeled_voices={cfg.labeled_voices}: choose 1..{len(train)} (0: all)")
+    rng = np.random.default_rng([cfg.seed, 99])  # half female variants, as a balanced small set would be
+    female = [v for v in train if v.split("+")[1] in espeak.FEMALE_VARIANTS]
+    other = [v for v in train if v not in female]
+    n_female = min(cfg.labeled_voices // 2, len(female))
+    labeled = sorted(rng.choice(female, n_female, replace=False).tolist()
+                     + rng.choice(other, cfg.labeled_voices - n_female, replace=False).tolist())
+  return {"train": train, "test": test, "labeled": labeled}
 
 
 def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
@@ -69,7 +92,7 @@ def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
   out = {}
   for split_no, split in enumerate(SPLITS):
     rng = np.random.default_rng([cfg.seed, split_no])
-    pool = pools["test" if split == "test" else "train"]
+    pool = pools["train" if split == "unlabeled" else split]
     specs, seconds = [], 0.0
     while seconds < budget_s[split]:
       parts = []
@@ -87,16 +110,18 @@ def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
 
 
 def _synthesize_shard(task) -> dict:
-  """Worker: synthesizes one shard's utterances, resamples to 16 kHz, writes the shard."""
+  """Worker: synthesizes one shard's utterances, resamples to 16 kHz (puts each in a room), writes the shard."""
   from w2v2_jax.audio import resample  # pylint: disable=import-outside-toplevel
-  path, split, specs = task
+  path, split, specs, in_rooms = task
 
   def utterances():
     with espeak.Synthesizer() as synth:  # fresh state per shard: the same bytes on every run
       for spec in specs:
-        pcm = synth.synth(spec.text + ".", spec.voice, spec.rate, spec.pitch, spec.pitch_range,
-                          seed=int(hashlib.sha256(spec.id.encode()).hexdigest()[:8], 16))
+        seed = int(hashlib.sha256(spec.id.encode()).hexdigest()[:8], 16)
+        pcm = synth.synth(spec.text + ".", spec.voice, spec.rate, spec.pitch, spec.pitch_range, seed=seed)
         audio = resample(pcm.astype(np.float32) / 32768, synth.sample_rate, SAMPLE_RATE)
+        if in_rooms:
+          audio = rooms.in_a_room(audio, np.random.default_rng([seed, 7]))
         yield records.Utterance(spec.id, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16),
                                 spec.text, spec.voice)
 
@@ -132,7 +157,7 @@ def _synthesize(cfg: CorpusConfig, out_dir: str, report_path: str, workers: int,
     for k in range(0, len(specs), cfg.shard_size):
       path = os.path.join(out_dir, records.shard_name(split, k // cfg.shard_size))
       if not os.path.exists(records.index_path(path)):
-        tasks.append((path, split, specs[k:k + cfg.shard_size]))
+        tasks.append((path, split, specs[k:k + cfg.shard_size], cfg.rooms))
   start = time.time()
   log(f"corpus: synthesizing {len(tasks)} shards into {out_dir}")
   with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:

@@ -28,6 +28,7 @@ ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc",
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
             "klatt", "klatt2", "klatt3", "croak", "whisper", "Andy", "Annie", "david",
             "edward", "linda", "max", "michel", "norbert", "john", "aunty", "grandpa")
+FEMALE_VARIANTS = frozenset({"f1", "f2", "f3", "f4", "f5", "Annie", "linda", "aunty"})
 
 
 class Synthesizer:

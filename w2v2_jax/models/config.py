@@ -154,7 +154,7 @@ def tiny(stable_layer_norm: bool = False) -> ModelConfig:
 
 
 def small() -> ModelConfig:
-  """A 4-layer x 256 model: the size of the CPU demo and the miniature paper reproduction."""
+  """A 4-layer x 256 model on a 128-channel CNN, between tiny and BASE (FLOPs tests, CPU trials)."""
   return ModelConfig(conv_dim=(128,) * 7, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=1024, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8,
                      num_codevectors_per_group=64, codevector_dim=64, proj_codevector_dim=64,

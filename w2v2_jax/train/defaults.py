@@ -33,6 +33,8 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.valid_split = "valid"
   c.data.corpus_hours = 2.0         # source=corpus: unlabeled hours to synthesize (cached)
+  c.data.corpus_labeled_voices = 0  # source=corpus: voices of the labeled split (0: every train voice)
+  c.data.corpus_rooms = False       # source=corpus: simulated rooms and noise on every utterance
   c.data.max_sample_size = 250_000
   c.data.min_sample_size = 32_000
   c.data.num_buckets = 6

@@ -35,7 +35,9 @@ def objective_config(config) -> objectives.ObjectiveConfig:
 def data_dir(config) -> str:
   if config.data.source == "corpus":
     from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
-    return corpus.ensure_corpus(corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours),
+    return corpus.ensure_corpus(corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours,
+                                                    labeled_voices=config.data.get("corpus_labeled_voices", 0),
+                                                    rooms=config.data.get("corpus_rooms", False)),
                                 log=logging.info)
   if config.data.source != "shards" or not config.data.data_dir:
     raise ValueError("config.data.source must be 'corpus', or 'shards' with config.data.data_dir set "
