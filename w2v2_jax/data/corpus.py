@@ -74,7 +74,8 @@ def voices(cfg: CorpusConfig) -> dict[str, list[str]]:
   labeled = train
   if cfg.labeled_voices:
     if not 0 < cfg.labeled_voices <= len(train):
-      raise ValueError(f"corpus labeled_voices={cfg.labeled_voices}: choose 1..{len(train)} (0: all)")
+      raise ValueError(f"corpus labeled_voices={cfg.labeled_voices} (config.data.corpus_labeled_voices): "
+                       f"choose 1..{len(train)}, or 0 for every training voice")
     rng = np.random.default_rng([cfg.seed, 99])  # half female variants, as a balanced small set would be
     female = [v for v in train if v.split("+")[1] in espeak.FEMALE_VARIANTS]
     other = [v for v in train if v not in female]
