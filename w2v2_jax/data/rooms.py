@@ -24,9 +24,9 @@ def _shaped_noise(n: int, slope: float, rng: np.random.Generator) -> np.ndarray:
   return np.fft.irfft(spectrum * f ** (-slope / 2), n)
 
 
-def _tilt(audio: np.ndarray, db_per_octave: float) -> np.ndarray:
+def _tilt(audio: np.ndarray, db_per_octave: float, sample_rate: int) -> np.ndarray:
   spectrum = np.fft.rfft(audio)
-  f = np.maximum(np.fft.rfftfreq(audio.size, 1 / 16000), 50.0)
+  f = np.maximum(np.fft.rfftfreq(audio.size, 1 / sample_rate), 50.0)
   return np.fft.irfft(spectrum * (f / 1000.0) ** (db_per_octave / (20 * np.log10(2))), audio.size)
 
 
@@ -37,7 +37,7 @@ def in_a_room(audio: np.ndarray, rng: np.random.Generator, sample_rate: int = 16
   tail = rng.standard_normal(t.size) * np.exp(-6.908 * t / rt60)  # -60 dB at rt60
   tail *= 10 ** (-rng.uniform(*DIRECT_TO_REVERB_DB) / 20) / np.sqrt(np.sum(tail ** 2))
   tail[0] += 1.0  # the direct path
-  wet = _tilt(signal.fftconvolve(audio, tail)[:audio.size], rng.uniform(*TILT_DB_PER_OCTAVE))
+  wet = _tilt(signal.fftconvolve(audio, tail)[:audio.size], rng.uniform(*TILT_DB_PER_OCTAVE), sample_rate)
   noise = _shaped_noise(audio.size, rng.uniform(*NOISE_SLOPE), rng)
   speech_power = np.mean(wet ** 2) + 1e-12
   noise *= np.sqrt(speech_power / (np.mean(noise ** 2) + 1e-12) / 10 ** (rng.uniform(*SNR_DB) / 10))

@@ -36,8 +36,8 @@ def data_dir(config) -> str:
   if config.data.source == "corpus":
     from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
     return corpus.ensure_corpus(corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours,
-                                                    labeled_voices=config.data.get("corpus_labeled_voices", 0),
-                                                    rooms=config.data.get("corpus_rooms", False)),
+                                                    labeled_voices=config.data.corpus_labeled_voices,
+                                                    rooms=config.data.corpus_rooms),
                                 log=logging.info)
   if config.data.source != "shards" or not config.data.data_dir:
     raise ValueError("config.data.source must be 'corpus', or 'shards' with config.data.data_dir set "
