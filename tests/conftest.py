@@ -2,7 +2,12 @@
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The tests compile many small programs and run each a few times, so they spend most of their time
+# in XLA:CPU's LLVM backend: its optimization level 0 halves compile time (and slows the code ~2.5x;
+# the long runs, test_demo and the notebook, keep the default). Subprocesses that must match this
+# process bitwise pass these same flags (FAST_COMPILE).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One XLA compilation cache per test session, shared with the w2v2-train subprocesses the tests start:

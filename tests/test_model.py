@@ -24,9 +24,9 @@ def test_receptive_field_and_frames():
 def _batch(cfg, batch=2, samples=8000, seed=0):
   audio = jax.random.normal(jax.random.key(seed), (batch, samples))
   num_frames = cfg.num_frames(samples)
-  mask = objectives.compute_span_mask(jax.random.key(seed + 1), jnp.full((batch,), num_frames), num_frames,
-                                      0.65, 10, 2)
-  negatives = objectives.sample_negatives(jax.random.key(seed + 2), mask, 10)
+  mask = jax.jit(objectives.compute_span_mask, static_argnums=(2, 3, 4, 5))(
+      jax.random.key(seed + 1), jnp.full((batch,), num_frames), num_frames, 0.65, 10, 2)
+  negatives = jax.jit(objectives.sample_negatives, static_argnums=2)(jax.random.key(seed + 2), mask, 10)
   return audio, mask, negatives
 
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 import train_config
 
 from w2v2_jax.data import records
@@ -67,7 +68,7 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
   """w2v2-train gets SIGTERM mid-run (saves, exits 0) or SIGKILL (no save); the same command then
   resumes from the latest complete checkpoint and ends bitwise equal to an uninterrupted run."""
   workdir = str(tmp_path / "resumed")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS as in this process: bitwise comparable
          "PYTHONPATH": os.path.dirname(__file__)}
   def cmd(workdir):
     return [sys.executable, "-m", "w2v2_jax.train.main",
@@ -172,7 +173,7 @@ def test_two_process_run_matches_one_process(speech_like_shards, tmp_path):
             "--plots=false"]
 
   def env(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {conftest.FAST_COMPILE}",
             "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(__file__)}
 
   procs = [subprocess.Popen(common + [f"--workdir={tmp_path / 'multi'}", f"--coordinator=127.0.0.1:{port}",

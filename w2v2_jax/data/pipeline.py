@@ -29,6 +29,17 @@ from w2v2_jax.data import records
 STRIDE = 320  # the feature encoder's total stride; bucket lengths are multiples of it
 
 
+def import_tensorflow_in_background() -> threading.Thread:
+  """Starts importing TensorFlow (5-10 s on a small host) in a daemon thread, so that a training run
+  overlaps it with building and compiling its state; the first batch's `import tensorflow` then
+  finds it loaded, or waits on Python's import lock for the rest."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  thread = threading.Thread(target=importlib.import_module, args=("tensorflow",), daemon=True,
+                            name="import-tensorflow")
+  thread.start()
+  return thread
+
+
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
   data_dir: str

@@ -182,6 +182,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
   notebook's live plot); metrics are the console's figures as floats.
   """
   os.makedirs(workdir, exist_ok=True)
+  pipeline.import_tensorflow_in_background()  # tf.data is first needed at the first batch
   is_main = jax.process_index() == 0
   directory = data_dir(config)
   vocab = ctc_vocabulary(config, directory, workdir) if is_ctc(config) else None
