@@ -4,8 +4,8 @@ import tempfile
 
 # The tests compile many small programs and run each a few times, so they spend most of their time
 # in XLA:CPU's LLVM backend: its optimization level 0 halves compile time (and slows the code ~2.5x;
-# the long runs, test_demo and the notebook, keep the default). Subprocesses that must match this
-# process bitwise pass these same flags (FAST_COMPILE).
+# test_demo's 800 updates keep the default). Subprocesses and the notebook kernel get FAST_COMPILE
+# too, and must, where their results are compared bitwise with this process's.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

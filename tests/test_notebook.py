@@ -5,13 +5,15 @@ import re
 import nbformat
 from nbclient import NotebookClient
 
+import conftest
+
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "experiments", "colab_workflow.ipynb")
 
 
 def test_colab_notebook_runs_headless(tmp_path, monkeypatch):
   monkeypatch.setenv("W2V2_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("W2V2_NOTEBOOK_WORKDIR", str(tmp_path))
-  monkeypatch.setenv("XLA_FLAGS", "")  # the kernel sees one CPU device, as a CPU Colab runtime does
+  monkeypatch.setenv("XLA_FLAGS", conftest.FAST_COMPILE)  # one CPU device, as a CPU Colab runtime has
   nb = nbformat.read(NOTEBOOK, as_version=4)
   NotebookClient(nb, timeout=900, kernel_name="python3",
                  resources={"metadata": {"path": os.path.dirname(NOTEBOOK) + "/.."}}).execute()

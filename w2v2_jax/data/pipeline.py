@@ -32,10 +32,13 @@ STRIDE = 320  # the feature encoder's total stride; bucket lengths are multiples
 def import_tensorflow_in_background() -> threading.Thread:
   """Starts importing TensorFlow (5-10 s on a small host) in a daemon thread, so that a training run
   overlaps it with building and compiling its state; the first batch's `import tensorflow` then
-  finds it loaded, or waits on Python's import lock for the rest."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  thread = threading.Thread(target=importlib.import_module, args=("tensorflow",), daemon=True,
-                            name="import-tensorflow")
+  finds it loaded, or waits on Python's import lock for the rest (and reports any import error)."""
+  def import_quietly():
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except Exception:  # noqa: BLE001  the main thread's own import raises it with its traceback
+      pass
+  thread = threading.Thread(target=import_quietly, daemon=True, name="import-tensorflow")
   thread.start()
   return thread
 
