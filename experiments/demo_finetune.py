@@ -4,8 +4,10 @@ COMMAND:  w2v2-train --config=experiments/demo_finetune.py --workdir=/tmp/w2v2_d
               --config.finetune.init=/tmp/w2v2_demo      # "" (the default) trains from scratch
           w2v2-miniature --workdir=/tmp/w2v2_miniature   # pre-train, fine-tune, and from scratch, compared
 HARDWARE: any CPU; run the demo pre-training (experiments/demo.py) first to have something to start from.
-EXPECTED: see the README's miniature table (valid CER / WER on held-out voices and sentences, from
-          WORKDIR/eval_results.json). ~0.3 s per update on 2 CPU cores.
+EXPECTED: see the README's miniature table (valid CER / WER on held-out voices and sentences, greedy and,
+          at the end, beam search with a 4-gram LM, from WORKDIR/eval_results.json). ~0.6 s per update
+          on 2 CPU cores; the beam search needs kenlm (README: CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install
+          kenlm==0.2.0), or --config.decode.kenlm= --config.decode.beam=0 for greedy only.
 """
 from w2v2_jax.train.defaults import finetuning_config
 
@@ -30,6 +32,8 @@ def get_config(arg=None):
   c.finetune.mask_prob = 0.5
   c.finetune.mask_channel_length = 8    # the tiny model has 64 channels
   c.finetune.mask_channel_prob = 0.25
+  c.decode.beam = 50
+  c.decode.kenlm = "corpus"             # a 4-gram on the corpus's LM text (test sentences held out)
   c.optim.lr = 2e-3
   c.mesh.fsdp = -1
   return c

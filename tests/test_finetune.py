@@ -12,6 +12,7 @@ import soundfile as sf
 
 import finetune_config
 
+from w2v2_jax import ctc, ngram
 from w2v2_jax.data import records
 from w2v2_jax.train import loop, optim
 
@@ -57,13 +58,18 @@ def test_tri_stage_schedule():
 def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, tmp_path):
   workdir = str(tmp_path / "ctc")
   first = loop.train_and_evaluate(finetune_config.get_config(f"{labeled_shards},1,0"), str(tmp_path / "one"))
-  result = loop.train_and_evaluate(finetune_config.get_config(f"{labeled_shards},60,0"), workdir)
+  config = finetune_config.get_config(f"{labeled_shards},60,0")
+  config.decode.beam = 8  # the last evaluation also beam-searches with a word 3-gram of the train transcripts
+  config.decode.kenlm = ngram.build_arpa(map(ctc.normalize, records.load_split(labeled_shards, "train").transcripts()),
+                                         str(tmp_path / "lm.arpa"), order=3)
+  result = loop.train_and_evaluate(config, workdir)
   assert result["step"] == 60 and result["ctc_loss"] < 0.5 * first["ctc_loss"], (first["ctc_loss"], result["ctc_loss"])
   assert result["valid_loss"] < first["valid_loss"]
   assert 0.0 <= result["valid_cer"] <= first["valid_cer"]
   lines = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.json"))]
   assert lines[-1]["step"] == 60 and set(lines[-1]) >= {"wer", "cer", "loss", "utterances"}
   assert lines[-1]["utterances"] == 8
+  assert 0.0 <= lines[-1]["beam_cer"] <= 1.0 and 0.0 <= lines[-1]["beam_wer"] <= 1.0, lines[-1]
   vocab = json.load(open(os.path.join(workdir, "vocab.json")))
   assert vocab["<pad>"] == 0 and "|" in vocab and set(LETTERS) <= set(vocab)
 

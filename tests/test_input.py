@@ -59,6 +59,32 @@ def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
     assert usable - len(seen) < 8 * len(buckets)  # only each bucket's remainder is left out
 
 
+def test_complete_evaluation_reads_every_utterance_once_and_fills_with_empty_rows(shards):
+  """CTC evaluation (complete=True) scores the whole split: no bucket remainder is left out."""
+  data_dir, utts = shards
+  labels = (np.arange(60 * 3, dtype=np.int32).reshape(60, 3) + 10, np.full(60, 3, np.int32))
+  cfg = _cfg(data_dir, mode="pad", shuffle=False, num_epochs=1, max_sample_size=48000, crop_long=False,
+             complete=True)
+  it = AudioInput(cfg, labels=labels)
+  seen, empty = [], 0
+  for position, batch in enumerate(it):
+    recs, _, lengths, _ = it.local_plan(position)
+    for row, r in enumerate(recs):
+      if r < 0:
+        empty += 1
+        assert batch["label_lengths"][row] == 0 and not batch["labels"][row].any()
+        assert not batch["audio"][row].any() and 0 < batch["lengths"][row] <= 8000
+      else:
+        seen.append(int(r))
+        np.testing.assert_array_equal(batch["labels"][row], labels[0][r])
+        np.testing.assert_array_equal(batch["audio"][row, :lengths[row]], utts[r].audio)
+  usable = [i for i, u in enumerate(utts) if u.audio.size >= 8000]
+  assert sorted(seen) == usable  # every usable utterance exactly once
+  assert 0 < empty < 8 * len(bucket_lengths(cfg))  # only the fill of each bucket's last batch
+  incomplete = AudioInput(cfg.__class__(**{**cfg.__dict__, "complete": False}), labels=labels)
+  assert incomplete.batches_per_epoch < it.batches_per_epoch  # the control: remainders left out
+
+
 def test_plan_is_seeded_crops_uniform_and_epochs_differ():
   lengths = np.random.default_rng(1).integers(20_000, 300_000, 5000)
   cfg = InputConfig("unused", "train", global_batch=16)

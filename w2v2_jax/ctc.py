@@ -215,6 +215,12 @@ def beam_search_decoder(vocab: Vocabulary, kenlm_path: str | None = None, alpha:
   except ImportError as e:
     raise ImportError("beam search needs pyctcdecode (its metadata pins numpy<2, which works): "
                       "pip install pygtrie && pip install --no-deps pyctcdecode") from e
+  if kenlm_path:
+    try:
+      import kenlm  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    except ImportError as e:
+      raise ImportError(f"{kenlm_path}: decoding with a KenLM model needs its Python module, built from source "
+                        "(cmake and a C++ compiler): CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install kenlm==0.2.0") from e
   labels = [_BEAM_LABELS.get(tok, tok) for tok in vocab.tokens]
   decoder = pyctcdecode.build_ctcdecoder(labels, kenlm_model_path=kenlm_path, alpha=alpha, beta=beta)
   return BeamSearchDecoder(decoder, beam_width)

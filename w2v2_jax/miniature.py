@@ -2,7 +2,8 @@
 
 Pre-trains on the corpus's unlabeled split, fine-tunes that model with CTC on the 10 labeled
 minutes, trains the same architecture from scratch on the same 10 minutes with the same number of
-updates, and reports both CERs and WERs on the test split (held-out voices and sentences).
+updates, and reports both CERs and WERs on the test split (held-out voices and sentences): greedy,
+and with the fine-tuning config's beam search and n-gram LM (the paper's headline decodes with one).
 
   w2v2-miniature --workdir=DIR [--pretrain=experiments/demo.py] [--finetune=experiments/demo_finetune.py]
       [--pretrain.KEY=VALUE ...] [--finetune.KEY=VALUE ...]
@@ -81,15 +82,21 @@ def main(argv):
     with open(path, "w") as f:  # after each phase, so a re-run resumes at the next one
       json.dump(results, f, indent=1)
   pre, scratch = results["finetune_pretrained"], results["finetune_scratch"]
+  beam = "valid_beam_cer" in pre and "valid_beam_cer" in scratch
   results["cer_ratio"] = pre["valid_cer"] / max(scratch["valid_cer"], 1e-9)
+  if beam:
+    results["beam_cer_ratio"] = pre["valid_beam_cer"] / max(scratch["valid_beam_cer"], 1e-9)
   results["total_wall_seconds"] = sum(results[name]["wall_seconds"] for name, _, _ in phases)
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
-  print(f"{'':24s} {'CER':>6s} {'WER':>6s} {'wall':>8s}")
+  print(f"{'':24s} {'greedy CER':>10s} {'WER':>6s}" + (f" {'beam+LM CER':>11s} {'WER':>6s}" if beam else "")
+        + f" {'wall':>8s}")
   for name in ("finetune_pretrained", "finetune_scratch"):
     r = results[name]
-    print(f"{name:24s} {r['valid_cer']:6.3f} {r['valid_wer']:6.3f} {r['wall_seconds']:7.0f}s")
-  print(f"pre-trained CER / scratch CER = {results['cer_ratio']:.2f} (target <= 0.6); "
+    print(f"{name:24s} {r['valid_cer']:10.3f} {r['valid_wer']:6.3f}"
+          + (f" {r['valid_beam_cer']:11.3f} {r['valid_beam_wer']:6.3f}" if beam else "") + f" {r['wall_seconds']:7.0f}s")
+  print(f"pre-trained CER / scratch CER = {results['cer_ratio']:.3f} greedy"
+        + (f", {results['beam_cer_ratio']:.3f} beam search + LM" if beam else "") + " (target <= 0.6); "
         f"pre-training {results['pretrain']['wall_seconds']:.0f} s; total {results['total_wall_seconds']:.0f} s")
 
 

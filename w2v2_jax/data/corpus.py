@@ -110,6 +110,21 @@ def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
   return out
 
 
+def lm_text(cfg: CorpusConfig, lines: int = 20_000) -> list[str]:
+  """A text-only corpus for language models, as LibriSpeech ships one: lines drawn like the
+  utterances' (1 to max_sentences sentences) from a stream of their own, without the test sentences."""
+  rng = np.random.default_rng([cfg.seed, len(SPLITS)])
+  out = []
+  while len(out) < lines:
+    parts = []
+    while len(parts) < rng.integers(1, cfg.max_sentences + 1):
+      s = sentences.sentence(rng)
+      if not _held_out("sentence:" + s, cfg.test_sentence_fraction, cfg.seed):
+        parts.append(s)
+    out.append(" ".join(parts))
+  return out
+
+
 def _synthesize_shard(task) -> dict:
   """Worker: synthesizes one shard's utterances, resamples to 16 kHz (puts each in a room), writes the shard."""
   from w2v2_jax.audio import resample  # pylint: disable=import-outside-toplevel

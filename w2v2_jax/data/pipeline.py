@@ -59,6 +59,8 @@ class InputConfig:
   num_epochs: int | None = None     # None = repeat forever
   prefetch: int = 4
   threads: int = 0                  # 0 = tf.data AUTOTUNE
+  complete: bool = False            # evaluation: every usable utterance once; each bucket's last batch is
+                                    # filled with empty rows (record -1: silence, no transcript) to score nothing
 
 
 def bucket_lengths(cfg: InputConfig) -> tuple[int, ...]:
@@ -102,7 +104,7 @@ class Batches:
     self.num_samples = num_samples
     self.bucket = np.where(self.keep, bucket, -1)
     counts = np.bincount(self.bucket[self.keep], minlength=len(self.buckets))
-    self.batches_per_bucket = counts // cfg.global_batch
+    self.batches_per_bucket = -(-counts // cfg.global_batch) if cfg.complete else counts // cfg.global_batch
     self.per_epoch = int(self.batches_per_bucket.sum())
     if self.per_epoch == 0:
       raise ValueError(f"{cfg.data_dir} split {cfg.split!r}: {int(self.keep.sum())} usable utterances "
@@ -119,13 +121,15 @@ class Batches:
     batches, widths = [], []
     for k, n in enumerate(self.batches_per_bucket):
       members = order[self.bucket[order] == k][:n * b]
+      members = np.concatenate([members, np.full(n * b - len(members), -1, members.dtype)])  # complete: fill
       batches.append(members.reshape(n, b))
       widths.append(np.full(n, self.buckets[k]))
     recs, width = np.concatenate(batches), np.concatenate(widths)
     if cfg.shuffle:
       perm = rng.permutation(len(recs))
       recs, width = recs[perm], width[perm]
-    total = self.num_samples[recs]
+    empty = recs < 0
+    total = np.where(empty, np.minimum(width[:, None], self.cfg.min_sample_size), self.num_samples[recs])
     kept = np.broadcast_to(width[:, None], recs.shape) if cfg.mode == "crop" else \
         np.minimum(total, cfg.max_sample_size)
     room = total - kept
@@ -134,7 +138,8 @@ class Batches:
 
   def fingerprint(self) -> str:
     """Identifies the batch sequence: restoring an iterator state checks it."""
-    blob = repr((dataclasses.astuple(self.cfg)[1:], self.num_samples.tobytes()))
+    fields = dataclasses.astuple(self.cfg)[1:-1]  # not `complete` (added later; evaluation has no state)
+    blob = repr((fields, self.num_samples.tobytes()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -193,10 +198,15 @@ class AudioInput:
         self._reader = self._reader or records.AudioReader(self.index)
     audio = np.empty((len(recs), width), np.int16)
     for row, (rec, start, n) in enumerate(zip(recs, starts, lengths)):
-      self._reader.read(rec, start, audio[row, :n])
-      audio[row, n:] = 0
+      if rec >= 0:
+        self._reader.read(rec, start, audio[row, :n])
+        audio[row, n:] = 0
+      else:
+        audio[row] = 0
     if self.labels is not None:
-      return audio, lengths.astype(np.int32), self.labels[0][recs], self.labels[1][recs]
+      real = recs >= 0
+      return (audio, lengths.astype(np.int32), np.where(real[:, None], self.labels[0][recs], 0).astype(np.int32),
+              np.where(real, self.labels[1][recs], 0).astype(np.int32))
     return audio, lengths.astype(np.int32)
 
   # -- tf.data -----------------------------------------------------------------------------------

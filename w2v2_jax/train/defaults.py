@@ -88,6 +88,12 @@ def finetuning_config(model_preset: str, labeled: str = "10h") -> ml_collections
       init="",                      # our pre-training workdir/step folder or a HF directory; "" = scratch
       freeze_steps=10_000,          # the whole encoder is frozen (only the head learns) for these updates
       mask_prob=0.65, mask_length=10, mask_channel_prob=0.5, mask_channel_length=64))
+  c.decode = ml_collections.ConfigDict(dict(  # the final evaluation's beam search, beside greedy decoding
+      beam=0,                       # beam width; 0 with no kenlm: greedy only
+      kenlm="",                     # a KenLM model (.arpa/.bin), or "corpus": a word n-gram estimated from
+                                    # the offline corpus's LM text (test sentences held out) into WORKDIR/lm.arpa
+      alpha=0.5, beta=1.0,          # LM weight and word insertion bonus (pyctcdecode's defaults)
+      lm_order=4, lm_lines=20_000))
   c.optim = ml_collections.ConfigDict(dict(
       schedule="tri_stage", lr=5e-5, phase_ratio=(0.1, 0.4, 0.5), init_scale=0.01, final_scale=0.05,
       warmup_steps=0, total_steps=-1, end_lr=0.0, power=1.0,

@@ -49,10 +49,18 @@ def ctc_loss_fn(cfg: ModelConfig, config):
                "frames_per_label": enc.frame_mask.sum() / jnp.maximum(batch["label_lengths"].sum(), 1)}
     if not deterministic:
       return value, metrics
-    return value, dict(metrics, logits_argmax=jnp.argmax(logits, -1),
-                       frame_lengths=enc.frame_mask.sum(1))
+    out = dict(metrics, logits_argmax=jnp.argmax(logits, -1), frame_lengths=enc.frame_mask.sum(1))
+    if beam_decoding(config):  # the host's beam search needs the whole distribution
+      out["log_probs"] = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    return value, out
 
   return loss
+
+
+def beam_decoding(config) -> bool:
+  """Whether the final evaluation also beam-searches (config.decode: a beam width or a KenLM model)."""
+  decode = config.get("decode")
+  return bool(decode) and (decode.beam > 0 or bool(decode.kenlm))
 
 
 def frozen(config):

@@ -32,13 +32,17 @@ def objective_config(config) -> objectives.ObjectiveConfig:
   return objectives.ObjectiveConfig(**{k: v for k, v in config.objective.items() if k in fields})
 
 
+def corpus_config(config):
+  """The offline corpus that config.data.corpus_* describe."""
+  from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
+  return corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours,
+                             labeled_voices=config.data.corpus_labeled_voices, rooms=config.data.corpus_rooms)
+
+
 def data_dir(config) -> str:
   if config.data.source == "corpus":
     from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
-    return corpus.ensure_corpus(corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours,
-                                                    labeled_voices=config.data.corpus_labeled_voices,
-                                                    rooms=config.data.corpus_rooms),
-                                log=logging.info)
+    return corpus.ensure_corpus(corpus_config(config), log=logging.info)
   if config.data.source != "shards" or not config.data.data_dir:
     raise ValueError("config.data.source must be 'corpus', or 'shards' with config.data.data_dir set "
                      f"(got source={config.data.source!r}, data_dir={config.data.data_dir!r})")
@@ -54,7 +58,8 @@ def input_config(config, directory: str, split: str, train: bool) -> pipeline.In
   return pipeline.InputConfig(directory, split, config.batch_size, max_sample_size=d.max_sample_size,
                               min_sample_size=d.min_sample_size, num_buckets=d.num_buckets, mode=d.mode,
                               shuffle=train, seed=config.seed, num_epochs=None if train else 1,
-                              crop_long=not is_ctc(config))  # a transcript covers the whole utterance
+                              crop_long=not is_ctc(config),  # a transcript covers the whole utterance
+                              complete=not train and is_ctc(config))  # WER/CER on every utterance
 
 
 def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.AudioInput:
@@ -84,6 +89,30 @@ def ctc_vocabulary(config, directory, workdir):
       vocab.save(path)
   config.model.vocab_size = len(vocab)
   return vocab
+
+
+def beam_decoder(config, workdir, vocab):
+  """The final evaluation's beam-search decoder (config.decode), or None; built before training so
+  that a missing model or library fails at once, not after the last update."""
+  from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+  if not finetune.beam_decoding(config):
+    return None
+  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+  decode = config.decode
+  lm_path = decode.kenlm or None
+  if lm_path == "corpus":
+    if config.data.source != "corpus":
+      raise ValueError("config.decode.kenlm='corpus' estimates an n-gram from the offline corpus's LM text; "
+                       f"with config.data.source={config.data.source!r} give a KenLM file instead")
+    from w2v2_jax import ngram  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
+    text = corpus.lm_text(corpus_config(config), decode.lm_lines)
+    lm_path = ngram.build_arpa(map(ctc.normalize, text), os.path.join(workdir, "lm.arpa"), decode.lm_order)
+    logging.info("%d-gram LM from %d lines of the corpus's LM text -> %s", decode.lm_order, len(text), lm_path)
+  elif lm_path and not os.path.exists(lm_path):
+    raise ValueError(f"config.decode.kenlm={lm_path!r}: no such file (a KenLM .arpa/.bin, or 'corpus')")
+  return ctc.beam_search_decoder(vocab, kenlm_path=lm_path, alpha=decode.alpha, beta=decode.beta,
+                                 beam_width=max(decode.beam, 1))
 
 
 def validate(config, mesh) -> None:
@@ -186,6 +215,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
   is_main = jax.process_index() == 0
   directory = data_dir(config)
   vocab = ctc_vocabulary(config, directory, workdir) if is_ctc(config) else None
+  decoder = beam_decoder(config, workdir, vocab) if vocab is not None else None
   kind = "ctc" if vocab is not None else "pretraining"
   cfg = model_config(config)
   if config.optim.total_steps < 0:
@@ -273,9 +303,12 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
           on_log(done, dict(last))
         t_log, audio_s, steps_since, step_flops = time.time(), 0.0, 0, 0.0
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-        ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done, vocab)
+        ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done, vocab,
+                      decoder if done == config.num_train_steps else None)
         if ev and vocab is not None:
-          logging.info("step %d valid loss %.3f WER %.3f CER %.3f", done, ev["loss"], ev["wer"], ev["cer"])
+          logging.info("step %d valid loss %.3f WER %.3f CER %.3f%s", done, ev["loss"], ev["wer"], ev["cer"],
+                       " (beam search: WER %.3f CER %.3f)" % (ev["beam_wer"], ev["beam_cer"])
+                       if "beam_wer" in ev else "")
           if is_main:
             with open(os.path.join(workdir, "eval_results.json"), "a") as f:
               f.write(json.dumps({"step": done, "split": config.data.valid_split, **ev}) + "\n")
@@ -314,17 +347,19 @@ def open_valid(config, directory, rows, vocab=None):
     return None
 
 
-def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None) -> dict:
+def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None, decoder=None) -> dict:
   """Mean metrics over config.eval_batches batches of the valid split (if present); CTC adds the
-  corpus-level WER and CER of greedy decoding (config.eval_batches <= 0: the whole split)."""
+  corpus-level WER and CER of greedy decoding (config.eval_batches <= 0: the whole split), and with
+  a beam-search `decoder` its beam_wer and beam_cer."""
   if data is None:
     return {}
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   data.seek(0)
-  sums, n, refs, hyps = {}, 0, [], []
+  sums, n, refs, hyps, beam_hyps = {}, 0, [], [], []
   for batch in data:
     global_batch = pipeline.to_global(batch, batch_sharding, config.batch_size)
     m = eval_step(params, global_batch, jax.random.key(n), step)
+    log_probs = m.pop("log_probs", None)
     if vocab is not None:
       from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
       argmax, frames, labels, label_lengths = multihost_utils.process_allgather(
@@ -334,6 +369,9 @@ def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None) 
       keep = [i for i, ref in enumerate(r) if ref]  # rows without a transcript (padding) are not scored
       refs += [r[i] for i in keep]
       hyps += [h[i] for i in keep]
+      if decoder is not None:
+        log_probs = multihost_utils.process_allgather(log_probs, tiled=True)
+        beam_hyps += [decoder.decode(log_probs[i, :int(frames[i])]) for i in keep]
     for k, v in jax.device_get(m).items():
       sums[k] = sums.get(k, 0.0) + float(v)
     n += 1
@@ -343,6 +381,8 @@ def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None) 
   if refs:
     from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
     out.update(wer=ctc.word_error_rate(refs, hyps), cer=ctc.char_error_rate(refs, hyps), utterances=len(refs))
+    if beam_hyps:
+      out.update(beam_wer=ctc.word_error_rate(refs, beam_hyps), beam_cer=ctc.char_error_rate(refs, beam_hyps))
     logging.info("e.g. REF: %s | HYP: %s", refs[0], hyps[0])
   return out
 
