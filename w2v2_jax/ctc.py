@@ -222,5 +222,17 @@ def beam_search_decoder(vocab: Vocabulary, kenlm_path: str | None = None, alpha:
       raise ImportError(f"{kenlm_path}: decoding with a KenLM model needs its Python module, built from source "
                         "(cmake and a C++ compiler): CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install kenlm==0.2.0") from e
   labels = [_BEAM_LABELS.get(tok, tok) for tok in vocab.tokens]
-  decoder = pyctcdecode.build_ctcdecoder(labels, kenlm_model_path=kenlm_path, alpha=alpha, beta=beta)
+  unigrams = None
+  if kenlm_path and kenlm_path.endswith(".arpa"):
+    # The LM's words without <s>, </s>, <unk>; they must be spelled in the vocabulary's letters.
+    from pyctcdecode.language_model import load_unigram_set_from_arpa  # pylint: disable=import-outside-toplevel
+    unigrams = sorted(w for w in load_unigram_set_from_arpa(kenlm_path) if w not in ("<s>", "</s>", "<unk>"))
+    letters = set(vocab.tokens)
+    unspelled = [w for w in unigrams if not set(w) <= letters]
+    if len(unspelled) > len(unigrams) / 2:
+      raise ValueError(f"{kenlm_path}: {len(unspelled)} of its {len(unigrams)} words use letters outside "
+                       f"the CTC vocabulary (e.g. {unspelled[0]!r}); build the LM on text in the vocabulary's form "
+                       "(ctc.normalize: upper case)")
+  decoder = pyctcdecode.build_ctcdecoder(labels, kenlm_model_path=kenlm_path, unigrams=unigrams, alpha=alpha,
+                                         beta=beta)
   return BeamSearchDecoder(decoder, beam_width)

@@ -92,7 +92,7 @@ def finetuning_config(model_preset: str, labeled: str = "10h") -> ml_collections
       beam=0,                       # beam width; 0 with no kenlm: greedy only
       kenlm="",                     # a KenLM model (.arpa/.bin), or "corpus": a word n-gram estimated from
                                     # the offline corpus's LM text (test sentences held out) into WORKDIR/lm.arpa
-      alpha=0.5, beta=1.0,          # LM weight and word insertion bonus (pyctcdecode's defaults)
+      alpha=0.5, beta=1.0,          # LM weight and word insertion bonus (ctc.beam_search_decoder's defaults)
       lm_order=4, lm_lines=20_000))
   c.optim = ml_collections.ConfigDict(dict(
       schedule="tri_stage", lr=5e-5, phase_ratio=(0.1, 0.4, 0.5), init_scale=0.01, final_scale=0.05,
