@@ -46,7 +46,7 @@ def ctc_loss_fn(cfg: ModelConfig, config):
     sentences = jnp.maximum(real.sum(), 1.0)
     value = jnp.sum(per_utt * real) / sentences
     metrics = {"ctc_loss": value, "count": real.sum(),
-               "frames_per_label": enc.frame_mask.sum() / jnp.maximum(batch["label_lengths"].sum(), 1)}
+               "frames_per_label": (enc.frame_mask.sum(1) * real).sum() / jnp.maximum(batch["label_lengths"].sum(), 1)}
     if not deterministic:
       return value, metrics
     out = dict(metrics, logits_argmax=jnp.argmax(logits, -1), frame_lengths=enc.frame_mask.sum(1))
