@@ -195,30 +195,31 @@ def test_error_rates():
   assert ctc.char_error_rate(["ab cd", "e"], ["abd", "e"]) == pytest.approx(2 / 6)
 
 
+def _spoken_peaky(vocab, text):
+  """Peaky logits spelling `text`: two frames a letter, a blank between repeats, a blank at the end."""
+  ids = vocab.encode(text)
+  path = []
+  for prev, i in zip([None] + ids, ids):
+    path += [0, i, i] if i == prev else [i, i]
+  return _peaky(path + [0], len(vocab))
+
+
 def test_beam_search_matches_greedy_on_peaky_logits():
   pytest.importorskip("pyctcdecode")
   vocab = ctc.Vocabulary.build(TRANSCRIPTS)
-  ids = vocab.encode("that cat")
-  path = []
-  for prev, i in zip([None] + ids, ids):
-    path += [0, i, i] if i == prev else [i, i]  # a blank between repeats
-  logits = _peaky(path + [0], len(vocab))
-  greedy = vocab.decode(ctc.greedy_decode(logits[None], [len(path) + 1])[0])
+  logits = _spoken_peaky(vocab, "that cat")
+  greedy = vocab.decode(ctc.greedy_decode(logits[None], [len(logits)])[0])
   assert greedy == "THAT CAT"
   assert ctc.beam_search_decoder(vocab, beam_width=16).decode(logits) == greedy
 
 
 def test_beam_search_with_an_lm_prefers_its_words_and_rejects_an_lm_in_the_wrong_case(tmp_path):
   vocab = ctc.Vocabulary.build(TRANSCRIPTS)
-  ids = vocab.encode("that cat")
-  path = []
-  for prev, i in zip([None] + ids, ids):
-    path += [0, i, i] if i == prev else [i, i]
-  logits = _peaky(path + [0], len(vocab))
+  logits = _spoken_peaky(vocab, "that cat")
   # Blur the last letter between T and C: "THAT CAC" and "THAT CAT" are near-equal acoustically.
   t_id, c_id = vocab.encode("t")[0], vocab.encode("c")[0]
   logits[-3:-1, c_id] = logits[-3:-1, t_id] + 0.1
-  assert vocab.decode(ctc.greedy_decode(logits[None], [len(path) + 1])[0]) == "THAT CAC"
+  assert vocab.decode(ctc.greedy_decode(logits[None], [len(logits)])[0]) == "THAT CAC"
   lm = ngram.build_arpa(["THAT CAT"] * 3 + ["THE CAT"], str(tmp_path / "lm.arpa"), order=2)
   assert ctc.beam_search_decoder(vocab, kenlm_path=lm, beam_width=16).decode(logits) == "THAT CAT"
   lower = ngram.build_arpa(["that cat"], str(tmp_path / "lower.arpa"), order=2)

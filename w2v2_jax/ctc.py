@@ -226,7 +226,7 @@ def beam_search_decoder(vocab: Vocabulary, kenlm_path: str | None = None, alpha:
   if kenlm_path and kenlm_path.endswith(".arpa"):
     # The LM's words without <s>, </s>, <unk>; they must be spelled in the vocabulary's letters.
     from pyctcdecode.language_model import load_unigram_set_from_arpa  # pylint: disable=import-outside-toplevel
-    unigrams = sorted(w for w in load_unigram_set_from_arpa(kenlm_path) if w not in ("<s>", "</s>", "<unk>"))
+    unigrams = sorted(w for w in load_unigram_set_from_arpa(kenlm_path) if w not in (BOS, EOS, UNK))
     letters = set(vocab.tokens)
     unspelled = [w for w in unigrams if not set(w) <= letters]
     if len(unspelled) > len(unigrams) / 2:

@@ -85,6 +85,16 @@ def voices(cfg: CorpusConfig) -> dict[str, list[str]]:
   return {"train": train, "test": test, "labeled": labeled}
 
 
+def _draw_sentences(rng, cfg: CorpusConfig, test: bool) -> list[str]:
+  """One utterance's 1 to max_sentences sentences: held-out ones only for the test split, never elsewhere."""
+  parts = []
+  while len(parts) < rng.integers(1, cfg.max_sentences + 1):
+    s = sentences.sentence(rng)
+    if _held_out("sentence:" + s, cfg.test_sentence_fraction, cfg.seed) == test:
+      parts.append(s)
+  return parts
+
+
 def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
   """The utterances of every split: text, voice, rate and pitch, deterministic for the config."""
   pools = voices(cfg)
@@ -96,11 +106,7 @@ def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
     pool = pools["train" if split == "unlabeled" else split]
     specs, seconds = [], 0.0
     while seconds < budget_s[split]:
-      parts = []
-      while len(parts) < rng.integers(1, cfg.max_sentences + 1):
-        s = sentences.sentence(rng)
-        if _held_out("sentence:" + s, cfg.test_sentence_fraction, cfg.seed) == (split == "test"):
-          parts.append(s)
+      parts = _draw_sentences(rng, cfg, test=split == "test")
       rate = int(rng.integers(130, 221))
       text = " ".join(parts)
       specs.append(Spec(id=f"{split}-{len(specs):06d}", text=text, voice=pool[rng.integers(len(pool))],
@@ -116,12 +122,7 @@ def lm_text(cfg: CorpusConfig, lines: int = 20_000) -> list[str]:
   rng = np.random.default_rng([cfg.seed, len(SPLITS)])
   out = []
   while len(out) < lines:
-    parts = []
-    while len(parts) < rng.integers(1, cfg.max_sentences + 1):
-      s = sentences.sentence(rng)
-      if not _held_out("sentence:" + s, cfg.test_sentence_fraction, cfg.seed):
-        parts.append(s)
-    out.append(" ".join(parts))
+    out.append(" ".join(_draw_sentences(rng, cfg, test=False)))
   return out
 
 
