@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -140,6 +141,36 @@ def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, tmp_
   with pytest.raises(ValueError, match="changed since the checkpoint"):
     AudioInput(_cfg(data_dir, seed=6)).restore(json.load(open(out + ".state.json")))
   del it
+
+
+class _CountedInput(AudioInput):
+  """Counts `load` calls (slowed, so that the reading threads are busy when the consumer stops)."""
+  calls = 0
+
+  def load(self, position):
+    type(self).calls += 1
+    time.sleep(0.02)
+    return super().load(position)
+
+
+def test_close_stops_every_reading_thread_and_next_resumes_at_the_position(shards):
+  """Dropping a tf.data iterator with a `load` in flight can deadlock (it hung CI once, at exit), so
+  `close` must leave no reading thread running; reading on afterwards continues exactly."""
+  data_dir, _ = shards
+  expected = [b["audio"] for b, _ in zip(AudioInput(_cfg(data_dir)), range(4))]
+  it = _CountedInput(_cfg(data_dir, prefetch=200, threads=2))  # >= 2 s to fill the buffer
+  first = [next(it)["audio"] for _ in range(2)]
+  time.sleep(0.2)
+  before = _CountedInput.calls
+  time.sleep(0.2)
+  assert _CountedInput.calls > before  # the control: without close, the threads read on
+  it.close()
+  closed = _CountedInput.calls
+  time.sleep(0.5)
+  assert _CountedInput.calls == closed and it.position == 2
+  for got, want in zip(first + [next(it)["audio"] for _ in range(2)], expected):
+    np.testing.assert_array_equal(got, want)
+  it.close()
 
 
 def test_two_processes_read_disjoint_rows_covering_the_epoch(shards, tmp_path):

@@ -17,10 +17,12 @@ Bucketing modes (static shapes: one compiled program per bucket):
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import hashlib
 import threading
+import weakref
 
 import numpy as np
 
@@ -170,6 +172,8 @@ class AudioInput:
     self._plans = collections.OrderedDict()
     self._lock = threading.Lock()
     self._iterator = None
+    self._stop = None  # tf.Variable: True ends the running tf.data pipeline (see close)
+    _OPEN.add(self)
 
   # -- plan and reading ------------------------------------------------------------------------
   @property
@@ -210,8 +214,9 @@ class AudioInput:
     return audio, lengths.astype(np.int32)
 
   # -- tf.data -----------------------------------------------------------------------------------
-  def dataset(self, start: int = 0):
-    """tf.data of local batches for global batch counters start, start+1, ... (deterministic)."""
+  def dataset(self, start: int = 0, stop=None):
+    """tf.data of local batches for global batch counters start, start+1, ... (deterministic);
+    it ends early once the boolean tf.Variable `stop` is set."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     end = self.batches_per_epoch * self.cfg.num_epochs if self.cfg.num_epochs else np.iinfo(np.int64).max
     rows = self.rows[1] - self.rows[0]
@@ -231,7 +236,10 @@ class AudioInput:
       return {"audio": audio, "lengths": lengths, "labels": labels, "label_lengths": label_lengths}
 
     threads = self.cfg.threads or tf.data.AUTOTUNE
-    ds = tf.data.Dataset.range(start, end).map(load, num_parallel_calls=threads, deterministic=True)
+    ds = tf.data.Dataset.range(start, end)
+    if stop is not None:  # upstream of the map, so that once it ends no `load` call is left running
+      ds = ds.take_while(lambda _: tf.logical_not(stop.read_value()))
+    ds = ds.map(load, num_parallel_calls=threads, deterministic=True)
     return ds.prefetch(self.cfg.prefetch)
 
   def __iter__(self):
@@ -239,10 +247,30 @@ class AudioInput:
 
   def __next__(self) -> dict:
     if self._iterator is None:
-      self._iterator = self.dataset(self.position).as_numpy_iterator()
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      self._stop = tf.Variable(False, trainable=False)
+      self._iterator = self.dataset(self.position, self._stop).as_numpy_iterator()
     batch = next(self._iterator)  # StopIteration ends a finite run
     self.position += 1
     return batch
+
+  def close(self) -> None:
+    """Stops the reading threads; the next `next()` starts again at `position`.
+
+    Destroying a tf.data iterator waits for its threads while holding the GIL, and a thread inside
+    `load` (tf.numpy_function) waits for the GIL: dropping a running iterator can deadlock. So
+    this ends the stream upstream of `load` and drains it (get_next releases the GIL) first."""
+    if self._iterator is not None:
+      self._stop.assign(True)
+      errors = 0
+      while errors < 100:  # at most the batches already in flight
+        try:
+          next(self._iterator)
+        except StopIteration:
+          break
+        except Exception:  # noqa: BLE001  a read error in a discarded batch: read on to the end
+          errors += 1
+    self._iterator = self._stop = None
 
   # -- exact resume ----------------------------------------------------------------------------
   def state(self) -> dict:
@@ -258,8 +286,17 @@ class AudioInput:
 
   def seek(self, position: int) -> None:
     """Next batch is global batch `position` (0 = the start, e.g. for another validation pass)."""
+    self.close()
     self.position = position
-    self._iterator = None
+
+
+_OPEN = weakref.WeakSet()  # every AudioInput, closed at exit while its threads can still take the GIL
+
+
+@atexit.register
+def _close_all():
+  for data in list(_OPEN):
+    data.close()
 
 
 def waveform(audio, lengths, normalize: bool):

@@ -333,6 +333,9 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
         break
     mgr.wait_until_finished()
     mgr.close()
+  for data in (train_data, valid_data):
+    if data is not None:
+      data.close()  # its reading threads, before the caller moves on (or exits)
   last["step"] = int(jax.device_get(state.step))
   last["params"] = state.params
   return last
