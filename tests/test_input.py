@@ -162,7 +162,7 @@ def test_close_stops_every_reading_thread_and_next_resumes_at_the_position(shard
   first = [next(it)["audio"] for _ in range(2)]
   time.sleep(0.2)
   before = _CountedInput.calls
-  time.sleep(0.2)
+  time.sleep(0.5)
   assert _CountedInput.calls > before  # the control: without close, the threads read on
   it.close()
   closed = _CountedInput.calls

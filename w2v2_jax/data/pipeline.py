@@ -45,6 +45,17 @@ def import_tensorflow_in_background() -> threading.Thread:
   return thread
 
 
+def tensorflow_for_input():
+  """TensorFlow for tf.data, kept off the accelerators: a TF that saw the GPUs would reserve their
+  memory on its first op, which is JAX's."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialized its devices (e.g. the user's own TF code ran first)
+    pass
+  return tf
+
+
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
   data_dir: str
@@ -217,7 +228,7 @@ class AudioInput:
   def dataset(self, start: int = 0, stop=None):
     """tf.data of local batches for global batch counters start, start+1, ... (deterministic);
     it ends early once the boolean tf.Variable `stop` is set."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf = tensorflow_for_input()
     end = self.batches_per_epoch * self.cfg.num_epochs if self.cfg.num_epochs else np.iinfo(np.int64).max
     rows = self.rows[1] - self.rows[0]
 
@@ -247,8 +258,9 @@ class AudioInput:
 
   def __next__(self) -> dict:
     if self._iterator is None:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
-      self._stop = tf.Variable(False, trainable=False)
+      tf = tensorflow_for_input()
+      with tf.device("/CPU:0"):
+        self._stop = tf.Variable(False, trainable=False)
       self._iterator = self.dataset(self.position, self._stop).as_numpy_iterator()
     batch = next(self._iterator)  # StopIteration ends a finite run
     self.position += 1
