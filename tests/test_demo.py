@@ -12,14 +12,15 @@ REPO = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_demo_pretraining_learns(tmp_path):
-  """`w2v2-train --config=experiments/demo.py` as a user runs it (one process, one CPU device), for
-  400 of its 800 updates: it leaves chance at ~200 (this test is the suite's longest).
+  """`w2v2-train --config=experiments/demo.py` as a user runs it (one process, one CPU device), stopped
+  after 400 of its 800 updates (same schedule): it leaves chance at ~200; this is the suite's longest test.
 
   Chance is ln(1 + 100 distractors) = 4.615 with accuracy 1/101; collapse would show as a prob
   perplexity near 1 of the 64 codewords (2 groups x 32).
   """
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, "-m", "w2v2_jax.train.main", "--config=experiments/demo.py:400",
+  run = subprocess.run([sys.executable, "-m", "w2v2_jax.train.main", "--config=experiments/demo.py",
+                        "--config.num_train_steps=400", "--config.optim.total_steps=800",
                         f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   assert run.returncode == 0, run.stderr[-3000:]
   s = {tag: np.array([v for _, v in points]) for tag, points in events.read_scalars(str(tmp_path)).items()}
