@@ -269,9 +269,9 @@ class AudioInput:
   def close(self) -> None:
     """Stops the reading threads; the next `next()` starts again at `position`.
 
-    Destroying a tf.data iterator waits for its threads while holding the GIL, and a thread inside
-    `load` (tf.numpy_function) waits for the GIL: dropping a running iterator can deadlock. So
-    this ends the stream upstream of `load` and drains it (get_next releases the GIL) first."""
+    Destroying a tf.data iterator waits for its reading threads; at interpreter exit one inside
+    `load` (tf.numpy_function) can no longer take the GIL, and the wait never ends (it hung CI).
+    So this ends the stream upstream of `load` and drains it first: no `load` is left running."""
     if self._iterator is not None:
       self._stop.assign(True)
       errors = 0
