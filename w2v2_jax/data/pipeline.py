@@ -225,7 +225,7 @@ class AudioInput:
     return audio, lengths.astype(np.int32)
 
   # -- tf.data -----------------------------------------------------------------------------------
-  def dataset(self, start: int = 0, stop=None):
+  def dataset(self, start: int, stop):
     """tf.data of local batches for global batch counters start, start+1, ... (deterministic);
     it ends early once the boolean tf.Variable `stop` is set."""
     tf = tensorflow_for_input()
@@ -248,8 +248,8 @@ class AudioInput:
 
     threads = self.cfg.threads or tf.data.AUTOTUNE
     ds = tf.data.Dataset.range(start, end)
-    if stop is not None:  # upstream of the map, so that once it ends no `load` call is left running
-      ds = ds.take_while(lambda _: tf.logical_not(stop.read_value()))
+    # upstream of the map, so that once the stream ends no `load` call is left running (see close)
+    ds = ds.take_while(lambda _: tf.logical_not(stop.read_value()))
     ds = ds.map(load, num_parallel_calls=threads, deterministic=True)
     return ds.prefetch(self.cfg.prefetch)
 
