@@ -113,6 +113,25 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
   assert len({str(s.index) for s in big.addressable_shards}) > 1
 
 
+def test_compiled_programs_are_kept_under_the_cache_folder_unless_jax_names_one(tmp_path):
+  """w2v2-train and w2v2-miniature call cli.use_compilation_cache(): XLA's programs go to
+  $W2V2_JAX_CACHE/xla, or to JAX_COMPILATION_CACHE_DIR when the user sets it."""
+  code = ("from w2v2_jax.cli import use_compilation_cache; folder = use_compilation_cache(); import jax; "
+          "jax.jit(lambda x: jax.numpy.sin(x) @ x)(jax.numpy.ones((64, 64))).block_until_ready(); print(folder)")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(W2V2_JAX_CACHE=str(tmp_path / "w2v2"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  for own in (None, str(tmp_path / "own")):
+    run_env = dict(env, **({"JAX_COMPILATION_CACHE_DIR": own} if own else {}))
+    out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = own or str(tmp_path / "w2v2" / "xla")
+    assert out.stdout.strip().splitlines()[-1] == folder
+    assert os.listdir(folder), f"nothing cached in {folder}"
+    if own is None:
+      default_entries = sorted(os.listdir(folder))
+  assert sorted(os.listdir(tmp_path / "w2v2" / "xla")) == default_entries, "the second run wrote there too"
+
+
 def test_non_finite_steps_are_skipped_then_abort(speech_like_shards, tmp_path):
   c = _config(speech_like_shards, 8)
   c.optim.lr = float("nan")  # the first update poisons every parameter; later losses are NaN

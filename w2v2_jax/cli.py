@@ -26,6 +26,20 @@ def one_line_errors(prog: str):
   return wrap
 
 
+def use_compilation_cache() -> str:
+  """Keeps XLA's compiled programs on disk, so a resumed, repeated or similar run skips compiling:
+  JAX_COMPILATION_CACHE_DIR if set, else $W2V2_JAX_CACHE/xla (~/.cache/w2v2_jax/xla).
+  JAX_ENABLE_COMPILATION_CACHE=false turns it off. Returns the folder."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from w2v2_jax.data.corpus import default_cache_dir  # pylint: disable=import-outside-toplevel
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
+  return jax.config.jax_compilation_cache_dir
+
+
 def write_json(path: str | None, figures: dict) -> None:
   """Benchmark CLIs: also write their figures to --json=PATH when given."""
   if path:

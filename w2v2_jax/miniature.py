@@ -21,7 +21,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli import one_line_errors, quiet_libraries
+from w2v2_jax.cli import one_line_errors, quiet_libraries, use_compilation_cache
 
 FLAGS = flags.FLAGS
 
@@ -61,6 +61,7 @@ def main(argv):
   if FLAGS.workdir is None:
     raise ValueError("--workdir is required")
   quiet_libraries()
+  use_compilation_cache()  # the scratch run reuses the pre-trained one's programs where they are equal
   workdir = os.path.abspath(FLAGS.workdir)
   pre_dir = os.path.join(workdir, "pretrain")
   pretrained = FLAGS.finetune.copy_and_resolve_references()

@@ -79,9 +79,11 @@ def frozen(config):
   return is_frozen
 
 
-def initial_params(cfg: ModelConfig, config, key):
-  """A CTC model's parameters: the encoder from config.finetune.init (ours or HF), a fresh head."""
-  params = init_params(cfg, key, "ctc")
+def initial_params(cfg: ModelConfig, config, key, shardings=None):
+  """A CTC model's parameters: the encoder from config.finetune.init (ours or HF), a fresh head.
+  The fresh ones are made in one compiled program (eagerly, init dispatches hundreds of small ops),
+  laid out by `shardings` (a tree of NamedShardings, or None for the default device)."""
+  params = jax.jit(lambda k: init_params(cfg, k, "ctc"), out_shardings=shardings)(key)
   path = config.finetune.init
   if not path:
     logging.info("fine-tuning from scratch (config.finetune.init is empty)")

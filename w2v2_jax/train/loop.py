@@ -244,7 +244,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
     if vocab is not None:
       from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
       init = lambda k: jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(  # noqa: E731
-          finetune.initial_params(cfg, config, k))
+          finetune.initial_params(cfg, config, k, layout.param_shardings))
     else:
       init = jax.jit(lambda k: steps.init_state(init_params(cfg, k), tx), out_shardings=state_sh)
     mgr = checkpointing.run_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)

@@ -10,7 +10,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli import one_line_errors, quiet_libraries
+from w2v2_jax.cli import one_line_errors, quiet_libraries, use_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
                                           lock_config=True)
@@ -51,6 +51,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   quiet_libraries()
+  use_compilation_cache()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
