@@ -1,4 +1,7 @@
 """The tf.data input: batch plans (buckets, crops, coverage), exact resume, multi-process reads."""
+import dataclasses
+import hashlib
+import itertools
 import json
 import os
 import socket
@@ -11,7 +14,8 @@ import pytest
 from scipy import stats
 
 from w2v2_jax.data import records
-from w2v2_jax.data.pipeline import AudioInput, Batches, InputConfig, bucket_lengths, waveform
+from w2v2_jax.data.pipeline import (STRIDE, AudioInput, Batches, InputConfig, bucket_lengths, waveform,
+                                    widest_bucket)
 
 HERE = os.path.dirname(__file__)
 
@@ -58,6 +62,64 @@ def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
     assert len(seen) == len(set(seen))  # an epoch never repeats an utterance
     usable = sum(u.audio.size >= 8000 for u in utts)
     assert usable - len(seen) < 8 * len(buckets)  # only each bucket's remainder is left out
+
+
+def _waste(lengths, buckets, mode):
+  """Samples padded (pad) or cut away (crop) when each length goes to its bucket, or None if one has none."""
+  b = np.asarray(sorted(buckets))
+  if mode == "pad":
+    k = np.searchsorted(b, lengths, side="left")
+    return None if (k >= len(b)).any() else int((b[np.minimum(k, len(b) - 1)] - lengths).sum())
+  k = np.searchsorted(b, lengths, side="right") - 1
+  return None if (k < 0).any() else int((lengths - b[np.maximum(k, 0)]).sum())
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_fitted_buckets_waste_least_of_all_choices(mode):
+  """bucketing="fit" equals an exhaustive search over every set of num_buckets lengths (multiples of
+  STRIDE in range), and beats the geometric lengths on a skewed split."""
+  rng = np.random.default_rng(3)
+  cfg = InputConfig("", "train", 8, max_sample_size=64 * STRIDE, min_sample_size=8 * STRIDE, num_buckets=3,
+                    mode=mode, bucketing="fit")
+  candidates = np.arange(8, 65) * STRIDE
+  for trial in range(4):
+    lengths = np.clip((rng.lognormal(3.2, 0.5, 40) * STRIDE).astype(np.int64), cfg.min_sample_size,
+                      cfg.max_sample_size)
+    fitted = bucket_lengths(cfg, lengths)
+    assert len(fitted) <= 3 and all(b % STRIDE == 0 and cfg.min_sample_size <= b <= cfg.max_sample_size
+                                    for b in fitted)
+    best = min(w for combo in itertools.combinations(candidates, 3)
+               if (w := _waste(lengths, combo, mode)) is not None)
+    assert _waste(lengths, fitted, mode) == best, (trial, fitted)
+    geometric = bucket_lengths(dataclasses.replace(cfg, bucketing="geometric"))
+    assert best < _waste(np.minimum(lengths, geometric[-1]) if mode == "crop" else lengths, geometric, mode)
+  with pytest.raises(ValueError, match="bucketing"):
+    bucket_lengths(dataclasses.replace(cfg, bucketing="quantile"), lengths)
+  # What w2v2-aot compiles for before seeing the data: no fitted bucket is longer.
+  assert widest_bucket(cfg) == cfg.max_sample_size >= max(fitted)
+
+
+def test_fitted_buckets_plan_whole_utterances_and_keep_old_iterator_states_valid(shards):
+  data_dir, utts = shards
+  cfg = _cfg(data_dir, mode="pad", crop_long=False, max_sample_size=48000, bucketing="fit", num_epochs=1)
+  it = AudioInput(cfg)
+  fitted = it.batches.buckets
+  sizes = np.array([u.audio.size for u in utts])
+  assert fitted[-1] == -(-sizes[sizes >= 8000].max() // STRIDE) * STRIDE  # the longest, not max_sample_size
+  geometric = Batches(dataclasses.replace(cfg, bucketing="geometric"), sizes)
+  padded = lambda plan: (plan.width[:, None] - plan.lengths).sum() / plan.lengths.sum()  # noqa: E731
+  assert padded(it.batches.epoch(0)) < padded(geometric.epoch(0))
+  for batch, position in zip(it, itertools.count()):
+    recs, _, lengths, width = it.local_plan(position)
+    np.testing.assert_array_equal(lengths, sizes[recs])  # whole utterances, never cut
+    assert batch["audio"].shape[1] == width >= lengths.max()
+  # The fingerprint of a geometric plan is the one computed before `bucketing` existed.
+  old_fields = ("split", "global_batch", "max_sample_size", "min_sample_size", "num_buckets", "buckets", "mode",
+                "crop_long", "shuffle", "seed", "num_epochs", "prefetch", "threads")
+  blob = repr((tuple(getattr(geometric.cfg, f) for f in old_fields), geometric.num_samples.tobytes()))
+  assert geometric.fingerprint() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+  assert it.batches.fingerprint() != Batches(dataclasses.replace(cfg, bucketing="geometric"),
+                                             it.index.num_samples).fingerprint()
 
 
 def test_complete_evaluation_reads_every_utterance_once_and_fills_with_empty_rows(shards):

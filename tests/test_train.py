@@ -57,6 +57,10 @@ def test_config_errors_name_the_key(speech_like_shards):
   c.data.max_sample_size = 300
   with pytest.raises(ValueError, match="config.data.min_sample_size=200"):
     loop.validate(c, mesh)
+  c = _config(speech_like_shards, 1)
+  c.data.bucketing = "quantiles"
+  with pytest.raises(ValueError, match="config.data.bucketing='quantiles'"):
+    loop.validate(c, mesh)
   with pytest.raises(ValueError, match="config.mesh"):
     parallel.make_mesh({"data": 3, "fsdp": -1})
   with pytest.raises(AttributeError):

@@ -62,7 +62,7 @@ def main(argv):
     config.optim.total_steps = config.num_train_steps
   devices, hbm_gib = topology_devices(_TOPOLOGY.value)
   layout = loop.plan_layout(config, devices)
-  widest = max(pipeline.bucket_lengths(loop.input_config(config, "", "", True)))
+  widest = pipeline.widest_bucket(loop.input_config(config, "", "", True))
   batch_sh = parallel.batch_sharding(layout.mesh)
   batch = {"audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
            "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}

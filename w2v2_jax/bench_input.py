@@ -25,6 +25,7 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Global batch (one process).")
 _MAX = flags.DEFINE_integer("max_sample_size", 250_000, "Crop length in samples.")
 _MIN = flags.DEFINE_integer("min_sample_size", 32_000, "Minimum utterance length in samples.")
 _MODE = flags.DEFINE_enum("mode", "crop", ["crop", "pad"], "Bucketing mode.")
+_BUCKETING = flags.DEFINE_enum("bucketing", "geometric", ["geometric", "fit"], "Bucket lengths (data.bucketing).")
 _SECONDS = flags.DEFINE_float("seconds", 20.0, "How long to time the input pipeline.")
 _HOURS = flags.DEFINE_float("hours", 0.5, "Audio hours to synthesize for the synthetic data.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
@@ -53,7 +54,7 @@ def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = 
 def bench_input(data_dir: str) -> dict:
   from w2v2_jax.data.pipeline import AudioInput, InputConfig
   cfg = InputConfig(data_dir, _SPLIT.value, _BATCH.value, max_sample_size=_MAX.value,
-                    min_sample_size=_MIN.value, mode=_MODE.value)
+                    min_sample_size=_MIN.value, mode=_MODE.value, bucketing=_BUCKETING.value)
   it = AudioInput(cfg)
   for _ in range(3):  # warm-up: plan, readers, thread pool
     next(it)
@@ -68,7 +69,7 @@ def bench_input(data_dir: str) -> dict:
   elapsed = time.time() - start
   return {"audio_seconds_per_second": samples / 16000 / elapsed, "batches_per_second": batches / elapsed,
           "padding_fraction": 1 - samples / padded, "batch": _BATCH.value, "max_sample_size": _MAX.value,
-          "mode": _MODE.value, "buckets": it.batches.buckets.tolist()}
+          "mode": _MODE.value, "bucketing": _BUCKETING.value, "buckets": it.batches.buckets.tolist()}
 
 
 def main(argv):

@@ -14,6 +14,8 @@ Bucketing modes (static shapes: one compiled program per bucket):
         pre-training crops to the batch's shortest utterance, also without padding).
   pad:  each utterance is cropped to max_sample_size, then padded up to the next bucket length;
         `lengths` says how much is real.
+Bucket lengths (`bucketing`): geometric from min_sample_size to max_sample_size, or fitted to the
+split's lengths: the num_buckets lengths that pad least (pad) or cut away least audio (crop).
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ class InputConfig:
   max_sample_size: int = 250_000
   min_sample_size: int = 32_000
   num_buckets: int = 6
-  buckets: tuple[int, ...] = ()     # explicit bucket lengths; default: geometric, num_buckets
+  buckets: tuple[int, ...] = ()     # explicit bucket lengths; else `bucketing` picks num_buckets of them
+  bucketing: str = "geometric"      # geometric | fit (to the split's lengths: least padding or cropping)
   mode: str = "crop"                # crop | pad
   crop_long: bool = True            # False (CTC): utterances over max_sample_size are left out, not cut
   shuffle: bool = True
@@ -76,15 +79,67 @@ class InputConfig:
                                     # filled with empty rows (record -1: silence, no transcript) to score nothing
 
 
-def bucket_lengths(cfg: InputConfig) -> tuple[int, ...]:
-  """Ascending bucket lengths in samples: the given ones, or geometric from min to max."""
+def bucket_lengths(cfg: InputConfig, usable: np.ndarray | None = None) -> tuple[int, ...]:
+  """Ascending bucket lengths in samples: the given ones, fitted to the `usable` lengths of the
+  split's utterances (bucketing="fit"), or geometric from min to max."""
   if cfg.buckets:
     return tuple(sorted(int(b) for b in cfg.buckets))
+  if cfg.bucketing == "fit":
+    if usable is None:
+      raise ValueError("data.bucketing='fit' needs the split's utterance lengths")
+    return fitted_bucket_lengths(usable, cfg)
+  if cfg.bucketing != "geometric":
+    raise ValueError(f"data.bucketing={cfg.bucketing!r}: use 'geometric' or 'fit'")
   if cfg.num_buckets == 1 or cfg.min_sample_size >= cfg.max_sample_size:
     return (cfg.max_sample_size,) if cfg.mode == "pad" else (cfg.min_sample_size,)
   geo = np.geomspace(cfg.min_sample_size, cfg.max_sample_size, cfg.num_buckets)
   lengths = [int(g // STRIDE * STRIDE) for g in geo[:-1]] + [cfg.max_sample_size]
   lengths[0] = max(lengths[0], cfg.min_sample_size) if cfg.mode == "pad" else cfg.min_sample_size
+  return tuple(sorted(set(lengths)))
+
+
+def widest_bucket(cfg: InputConfig) -> int:
+  """The longest batch any split can get: what a program compiled before seeing the data must hold."""
+  if cfg.bucketing == "fit" and not cfg.buckets:
+    return cfg.max_sample_size
+  return max(bucket_lengths(cfg))
+
+
+def fitted_bucket_lengths(usable: np.ndarray, cfg: InputConfig) -> tuple[int, ...]:
+  """At most num_buckets lengths (multiples of STRIDE, clamped to [min, max]_sample_size) that minimise the
+  samples padded (pad: each utterance goes up to the next length) or cut away (crop: down to the
+  previous one) over `usable`, by dynamic programming over the sorted distinct lengths."""
+  usable = np.asarray(usable, np.int64)
+  usable = usable[(usable >= cfg.min_sample_size) & (usable <= cfg.max_sample_size)]
+  if usable.size == 0:
+    return (cfg.max_sample_size,) if cfg.mode == "pad" else (cfg.min_sample_size,)
+  pad = cfg.mode == "pad"
+  units = -(-usable // STRIDE) if pad else usable // STRIDE
+  widths, counts = np.unique(np.clip(units * STRIDE, cfg.min_sample_size, cfg.max_sample_size),
+                             return_counts=True)
+  cum = np.concatenate([[0], np.cumsum(counts)])
+  m, k = len(widths), max(1, min(cfg.num_buckets, len(widths)))
+  # best[j]: least waste proxy for the j shortest distinct lengths in b buckets; a bucket holds a run
+  # i..j-1 at width widths[j-1] (pad: total samples, minimised) or widths[i] (crop: kept, maximised).
+  best = np.full(m + 1, np.inf)
+  best[0] = 0.0
+  cuts = np.zeros((k + 1, m + 1), np.int64)
+  for b in range(1, k + 1):
+    new = np.full(m + 1, np.inf)
+    for j in range(1, m + 1):
+      i = np.arange(j)
+      members = cum[j] - cum[i]
+      cost = best[i] + (widths[j - 1] * members if pad else -(widths[i] * members).astype(np.float64))
+      cuts[b, j] = int(np.argmin(cost))
+      new[j] = cost[cuts[b, j]]
+    best = new
+  lengths, j = [], m
+  for b in range(k, 0, -1):
+    i = cuts[b, j]
+    lengths.append(int(widths[j - 1] if pad else widths[i]))
+    j = i
+    if j == 0:
+      break
   return tuple(sorted(set(lengths)))
 
 
@@ -101,11 +156,11 @@ class Batches:
 
   def __init__(self, cfg: InputConfig, num_samples: np.ndarray):
     self.cfg = cfg
-    self.buckets = np.asarray(bucket_lengths(cfg), np.int64)
     usable = np.minimum(num_samples, cfg.max_sample_size)
     self.keep = num_samples >= cfg.min_sample_size
     if not cfg.crop_long:
       self.keep &= num_samples <= cfg.max_sample_size
+    self.buckets = np.asarray(bucket_lengths(cfg, usable[self.keep]), np.int64)
     if cfg.mode == "crop":
       bucket = np.searchsorted(self.buckets, usable, side="right") - 1
       self.keep &= bucket >= 0
@@ -149,9 +204,26 @@ class Batches:
     starts = (rng.random(recs.shape) * (room + 1)).astype(np.int64) if cfg.shuffle else room // 2
     return EpochPlan(recs, np.minimum(starts, room), kept.astype(np.int32), width)
 
+  def describe(self) -> str:
+    """One line for the log: the buckets and how much of epoch 0's audio is padding or cut away."""
+    plan = self.epoch(0)
+    real = plan.records >= 0
+    kept = plan.lengths[real].sum()
+    if self.cfg.mode == "pad":
+      waste = f"{1 - kept / max(np.broadcast_to(plan.width[:, None], real.shape)[real].sum(), 1):.1%} padding"
+    else:
+      waste = f"{1 - kept / max(self.num_samples[plan.records[real]].sum(), 1):.1%} of their audio cut away"
+    return (f"{int(real.sum())} of {len(self.num_samples)} utterances per epoch in {self.per_epoch} batches, "
+            f"buckets {[round(b / 16000, 2) for b in self.buckets.tolist()]} s ({self.cfg.bucketing}), {waste}")
+
   def fingerprint(self) -> str:
     """Identifies the batch sequence: restoring an iterator state checks it."""
-    fields = dataclasses.astuple(self.cfg)[1:-1]  # not `complete` (added later; evaluation has no state)
+    # Not data_dir, nor `complete` (evaluation has no state); `bucketing` only when not the default, so
+    # that iterator states saved before it existed still restore.
+    fields = tuple(getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
+                   if f.name not in ("data_dir", "complete", "bucketing"))
+    if self.cfg.bucketing != "geometric":
+      fields += (self.cfg.bucketing,)
     blob = repr((fields, self.num_samples.tobytes()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -292,8 +364,9 @@ class AudioInput:
   def restore(self, state: dict) -> None:
     if state["fingerprint"] != self.batches.fingerprint():
       raise ValueError(f"data iterator state does not match {self.cfg.data_dir} split "
-                       f"{self.cfg.split!r}: the data or the data config (batch, buckets, seed, crop) "
-                       "changed since the checkpoint; restore with the same data config")
+                       f"{self.cfg.split!r}: the data or the data config (batch, buckets, bucketing, seed, "
+                       "crop) changed since the checkpoint; restore with the same data config (a fine-tuning "
+                       "run started before data.bucketing existed: --config.data.bucketing=geometric)")
     self.seek(int(state["position"]))
 
   def seek(self, position: int) -> None:

@@ -38,6 +38,7 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
   c.data.max_sample_size = 250_000
   c.data.min_sample_size = 32_000
   c.data.num_buckets = 6
+  c.data.bucketing = "geometric"    # or "fit": the bucket lengths that cut away least of the split's audio
   c.data.mode = "crop"
   c.data.normalize = False
 
@@ -79,6 +80,7 @@ def finetuning_config(model_preset: str, labeled: str = "10h") -> ml_collections
   c.data.train_split = f"train_{labeled}"
   c.data.valid_split = "dev_other"
   c.data.mode = "pad"               # whole utterances: the transcript covers all of it
+  c.data.bucketing = "fit"          # bucket lengths fitted to the split: least padding for num_buckets
   c.data.min_sample_size = 16_000
   c.data.max_sample_size = 560_000  # 35 s; longer utterances are left out (and counted), never cut
   c.model["feature_grad_mult"] = 0.0  # the feature encoder stays frozen

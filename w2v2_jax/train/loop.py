@@ -57,6 +57,7 @@ def input_config(config, directory: str, split: str, train: bool) -> pipeline.In
   d = config.data
   return pipeline.InputConfig(directory, split, config.batch_size, max_sample_size=d.max_sample_size,
                               min_sample_size=d.min_sample_size, num_buckets=d.num_buckets, mode=d.mode,
+                              bucketing=d.get("bucketing", "geometric"),  # absent in older saved configs
                               shuffle=train, seed=config.seed, num_epochs=None if train else 1,
                               crop_long=not is_ctc(config),  # a transcript covers the whole utterance
                               complete=not train and is_ctc(config))  # WER/CER on every utterance
@@ -69,7 +70,10 @@ def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.Au
   if vocab is not None:
     from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
     labels = finetune.label_arrays(records.load_split(directory, split).transcripts(), vocab)
-  return pipeline.AudioInput(cfg, rows=rows, labels=labels)
+  data = pipeline.AudioInput(cfg, rows=rows, labels=labels)
+  if jax.process_index() == 0:
+    logging.info("%s split: %s", split, data.batches.describe())
+  return data
 
 
 def ctc_vocabulary(config, directory, workdir):
@@ -127,11 +131,14 @@ def validate(config, mesh) -> None:
   if config.batch_size % (config.train.microbatches * batch_shards):
     raise ValueError(f"config.train.microbatches={config.train.microbatches}: each micro-batch of "
                      f"{config.batch_size} // microbatches must divide over {batch_shards} batch shards")
-  buckets = pipeline.bucket_lengths(input_config(config, "", "", True))
-  if buckets[0] < cfg.receptive_field:
-    raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: the shortest crop "
-                     f"({buckets[0]} samples) is shorter than the receptive field ({cfg.receptive_field})")
-  frames = int(cfg.num_frames(buckets[0]))
+  bucketing = config.data.get("bucketing", "geometric")
+  if bucketing not in ("geometric", "fit"):
+    raise ValueError(f"config.data.bucketing={bucketing!r}: use 'geometric' or 'fit'")
+  shortest = config.data.min_sample_size  # the least real audio of a row, in either mode
+  if shortest < cfg.receptive_field:
+    raise ValueError(f"config.data.min_sample_size={shortest}: the shortest utterance or crop is "
+                     f"shorter than the receptive field ({cfg.receptive_field} samples)")
+  frames = int(cfg.num_frames(shortest))
   if not is_ctc(config) and (frames < obj.mask_length + 1 or frames < obj.num_negatives // 4):
     raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: {frames} frames in the "
                      f"shortest bucket cannot hold mask spans of config.objective.mask_length="
