@@ -17,6 +17,7 @@ import time
 from absl import app, flags
 
 from w2v2_jax.cli import write_json
+from w2v2_jax.data.pipeline import BUCKETINGS
 
 _WHAT = flags.DEFINE_enum("what", "input", ["input", "prepare", "corpus"], "Which throughput to measure.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared shards (input); default: synthetic ones.")
@@ -25,7 +26,7 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Global batch (one process).")
 _MAX = flags.DEFINE_integer("max_sample_size", 250_000, "Crop length in samples.")
 _MIN = flags.DEFINE_integer("min_sample_size", 32_000, "Minimum utterance length in samples.")
 _MODE = flags.DEFINE_enum("mode", "crop", ["crop", "pad"], "Bucketing mode.")
-_BUCKETING = flags.DEFINE_enum("bucketing", "geometric", ["geometric", "fit"], "Bucket lengths (data.bucketing).")
+_BUCKETING = flags.DEFINE_enum("bucketing", "geometric", list(BUCKETINGS), "Bucket lengths (data.bucketing).")
 _SECONDS = flags.DEFINE_float("seconds", 20.0, "How long to time the input pipeline.")
 _HOURS = flags.DEFINE_float("hours", 0.5, "Audio hours to synthesize for the synthetic data.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")

@@ -31,6 +31,7 @@ import numpy as np
 from w2v2_jax.data import records
 
 STRIDE = 320  # the feature encoder's total stride; bucket lengths are multiples of it
+BUCKETINGS = ("geometric", "fit")  # how bucket lengths are chosen (InputConfig.bucketing)
 
 
 def import_tensorflow_in_background() -> threading.Thread:
@@ -88,8 +89,8 @@ def bucket_lengths(cfg: InputConfig, usable: np.ndarray | None = None) -> tuple[
     if usable is None:
       raise ValueError("data.bucketing='fit' needs the split's utterance lengths")
     return fitted_bucket_lengths(usable, cfg)
-  if cfg.bucketing != "geometric":
-    raise ValueError(f"data.bucketing={cfg.bucketing!r}: use 'geometric' or 'fit'")
+  if cfg.bucketing not in BUCKETINGS:
+    raise ValueError(f"data.bucketing={cfg.bucketing!r}: use one of {BUCKETINGS}")
   if cfg.num_buckets == 1 or cfg.min_sample_size >= cfg.max_sample_size:
     return (cfg.max_sample_size,) if cfg.mode == "pad" else (cfg.min_sample_size,)
   geo = np.geomspace(cfg.min_sample_size, cfg.max_sample_size, cfg.num_buckets)
@@ -138,8 +139,6 @@ def fitted_bucket_lengths(usable: np.ndarray, cfg: InputConfig) -> tuple[int, ..
     i = cuts[b, j]
     lengths.append(int(widths[j - 1] if pad else widths[i]))
     j = i
-    if j == 0:
-      break
   return tuple(sorted(set(lengths)))
 
 

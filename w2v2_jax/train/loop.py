@@ -132,8 +132,8 @@ def validate(config, mesh) -> None:
     raise ValueError(f"config.train.microbatches={config.train.microbatches}: each micro-batch of "
                      f"{config.batch_size} // microbatches must divide over {batch_shards} batch shards")
   bucketing = config.data.get("bucketing", "geometric")
-  if bucketing not in ("geometric", "fit"):
-    raise ValueError(f"config.data.bucketing={bucketing!r}: use 'geometric' or 'fit'")
+  if bucketing not in pipeline.BUCKETINGS:
+    raise ValueError(f"config.data.bucketing={bucketing!r}: use one of {pipeline.BUCKETINGS}")
   shortest = config.data.min_sample_size  # the least real audio of a row, in either mode
   if shortest < cfg.receptive_field:
     raise ValueError(f"config.data.min_sample_size={shortest}: the shortest utterance or crop is "
