@@ -198,3 +198,35 @@ def test_gelu_is_torchs_exact_gelu():
   np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(jnp.asarray(x)),
                              jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x)),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_keep_mask_is_bernoulli_and_independent():
+  """layers.keep_mask (four 16-bit draws per Threefry hash) keeps 1 - rate of the values, with no
+  correlation between neighbours (the four draws of one hash sit side by side) and none across keys."""
+  from scipy import stats
+  from w2v2_jax.models.layers import Dropout, keep_mask
+  shape, keep = (3, 5, 211, 199), 0.9          # last axis not a multiple of 4: the padding is cut off
+  mask = np.asarray(jax.jit(lambda k: keep_mask(k, shape, keep))(jax.random.key(7)))
+  assert mask.shape == shape and mask.dtype == bool
+  n = mask.size
+  assert stats.binomtest(int(mask.sum()), n, keep).pvalue > 1e-4
+  flat = mask.reshape(-1).astype(np.float64)
+  for lag in (1, 2, 3, 4, 199):
+    # Pearson r of independent Bernoullis is ~N(0, 1/n): 5 standard errors
+    assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 5 / np.sqrt(n), lag
+  # within each group of four (one hash): all 16 patterns at their binomial rates
+  quads = mask[..., :196].reshape(-1, 4).astype(int) @ np.array([8, 4, 2, 1])
+  expected = np.array([np.prod([keep if b == "1" else 1 - keep for b in f"{q:04b}"]) for q in range(16)])
+  assert stats.chisquare(np.bincount(quads, minlength=16), expected * len(quads)).pvalue > 1e-4
+  other = np.asarray(keep_mask(jax.random.key(8), shape, keep))
+  assert abs(np.corrcoef(flat, other.reshape(-1))[0, 1]) < 5 / np.sqrt(n)
+  # a biased mask fails the same checks: keep 0.905 instead of 0.9
+  biased = np.asarray(keep_mask(jax.random.key(7), shape, 0.905))
+  assert stats.binomtest(int(biased.sum()), n, keep).pvalue < 1e-4
+  # other key kinds fall back to jax.random.bernoulli; the module scales kept values by 1 / keep
+  rbg = keep_mask(jax.random.key(7, impl="rbg"), (1000,), keep)
+  np.testing.assert_array_equal(rbg, jax.random.bernoulli(jax.random.key(7, impl="rbg"), keep, (1000,)))
+  x = jnp.ones((64, 128))
+  y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.9], rtol=1e-6)
+  np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)

@@ -27,6 +27,14 @@ DEFAULT_RULES = (
 REPLICATED_LIMIT = 2**20  # elements; a bigger parameter replicated under FSDP is an error
 
 
+def compile_platform() -> str:
+  """The platform a step is being compiled for: the mesh's devices (AOT for TPU from a CPU host), else the default."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and getattr(mesh, "abstract_device", None) is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
   """Mesh over (data, fsdp, tensor); one size may be -1 (the rest of the devices)."""
   devices = list(devices if devices is not None else jax.devices())

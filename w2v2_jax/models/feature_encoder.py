@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.models.layers import LayerNorm, gelu, partitioned, uniform_range
+from w2v2_jax.models.layers import Dropout, LayerNorm, gelu, partitioned, uniform_range
 
 _KAIMING = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
@@ -62,5 +62,5 @@ class FeatureProjection(nn.Module):
                  kernel_init=partitioned(uniform_range(-bound, bound), ("conv_out", "embed")),
                  bias_init=partitioned(uniform_range(-bound, bound), ("embed",)),
                  name="projection")(normed.astype(cfg.compute_dtype))
-    x = nn.Dropout(cfg.feat_proj_dropout)(x, deterministic=deterministic)
+    x = Dropout(cfg.feat_proj_dropout)(x, deterministic=deterministic)
     return x, normed

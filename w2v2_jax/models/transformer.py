@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.models.layers import LayerNorm, dense, gelu, materialize_grad, partitioned
+from w2v2_jax.parallel import compile_platform
+from w2v2_jax.models.layers import Dropout, LayerNorm, dense, gelu, materialize_grad, partitioned
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -53,14 +54,6 @@ def _grouped_conv_bwd(groups, pad, res, dy):
 grouped_conv_cpu.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
 
 
-def _platform() -> str:
-  """The platform the step is compiled for: the mesh's devices (AOT for TPU from a CPU host), else the default."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and getattr(mesh, "abstract_device", None) is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
-
-
 class WeightNormConv(nn.Module):
   """Grouped Conv1d(H, H, K, padding K//2) with weight norm over the kernel axis (torch weight_norm dim=2)."""
   cfg: ModelConfig
@@ -82,7 +75,7 @@ class WeightNormConv(nn.Module):
       # batch is sharded while a mesh axis (tensor) is replicated; sharding the channels (whole
       # groups) over that axis avoids it. Caught by tests/test_train.py's 2x2x2 mesh test.
       x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
-    conv = grouped_conv_cpu if _platform() == "cpu" else _conv
+    conv = grouped_conv_cpu if compile_platform() == "cpu" else _conv
     y = conv(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype), groups, k // 2)
     return y + bias.astype(cfg.compute_dtype)
 
@@ -118,7 +111,7 @@ class Attention(nn.Module):
     if key_mask is not None:
       scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
+    probs = Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.compute_dtype), v).reshape(b, t, h)
     return dense(h, ("joined_kv", "embed"), cfg.compute_dtype, name="out_proj")(out)
 
@@ -132,9 +125,9 @@ class FeedForward(nn.Module):
     cfg = self.cfg
     x = dense(cfg.intermediate_size, ("embed", "mlp"), cfg.compute_dtype, name="intermediate_dense")(x)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_mlp"))
-    x = nn.Dropout(cfg.activation_dropout)(gelu(x), deterministic=self.deterministic)
+    x = Dropout(cfg.activation_dropout)(gelu(x), deterministic=self.deterministic)
     x = dense(cfg.hidden_size, ("mlp", "embed"), cfg.compute_dtype, name="output_dense")(x)
-    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=self.deterministic)
+    return Dropout(cfg.hidden_dropout)(x, deterministic=self.deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -146,7 +139,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, key_mask):
     cfg = self.cfg
     attention = Attention(cfg, self.deterministic, name="attention")
-    drop = nn.Dropout(cfg.hidden_dropout)
+    drop = Dropout(cfg.hidden_dropout)
     ln = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="layer_norm")
     final_ln = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="final_layer_norm")
     ffn = FeedForward(cfg, self.deterministic, name="feed_forward")
@@ -156,7 +149,7 @@ class EncoderLayer(nn.Module):
     else:
       x = ln(x + drop(attention(x, key_mask), deterministic=self.deterministic))
       x = final_ln(x + ffn(x))
-    if cfg.do_stable_layer_norm and _platform() == "cpu":
+    if cfg.do_stable_layer_norm and compile_platform() == "cpu":
       x = materialize_grad(x)  # post-LN's LayerNorms already cut the chain
     return nn.with_logical_constraint(x, _ACT)
 
@@ -178,7 +171,7 @@ class Encoder(nn.Module):
     final_ln = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="layer_norm")
     if not cfg.do_stable_layer_norm:
       x = final_ln(x)
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), _ACT)
 
     layer_cls = nn.remat(EncoderLayer, prevent_cse=True) if cfg.remat else EncoderLayer

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.feature_encoder import FeatureEncoder, FeatureProjection
-from w2v2_jax.models.layers import dense, grad_multiply, partitioned, uniform_range
+from w2v2_jax.models.layers import Dropout, dense, grad_multiply, partitioned, uniform_range
 from w2v2_jax.models.quantizer import GumbelVectorQuantizer, QuantizerOutput
 from w2v2_jax.models.transformer import Encoder
 
@@ -88,7 +88,7 @@ class Wav2Vec2ForPreTraining(nn.Module):
                deterministic: bool = True):
     cfg = self.cfg
     enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic)
-    features = nn.Dropout(cfg.feat_quantizer_dropout)(enc.extract_features, deterministic=deterministic)
+    features = Dropout(cfg.feat_quantizer_dropout)(enc.extract_features, deterministic=deterministic)
     q = GumbelVectorQuantizer(cfg, name="quantizer")(features, gumbel_temperature, deterministic)
 
     def head(fan_in, names, name):
@@ -115,7 +115,7 @@ class Wav2Vec2ForCTC(nn.Module):
       raise ValueError("Wav2Vec2ForCTC needs model.vocab_size > 0 (the size of the letter vocabulary)")
     enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic,
                                               mask_channel_indices)
-    x = nn.Dropout(cfg.final_dropout)(enc.last_hidden_state, deterministic=deterministic)
+    x = Dropout(cfg.final_dropout)(enc.last_hidden_state, deterministic=deterministic)
     logits = dense(cfg.vocab_size, ("embed", "vocab"), jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
                    name="lm_head")(x.astype(jnp.float32))
     return logits, enc

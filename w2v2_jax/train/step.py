@@ -10,6 +10,7 @@ import optax
 
 from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.models.quantizer import gumbel_temperature
+from w2v2_jax.parallel import compile_platform
 from w2v2_jax.train.optim import schedule
 from w2v2_jax.train.pretrain import make_loss_fn
 
@@ -58,6 +59,24 @@ def frozen_updates(cfg):
   return finetune.frozen(cfg)
 
 
+def apply_if_finite(finite, tx, grads, state, zero_frozen):
+  """(params, opt_state) after the optimizer update, or unchanged when the loss or gradients are not finite.
+
+  On CPU the update runs inside a lax.cond: with the select form, XLA:CPU (no multi-output fusion)
+  recomputes the new moments inside the parameter update after writing them in place, so it first
+  copies both moment trees; the stable-LN BASE step was 9% slower (4.49 vs 4.08 s, batch 4 x 4 s).
+  Elsewhere the select form avoids a predicate read-back that a conditional costs on GPU.
+  """
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, zero_frozen(updates)), opt_state  # no decay on frozen ones
+  if compile_platform() == "cpu":
+    return jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+  params, opt_state = update(None)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  return keep(params, state.params), keep(opt_state, state.opt_state)
+
+
 def make_train_step(model_cfg, obj_cfg, tx, cfg):
   """train_step(state, batch, key) -> (state, metrics). Non-finite loss/grads skip the update.
 
@@ -104,11 +123,9 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
     loss = total / count
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, zero_frozen(updates))  # no weight decay on frozen ones
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    params, opt_state = apply_if_finite(finite, tx, grads, state, zero_frozen)
     new_state = TrainState(
-        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=params, opt_state=opt_state,
         skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
         skipped_total=state.skipped_total + jnp.where(finite, 0, 1))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, audio_samples=batch["lengths"].sum(),
