@@ -23,7 +23,7 @@ from importlib import metadata
 
 from absl import app, flags, logging
 
-from w2v2_jax.cli import one_line_errors, split_list, write_json
+from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, split_list, write_json
 
 FLAGS = flags.FLAGS
 PEERS = ("hf_flax", "hf_torch")
@@ -131,6 +131,7 @@ def _timed(call) -> float:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
+  keep_freed_host_memory()  # ours only: the peers' processes keep glibc's defaults
   import jax  # pylint: disable=import-outside-toplevel
 
   from w2v2_jax import flops  # pylint: disable=import-outside-toplevel

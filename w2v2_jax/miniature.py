@@ -21,7 +21,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli import one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +60,7 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}")
   if FLAGS.workdir is None:
     raise ValueError("--workdir is required")
+  keep_freed_host_memory()
   quiet_libraries()
   use_compilation_cache()  # the scratch run reuses the pre-trained one's programs where they are equal
   workdir = os.path.abspath(FLAGS.workdir)

@@ -10,7 +10,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli import one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
                                           lock_config=True)
@@ -47,6 +47,7 @@ def main(argv):
     raise ValueError("--workdir is required")
   if _CONFIG.value is None:
     raise ValueError("--config is required, e.g. --config=experiments/demo.py")
+  keep_freed_host_memory()
   initialize_distributed()
   import jax  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
