@@ -1,6 +1,6 @@
 """w2v2-bench-peers: our train step against HF Flax (4.46.3) and HF PyTorch, side by side, one machine.
 
-  w2v2-bench-peers [--batch=4] [--seconds=4] [--rounds=5] [--peers=hf_flax,hf_torch] [--json=OUT]
+  w2v2-bench-peers [--batch=4] [--seconds=4] [--rounds=5] [--warmup_rounds=1] [--peers=hf_flax,hf_torch] [--json=OUT]
       [--venv=~/.cache/w2v2_jax/peers-venv]
 
 All three train the same stable-layer-norm BASE (the one architecture HF Flax pre-trains) on the
@@ -8,8 +8,9 @@ same batch shape in fp32, with equal dropouts and no LayerDrop; each full step i
 contrastive + diversity loss, backward and an AdamW update. The peers run in a venv this command
 builds once (transformers 4.46.3, torch 2.13.0 CPU, and our own jax/flax/optax versions, so the
 two JAX stacks share one XLA), each in its own process, waiting on stdin between steps. After
-one warm-up step each, the rounds alternate ours, HF Flax, HF PyTorch, so machine noise falls on
-all three alike. Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
+one warm-up step each and --warmup_rounds untimed rounds, the rounds alternate ours, HF Flax, HF
+PyTorch, so machine noise falls on all three alike. Our process keeps freed host memory mapped
+(cli.keep_freed_host_memory); the peers keep glibc's defaults unless MALLOC_* is set for all. Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def define_flags():
   flags.DEFINE_integer("batch", 4, "Utterances per step.")
   flags.DEFINE_float("seconds", 4.0, "Crop length in seconds (16 kHz).")
   flags.DEFINE_integer("rounds", 5, "Timed steps per framework, alternating.")
+  flags.DEFINE_integer("warmup_rounds", 1, "Untimed alternating rounds once every peer is up (the first steps "
+                       "after the peers start and allocate run slow here).")
   flags.DEFINE_string("peers", ",".join(PEERS), "Comma-separated peers to run: hf_flax, hf_torch.")
   flags.DEFINE_string("venv", os.path.join(os.path.expanduser("~"), ".cache", "w2v2_jax", "peers-venv"),
                       "Where the peers' virtual environment is built (once) and reused.")
@@ -154,6 +157,9 @@ def main(argv):
     for name in peers:
       logging.info("starting %s (builds, compiles, warms up)", name)
       running[name] = Peer(python, name, hf_fields(config), batch, samples)
+    for r in range(FLAGS.warmup_rounds):
+      logging.info("warm-up round %d/%d: %s", r + 1, FLAGS.warmup_rounds, " ".join(
+          [f"w2v2_jax {_timed(ours.train):.2f} s"] + [f"{n} {p.step():.2f} s" for n, p in running.items()]))
     times = {"w2v2_jax": [], **{name: [] for name in peers}}
     start = time.time()
     for r in range(FLAGS.rounds):
@@ -184,6 +190,7 @@ def main(argv):
   figures = {"model": f"{FLAGS.preset}, stable layer norm, fp32", "batch": batch, "seconds": seconds,
              "device": str(jax.devices()[0].device_kind), "analytic_gflop_per_step": round(train_flops / 1e9, 1),
              "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source, "rounds": FLAGS.rounds,
+             "warmup_rounds": FLAGS.warmup_rounds,
              "results": results}
   print(f"{'':10s} {'step s':>8s} {'audio-s/s':>10s} {'MFU':>6s} {'w2v2_jax is':>12s}")
   for name, r in results.items():
