@@ -88,11 +88,14 @@ def hf_flax_step(config, audio, mask, negatives):
 
 def hf_torch_step(config, audio, mask, negatives):
   """transformers' PyTorch Wav2Vec2ForPreTraining: its own loss (contrastive + weighted diversity),
-  backward, torch.optim.AdamW."""
+  backward, torch.optim.AdamW; denormals flushed to zero, as XLA does."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import Wav2Vec2ForPreTraining  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
+  # XLA:CPU flushes denormals; without this, repeated steps on one batch slowed torch 2-4x from the
+  # 7th step on (5.9 s -> 11.8, 24.9, 25.3 s), not a speed a user would see on real data.
+  torch.set_flush_denormal(True)
   model = Wav2Vec2ForPreTraining(config).train()
   model.set_gumbel_temperature(2.0)
   opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
