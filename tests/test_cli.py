@@ -122,3 +122,37 @@ def test_bad_input_gives_one_line_errors(hf_dir, audio_files, tmp_path):
                   "inconsistent config.json")
   _one_line_error(_cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']}", out, "--layer=9"),
                   "--layer=9")
+
+
+_FAULTS_PROBE = """
+import ctypes, resource, sys, threading
+from w2v2_jax.cli import keep_freed_host_memory
+applied = keep_freed_host_memory() if sys.argv[1] == "on" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+faults = []
+def work():  # as XLA:CPU does: a big temporary malloc'ed, written and freed on a worker thread, step after step
+  for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buf = libc.malloc(256 * 2**20)
+    ctypes.memset(buf, 1, 256 * 2**20)
+    libc.free(buf)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+t = threading.Thread(target=work); t.start(); t.join()
+print(applied, min(faults[1:]))
+"""
+
+
+def test_freed_host_memory_is_reused_without_page_faults():
+  """cli.keep_freed_host_memory: a freed 256 MiB buffer comes back without faulting its pages in again
+  (with glibc's defaults a worker thread faults all 65536 in on every allocation); MALLOC_* is respected."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+  def probe(mode, extra=None):
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], env={**env, **(extra or {})},
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+  applied, faults = probe("on")
+  assert applied and faults < 2000
+  assert probe("off")[1] > 60000
+  applied, faults = probe("on", {"MALLOC_ARENA_MAX": "4"})
+  assert not applied and faults > 60000
