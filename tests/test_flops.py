@@ -14,13 +14,14 @@ def _xla_flops(fn, args):
   return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 
-@pytest.mark.parametrize("name,train,low,high", [("base", True, 1.0, 1.02), ("base", False, 0.99, 1.03),
+@pytest.mark.parametrize("name,train,low,high", [("base", True, 0.99, 1.02), ("base", False, 0.99, 1.03),
                                                  ("small", True, 1.0, 1.10)])
 def test_analytic_flops_match_xla(name, train, low, high):
   """XLA counts matmuls plus elementwise work, so it is about the analytic (matmul-only) figure or a little
   more: for BASE within a few percent, so the formula misses no matmul and double-counts none. The BASE
   forward reads 0.994 since GELU uses erf (one XLA op per element; erfc was expanded into many, 1.016);
-  where that last 0.6% goes is not yet known."""
+  where that last 0.6% goes is not yet known. The BASE gradient reads 0.999 since dropout hashes four
+  mask values per Threefry call (1.005 before)."""
   cfg = preset(name)
   n, batch = 32000, 2
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))

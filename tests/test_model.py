@@ -1,5 +1,6 @@
 """Model properties: parameter counts, straight-through Gumbel, feature_grad_mult, LayerDrop, remat, bf16."""
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -230,3 +231,17 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.9], rtol=1e-6)
   np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)
+  # exactly the four 16-bit halves of the hash of each group's index (not a silent fallback)
+  small = np.asarray(keep_mask(jax.random.key(7), (2, 6), 0.5))
+  k1, k2 = jax.random.key_data(jax.random.key(7))
+  bits = jax.extend.random.threefry2x32_p.bind(k1, k2, jnp.zeros(4, jnp.uint32), jnp.arange(4, dtype=jnp.uint32))
+  halves = np.asarray(jnp.stack(bits, -1)).view(np.uint16).reshape(2, 8)[:, :6]
+  np.testing.assert_array_equal(small, halves < 32768)
+  # edge cases: keep everything (65536 must not wrap to 0), keep nothing, a scalar, rate 1 with finite gradients
+  assert np.asarray(keep_mask(jax.random.key(7), (3, 7), 1.0)).all()
+  assert np.asarray(keep_mask(jax.random.key(7), (3, 7), 1 - 1e-6)).all()
+  assert not np.asarray(keep_mask(jax.random.key(7), (3, 7), 0.0)).any()
+  assert keep_mask(jax.random.key(7), (), 0.5).shape == ()
+  zero_grad = jax.grad(lambda v: Dropout(1.0).apply({}, v, deterministic=False,
+                                                    rngs={"dropout": jax.random.key(0)}).sum())(x)
+  np.testing.assert_array_equal(zero_grad, np.zeros_like(x))

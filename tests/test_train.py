@@ -145,10 +145,13 @@ def test_non_finite_steps_are_skipped_then_abort(speech_like_shards, tmp_path):
     loop.train_and_evaluate(c, str(tmp_path / "nan"))
 
 
-def test_skipped_step_leaves_state_untouched(speech_like_shards):
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monkeypatch):
+  """Both forms of the guard: the CPU's lax.cond and the select that GPU/TPU steps compile."""
   import jax.numpy as jnp
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import optim, step as steps
+  monkeypatch.setattr(steps, "compile_platform", lambda: platform)
   c = _config(speech_like_shards, 1)
   c.optim.warmup_steps = 0
   cfg, obj = loop.model_config(c), loop.objective_config(c)

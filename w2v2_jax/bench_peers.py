@@ -10,7 +10,8 @@ builds once (transformers 4.46.3, torch 2.13.0 CPU, and our own jax/flax/optax v
 two JAX stacks share one XLA), each in its own process, waiting on stdin between steps. After
 one warm-up step each and --warmup_rounds untimed rounds, the rounds alternate ours, HF Flax, HF
 PyTorch, so machine noise falls on all three alike. Our process keeps freed host memory mapped
-(cli.keep_freed_host_memory); the peers keep glibc's defaults unless MALLOC_* is set for all. Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
+(cli.keep_freed_host_memory); the peers keep glibc's defaults unless MALLOC_* is set for all.
+Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Small building blocks shared by the model files: fp32 norms, dense layers with logical axes, GELU."""
+"""Small building blocks shared by the model files: fp32 norms, dense layers with logical axes, GELU,
+dropout with cheaper masks."""
 from __future__ import annotations
 
 import functools
-
 import math
 
 import flax.linen as nn
@@ -54,17 +54,20 @@ def keep_mask(key, shape, keep_prob: float):
   here they are four 16-bit uniforms, counted by each element's index in the global array, so a
   sharded step draws the same mask as one device. Other key kinds use jax.random.bernoulli.
   """
+  threshold = round(keep_prob * 65536)
+  if threshold >= 65536 or threshold <= 0:   # also keeps 65536 from wrapping to 0 as a uint16
+    return jnp.full(shape, threshold > 0)
+  if not shape or str(jax.random.key_impl(key)) != "threefry2x32" or math.prod(shape) >= 2 ** 32:
+    return jax.random.bernoulli(key, keep_prob, shape)
   groups = -(-shape[-1] // 4)
   grouped = (*shape[:-1], groups)
-  if str(jax.random.key_impl(key)) != "threefry2x32" or math.prod(grouped) >= 2 ** 32:
-    return jax.random.bernoulli(key, keep_prob, shape)
   counts = jnp.zeros(grouped, jnp.uint32)
   for axis, stride in enumerate(math.prod(grouped[i + 1:]) for i in range(len(grouped))):
     counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grouped, axis) * jnp.uint32(stride)
   k1, k2 = jax.random.key_data(key)
   bits = jax.extend.random.threefry2x32_p.bind(k1, k2, jnp.zeros_like(counts), counts)
   uniform16 = jax.lax.bitcast_convert_type(jnp.stack(bits, -1), jnp.uint16).reshape(*shape[:-1], 4 * groups)
-  return uniform16[..., :shape[-1]] < round(keep_prob * 65536)
+  return uniform16[..., :shape[-1]] < threshold
 
 
 class Dropout(nn.Module):
@@ -75,6 +78,8 @@ class Dropout(nn.Module):
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
     keep = keep_mask(self.make_rng("dropout"), x.shape, 1.0 - self.rate)
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.parallel import compile_platform
 from w2v2_jax.models.layers import Dropout, LayerNorm, dense, gelu, materialize_grad, partitioned
+from w2v2_jax.parallel import compile_platform
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
