@@ -154,17 +154,23 @@ def test_config_rejects_inconsistent_values():
     presets.tiny().replace(feat_extract_norm="batch")
 
 
-def test_cpu_grouped_conv_has_the_plain_convs_values_and_gradients():
-  """The positional conv's CPU weight-gradient formulation (models/transformer.py) is exact."""
-  from w2v2_jax.models.transformer import _conv, grouped_conv_cpu
-  x = jax.random.normal(jax.random.key(0), (3, 37, 24))
-  w = jax.random.normal(jax.random.key(1), (8, 6, 24)) * 0.1   # kernel 8, 4 groups of 6 channels
-  dy = jax.random.normal(jax.random.key(2), (3, 38, 24))
-  y_ref, vjp_ref = jax.vjp(lambda a, b: _conv(a, b, 4, 4), x, w)
-  y, vjp = jax.vjp(lambda a, b: grouped_conv_cpu(a, b, 4, 4), x, w)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("frames,kernel,groups,channels", [(37, 8, 4, 6), (29, 7, 2, 5), (5, 16, 3, 4),
+                                                         (99, 128, 16, 3)])
+def test_dft_positional_conv_has_the_plain_convs_values_and_gradients(frames, kernel, groups, channels):
+  """The positional conv's CPU form (models/dft_conv.py) is the plain grouped conv, gradients included,
+  for even and odd kernels, a kernel longer than the input and BASE's kernel; one DFT bin less aliases."""
+  from w2v2_jax.models.dft_conv import dft_length, grouped_conv_dft
+  from w2v2_jax.models.transformer import _conv
+  h, pad = groups * channels, kernel // 2
+  x = jax.random.normal(jax.random.key(0), (3, frames, h))
+  w = jax.random.normal(jax.random.key(1), (kernel, channels, h)) * 0.1
+  dy = jax.random.normal(jax.random.key(2), (3, frames + 2 * pad - kernel + 1, h))
+  y_ref, vjp_ref = jax.vjp(lambda a, b: _conv(a, b, groups, pad), x, w)
+  y, vjp = jax.vjp(lambda a, b: grouped_conv_dft(a, b, groups, pad), x, w)
+  for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):   # float32 rounding of sums over frames
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(want)).max())
+  aliased = grouped_conv_dft(x, w, groups, pad, length=dft_length(frames, kernel, pad) - 1)
+  assert np.abs(np.asarray(aliased - y_ref)).max() > 1e-3
 
 
 def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):

@@ -1,13 +1,12 @@
 """The context network: convolutional relative position embedding + post-LN or pre-LN transformer."""
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
+from w2v2_jax.models.dft_conv import grouped_conv_dft
 from w2v2_jax.models.layers import Dropout, LayerNorm, dense, gelu, materialize_grad, partitioned
 from w2v2_jax.parallel import compile_platform
 
@@ -17,41 +16,6 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 def _conv(x, w, groups: int, pad: int):
   return jax.lax.conv_general_dilated(x, w, window_strides=(1,), padding=[(pad, pad)],
                                       dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def grouped_conv_cpu(x, w, groups: int, pad: int):
-  """The grouped positional conv with a weight gradient XLA:CPU computes ~25x faster.
-
-  XLA:CPU computes the weight gradient of a grouped conv (a batch_group_count conv) slowly: 14.1 s
-  alone at BASE's shapes, batch 4 x 4 s, 2 cores. The same gradient written as a forward grouped
-  conv (channels-in-group as the batch, utterances as the input features, time as the window)
-  takes 0.5 s; the stable-LN BASE step went from 14.6 s to 10.8 s. Values and gradients are the
-  plain conv's (tests/test_model.py). Used on CPU only; on a CPU mesh XLA counts more FLOPs with
-  it (tiny step, 8 devices: 1.21 vs 1.12 GFLOP), so part of this gradient is not partitioned.
-  """
-  return _conv(x, w, groups, pad)
-
-
-def _grouped_conv_fwd(x, w, groups, pad):
-  return _conv(x, w, groups, pad), (x, w)
-
-
-def _grouped_conv_bwd(groups, pad, res, dy):
-  x, w = res
-  dx = jax.vjp(lambda x_: _conv(x_, w, groups, pad), x)[1](dy)[0]
-  b, t, h = x.shape
-  c, d = h // groups, w.shape[-1] // groups
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0))).reshape(b, t + 2 * pad, groups, c)
-  lhs = xp.transpose(3, 1, 2, 0).reshape(c, t + 2 * pad, groups * b)        # [c, time, groups x batch]
-  out_t = dy.shape[1]
-  rhs = dy.reshape(b, out_t, groups, d).transpose(1, 0, 2, 3).reshape(out_t, b, groups * d)
-  dw = jax.lax.conv_general_dilated(lhs, rhs, window_strides=(1,), padding="VALID",
-                                    dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
-  return dx, dw.transpose(1, 0, 2).astype(w.dtype)
-
-
-grouped_conv_cpu.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
 
 
 class WeightNormConv(nn.Module):
@@ -75,7 +39,9 @@ class WeightNormConv(nn.Module):
       # batch is sharded while a mesh axis (tensor) is replicated; sharding the channels (whole
       # groups) over that axis avoids it. Caught by tests/test_train.py's 2x2x2 mesh test.
       x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
-    conv = grouped_conv_cpu if compile_platform() == "cpu" else _conv
+    # XLA:CPU runs this conv at a third of its matmul peak (its weight gradient far slower): on CPU it is
+    # the same linear map as DFT-domain matmuls (models/dft_conv.py).
+    conv = grouped_conv_dft if compile_platform() == "cpu" else _conv
     y = conv(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype), groups, k // 2)
     return y + bias.astype(cfg.compute_dtype)
 
