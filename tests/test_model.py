@@ -207,6 +207,17 @@ def test_gelu_is_torchs_exact_gelu():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_threefry_written_out_is_jaxs_threefry():
+  """layers.threefry2x32 gives jax's bits exactly: Random123's known answer, and random keys and counters."""
+  from w2v2_jax.models.layers import threefry2x32
+  kat = threefry2x32(jnp.uint32(0x13198A2E), jnp.uint32(0x03707344), jnp.uint32(0x243F6A88), jnp.uint32(0x85A308D3))
+  assert [int(v) for v in kat] == [0xC4923A9C, 0x483DF7A0]
+  k1, k2, x1, x2 = (jax.random.bits(k, (1000,), jnp.uint32) for k in jax.random.split(jax.random.key(3), 4))
+  want = jax.extend.random.threefry2x32_p.bind(k1, k2, x1, x2)
+  for got, ref in zip(jax.jit(threefry2x32)(k1, k2, x1, x2), want):
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_dropout_keep_mask_is_bernoulli_and_independent():
   """layers.keep_mask (four 16-bit draws per Threefry hash) keeps 1 - rate of the values, with no
   correlation between neighbours (the four draws of one hash sit side by side) and none across keys."""
