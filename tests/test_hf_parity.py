@@ -53,18 +53,21 @@ def _run_both(cfg, params, ref, padded):
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_hidden_states_match(pair, padded):
+  """Equal on every real frame to 1e-4. Padded frames' context vectors are masked out of attention and every
+  loss; on CPU the positional conv's DFT form rounds relative to the whole sequence (~1e-6), which a post-LN
+  layer's LayerNorm of a padded frame's near-zero vector amplifies (2.3e-3 seen), so there only to 1e-2."""
   cfg, params, ref = pair
-  """Equal on every real frame. Padded frames' context vectors are masked out of attention and every loss;
-  on CPU the positional conv's DFT form rounds relative to the whole sequence (~1e-6), which a post-LN
-  layer's LayerNorm of a padded frame's near-zero vector amplifies (2e-3 seen), so they are not compared."""
   ours, _, base, _, _ = _run_both(cfg, params, ref, padded)
   real = np.asarray(ours.encoder.frame_mask)
   assert real.sum() == sum(int(cfg.num_frames(n)) for n in LENGTHS) if padded else real.all()
-  np.testing.assert_allclose(np.asarray(ours.encoder.last_hidden_state)[real], base.last_hidden_state.numpy()[real],
-                             atol=1e-4, rtol=0)
+  pairs = [(ours.encoder.last_hidden_state, base.last_hidden_state, "last_hidden_state")]
   assert len(ours.encoder.hidden_states) == len(base.hidden_states) == cfg.num_hidden_layers + 1
-  for i, (a, b) in enumerate(zip(ours.encoder.hidden_states, base.hidden_states)):
-    np.testing.assert_allclose(np.asarray(a)[real], b.numpy()[real], atol=1e-4, rtol=0, err_msg=f"hidden_states[{i}]")
+  pairs += [(a, b, f"hidden_states[{i}]") for i, (a, b) in enumerate(zip(ours.encoder.hidden_states,
+                                                                            base.hidden_states))]
+  for a, b, name in pairs:
+    a, b = np.asarray(a), b.numpy()
+    np.testing.assert_allclose(a[real], b[real], atol=1e-4, rtol=0, err_msg=name)
+    np.testing.assert_allclose(a[~real], b[~real], atol=1e-2, rtol=0, err_msg=name + ", padded frames")
   np.testing.assert_allclose(np.asarray(ours.encoder.extract_features), base.extract_features.numpy(), atol=1e-5)
 
 

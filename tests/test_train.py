@@ -217,17 +217,22 @@ def test_two_process_run_matches_one_process(speech_like_shards, tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)])
-def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape):
+@pytest.mark.parametrize("mesh_shape,pos_conv", [((2, 2, 2), "dft"), ((8, 1, 1), "dft"), ((2, 2, 2), "xla")])
+def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, pos_conv, monkeypatch):
   """One train step on a (data, fsdp, tensor) mesh: same loss and updated parameters as on one device.
 
   Adam's first update is ~lr * sign(g), which turns reduction-order noise in near-zero gradients into
   full-size parameter differences; eps = 1 makes the update ~lr * g, so parameters compare gradients.
+  pos_conv="xla" runs the positional conv as GPU/TPU compile it (XLA's grouped conv, whose doubled
+  weight gradient on a tensor axis models/transformer.py works around) instead of CPU's DFT form.
   """
   import jax.numpy as jnp
   from w2v2_jax import parallel
+  from w2v2_jax.models import transformer
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import step as steps
+  if pos_conv == "xla":
+    monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
 
   def config(mesh):
     c = _config(speech_like_shards, 1)

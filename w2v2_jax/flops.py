@@ -3,8 +3,9 @@
 Counts multiply-adds of the matmuls and convolutions as 2 FLOPs each (elementwise work, norms and
 softmax are left out, as in the usual MFU convention). A train step is 3x the forward: the backward
 computes gradients with respect to both inputs and weights. Rematerialised recomputation is NOT
-counted, so MFU measures useful work only. The positional conv counts as the direct conv it is, even
-where it is computed with fewer operations (on CPU, as DFT-domain matmuls: models/dft_conv.py). Cross-checked against XLA's cost_analysis in
+counted, so MFU measures useful work only. The positional conv counts as the direct conv it is,
+even where it is computed with fewer operations (on CPU, as DFT-domain matmuls:
+models/dft_conv.py). Cross-checked against XLA's cost_analysis in
 tests/test_flops.py.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ class WeightNormConv(nn.Module):
     if not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1:
       # XLA's SPMD partitioner (jax 0.10.2) returns twice the weight gradient of a grouped conv whose
       # batch is sharded while a mesh axis (tensor) is replicated; sharding the channels (whole
-      # groups) over that axis avoids it. Caught by tests/test_train.py's 2x2x2 mesh test.
+      # groups) over that axis avoids it. Caught by tests/test_train.py's 2x2x2 mesh test (its "xla" case).
       x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
     # XLA:CPU runs this conv at a third of its matmul peak (its weight gradient far slower): on CPU it is
     # the same linear map as DFT-domain matmuls (models/dft_conv.py).
