@@ -21,8 +21,9 @@ def test_analytic_flops_match_xla(name, train, low, high, monkeypatch):
   more: for BASE within a few percent, so the formula misses no matmul and double-counts none. The BASE
   forward reads 0.994 since GELU uses erf (one XLA op per element; erfc was expanded into many, 1.016);
   where that last 0.6% goes is not yet known. The BASE gradient reads 0.996 since dropout hashes four
-  mask values per Threefry call (1.005 before; 0.999 until the hash was written out, layers.threefry2x32). The positional conv is counted as the plain conv: on CPU it
-  runs as DFT-domain matmuls (models/dft_conv.py), which do less arithmetic for the same result."""
+  mask values per Threefry call (1.005 before; 0.999 until the hash was written out, layers.threefry2x32).
+  The positional conv is counted as the plain conv: on CPU it runs as DFT-domain matmuls
+  (models/dft_conv.py), which do less arithmetic for the same result."""
   from w2v2_jax.models import transformer  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
   cfg = preset(name)
