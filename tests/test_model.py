@@ -207,6 +207,48 @@ def test_gelu_is_torchs_exact_gelu():
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,offset", [((3, 37, 16), 0.0), ((2, 5, 9, 7), 3.0), ((41, 512), -2.0)])
+def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset):
+  """layers.layer_norm_gelu (CPU's LayerNorm + GELU with its own backward) against autodiff of the plain
+  composition: values, and the gradients of input, scale and bias, on odd sizes and offset inputs."""
+  from w2v2_jax.models.layers import gelu, layer_norm_gelu
+  keys = jax.random.split(jax.random.key(5), 4)
+  x = jax.random.normal(keys[0], shape) * 2.0 + offset
+  scale = 1.0 + 0.3 * jax.random.normal(keys[1], shape[-1:])
+  bias = 0.2 * jax.random.normal(keys[2], shape[-1:])
+  upstream = jax.random.normal(keys[3], shape)
+
+  def plain(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return gelu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias)
+
+  def fused(x, scale, bias):
+    return layer_norm_gelu(x, scale, bias, 1e-5)
+
+  want, want_vjp = jax.vjp(plain, x, scale, bias)
+  got, got_vjp = jax.jit(lambda *a: jax.vjp(fused, *a))(x, scale, bias)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for g, w in zip(jax.jit(got_vjp)(upstream), want_vjp(upstream)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_layer_norm_then_gelu_is_the_same_on_every_platform(monkeypatch):
+  """LayerNorm(then_gelu=True) on CPU (the fused function) and as GPU/TPU compile it (LayerNorm, then
+  GELU) give the same values and parameter gradients."""
+  from w2v2_jax.models import layers
+  module = layers.LayerNorm(1e-5, jnp.float32, then_gelu=True)
+  x = jax.random.normal(jax.random.key(0), (2, 23, 24)) + 1.0
+  params = module.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
+  cpu = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  monkeypatch.setattr(layers, "compile_platform", lambda: "gpu")
+  other = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(other)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_threefry_written_out_is_jaxs_threefry():
   """layers.threefry2x32 gives jax's bits exactly: Random123's known answer, and random keys and counters."""
   from w2v2_jax.models.layers import threefry2x32

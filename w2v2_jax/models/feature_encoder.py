@@ -26,10 +26,10 @@ class ConvLayer(nn.Module):
                 kernel_init=partitioned(_KAIMING, ("conv_kernel", "conv_in", "conv_out")),
                 bias_init=partitioned(uniform_range(-bound, bound), ("conv_out",)),
                 name="conv")(x)
-    if self.norm is not None:
-      axis = -2 if self.norm == "group" else -1
-      x = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, reduce_axis=axis, name="layer_norm")(x)
-    return gelu(x)
+    if self.norm is None:
+      return gelu(x)
+    axis = -2 if self.norm == "group" else -1
+    return LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, reduce_axis=axis, then_gelu=True, name="layer_norm")(x)
 
 
 class FeatureEncoder(nn.Module):
