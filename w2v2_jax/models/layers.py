@@ -51,10 +51,10 @@ class LayerNorm(nn.Module):
     return gelu(y) if self.then_gelu else y
 
 
-def _row_mean(x):
-  """Mean over the last axis as a matrix-vector product (exact fp32 products, [..., 1])."""
-  ones = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
-  return jnp.dot(x, ones, precision=jax.lax.Precision.HIGHEST)
+def _row_mean(x, weights=None):
+  """Mean over the last axis of x (times `weights`) as a matrix-vector product, [..., 1]."""
+  w = jnp.ones(x.shape[-1:], x.dtype) if weights is None else weights
+  return jnp.dot(x, (w / x.shape[-1])[:, None], precision=jax.lax.Precision.HIGHEST)
 
 
 def _layer_norm_stats(x, eps):
@@ -68,8 +68,9 @@ def layer_norm_gelu(x, scale, bias, eps: float):
 
   XLA:CPU's reduction fusions take their broadcast operands materialised: autodiff's LayerNorm +
   GELU on the stable extractor's conv-0 output [4, 12799, 512] wrote the scale and 1/std broadcast
-  to full size and took 137 ms forward + backward. Row means as matrix-vector products and one
-  backward pass per quantity take 88 ms, and the stable-LN BASE step 0.976 of itself.
+  to full size and took 137 ms forward + backward. With row means as matrix-vector products (the
+  scale folded into the vector) and each full-size quantity written once, 75 ms; the stable-LN
+  BASE step runs 0.963 of itself.
   """
   return _layer_norm_gelu_fwd(x, scale, bias, eps)[0]
 
@@ -86,10 +87,11 @@ def _layer_norm_gelu_bwd(eps, residuals, grad):
   z = x_hat * scale + bias
   # d gelu(z) / dz = Phi(z) + z phi(z)
   dz = grad * (0.5 * (1 + jax.lax.erf(z * 0.7071067811865476)) + z * jnp.exp(-0.5 * z * z) * 0.3989422804014327)
-  dx_hat = dz * scale
-  dx = rstd * (dx_hat - _row_mean(dx_hat) - x_hat * _row_mean(dx_hat * x_hat))
+  dz_x_hat = dz * x_hat
+  # LayerNorm's input gradient: rstd (dx_hat - mean(dx_hat) - x_hat mean(dx_hat x_hat)), dx_hat = dz scale
+  dx = rstd * (dz * scale - _row_mean(dz, scale) - x_hat * _row_mean(dz_x_hat, scale))
   rows = tuple(range(x.ndim - 1))
-  return dx, jnp.sum(dz * x_hat, rows), jnp.sum(dz, rows)
+  return dx, jnp.sum(dz_x_hat, rows), jnp.sum(dz, rows)
 
 
 layer_norm_gelu.defvjp(_layer_norm_gelu_fwd, _layer_norm_gelu_bwd)
