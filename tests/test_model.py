@@ -207,26 +207,28 @@ def test_gelu_is_torchs_exact_gelu():
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("axis", [-1, -2])
 @pytest.mark.parametrize("shape,offset", [((3, 37, 16), 0.0), ((2, 5, 9, 7), 3.0), ((41, 512), -2.0)])
-def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset):
-  """layers.layer_norm_gelu (CPU's LayerNorm + GELU with its own backward) against autodiff of the plain
-  composition: values, and the gradients of input, scale and bias, on odd sizes, offset inputs and
-  rows whose variance is below eps."""
+def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset, axis):
+  """layers.layer_norm_gelu (CPU's LayerNorm, or per-channel GroupNorm over time, + GELU with its own
+  backward) against autodiff of the plain composition: values, and the gradients of input, scale and
+  bias, on odd sizes, offset inputs and groups whose variance is below eps."""
   from w2v2_jax.models.layers import gelu, layer_norm_gelu
   keys = jax.random.split(jax.random.key(5), 4)
   x = jax.random.normal(keys[0], shape) * 2.0 + offset
-  x = x.at[0].multiply(1e-3)   # rows whose variance (~4e-6) eps (1e-5) dominates
+  # groups whose variance (~4e-6) eps (1e-5) dominates
+  x = x.at[0].multiply(1e-3) if axis == -1 else x.at[..., 0].multiply(1e-3)
   scale = 1.0 + 0.3 * jax.random.normal(keys[1], shape[-1:])
   bias = 0.2 * jax.random.normal(keys[2], shape[-1:])
   upstream = jax.random.normal(keys[3], shape)
 
   def plain(x, scale, bias):
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    mean = x.mean(axis, keepdims=True)
+    var = jnp.square(x - mean).mean(axis, keepdims=True)
     return gelu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias)
 
   def fused(x, scale, bias):
-    return layer_norm_gelu(x, scale, bias, 1e-5)
+    return layer_norm_gelu(x, scale, bias, 1e-5, axis)
 
   want, want_vjp = jax.vjp(plain, x, scale, bias)
   got, got_vjp = jax.jit(lambda *a: jax.vjp(fused, *a))(x, scale, bias)
@@ -235,11 +237,12 @@ def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.abs(w).max()))
 
 
-def test_layer_norm_then_gelu_is_the_same_on_every_platform(monkeypatch):
+@pytest.mark.parametrize("reduce_axis", [-1, -2])
+def test_layer_norm_then_gelu_is_the_same_on_every_platform(monkeypatch, reduce_axis):
   """LayerNorm(then_gelu=True) on CPU (the fused function) and as GPU/TPU compile it (LayerNorm, then
-  GELU) give the same values and parameter gradients."""
+  GELU) give the same values and parameter gradients, over channels and (BASE's GroupNorm) over time."""
   from w2v2_jax.models import layers
-  module = layers.LayerNorm(1e-5, jnp.float32, then_gelu=True)
+  module = layers.LayerNorm(1e-5, jnp.float32, reduce_axis=reduce_axis, then_gelu=True)
   x = jax.random.normal(jax.random.key(0), (2, 23, 24)) + 1.0
   params = module.init(jax.random.key(1), x)
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
