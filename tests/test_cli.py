@@ -159,3 +159,42 @@ def test_freed_host_memory_is_reused_without_page_faults():
   assert probe("off")[1] > 60000
   applied, faults = probe("on", {"MALLOC_ARENA_MAX": "4"})
   assert not applied and faults > 60000
+
+
+_HEAP_PROBE = """
+import ctypes, itertools, re, sys
+from w2v2_jax.cli import keep_freed_host_memory
+print(keep_freed_host_memory())
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+buf = libc.malloc(64 * 2**20)
+ctypes.memset(buf, 1, 64 * 2**20)
+lines = open("/proc/self/smaps").read().split("[heap]")[1].splitlines()[1:]
+fields = dict(line.split(":", 1) for line in itertools.takewhile(lambda l: re.match(r"[A-Za-z_]+:", l), lines))
+print(int(fields["Size"].split()[0]) // 1024, int(fields["AnonHugePages"].split()[0]) // 1024, fields["VmFlags"].split())
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_the_kept_heap_is_reserved_on_huge_pages():
+  """cli._huge_page_heap: the heap is grown by half the RAM, marked MADV_HUGEPAGE ('hg'), and a written
+  64 MiB temporary lands on 2 MiB pages; without the call the heap is small and plain."""
+  try:
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    overcommit = open("/proc/sys/vm/overcommit_memory").read().strip()
+  except OSError:
+    pytest.skip("no transparent huge pages on this kernel")
+  if "[never]" in thp or overcommit == "2":
+    pytest.skip("huge pages off or strict overcommit: the reservation is skipped by design")
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+  env["JAX_PLATFORMS"] = "cpu"
+  total_mib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:")) // 1024
+  def probe(extra=None):
+    lines = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env={**env, **(extra or {})},
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    size_mib, huge_mib, flags = lines[1].split(" ", 2)
+    return lines[0] == "True", int(size_mib), int(huge_mib), "'hg'" in flags
+  applied, size_mib, huge_mib, hg = probe()
+  assert applied and hg and size_mib >= total_mib // 2 and huge_mib >= 32
+  applied, size_mib, huge_mib, hg = probe({"MALLOC_ARENA_MAX": "1"})
+  assert not applied and not hg and size_mib < total_mib // 4 and huge_mib == 0
