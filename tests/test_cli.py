@@ -1,6 +1,7 @@
 """w2v2-extract and w2v2-export end to end, including one-line errors for bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,3 +199,36 @@ def test_the_kept_heap_is_reserved_on_huge_pages():
   assert applied and hg and size_mib >= total_mib // 2 and huge_mib >= 32
   applied, size_mib, huge_mib, hg = probe({"MALLOC_ARENA_MAX": "1"})
   assert not applied and not hg and size_mib < total_mib // 4 and huge_mib == 0
+
+
+def test_cpu_jemalloc_launcher_loads_jemalloc_or_says_what_to_install(tmp_path):
+  """launch/cpu_jemalloc.sh: the command runs with libjemalloc.so.2 mapped and MALLOC_CONF set (when the
+  host has it; JEMALLOC overrides the lookup), and a missing library is one line naming the package."""
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "cpu_jemalloc.sh")
+  show = [sys.executable, "-c", "import os; print('libjemalloc' in open('/proc/self/maps').read(), "
+          "os.environ.get('MALLOC_CONF', '').startswith('thp:always'))"]
+  missing = subprocess.run([script, *show], env={**os.environ, "JEMALLOC": str(tmp_path / "libjemalloc.so.2")},
+                           capture_output=True, text=True)
+  assert missing.returncode == 1 and missing.stdout == ""
+  assert len(missing.stderr.strip().splitlines()) == 1 and "apt-get install libjemalloc2" in missing.stderr
+  # The preload itself, with a stand-in library (a copy of libm) where the host has no jemalloc.
+  stand_in = tmp_path / "libjemalloc.so.2"
+  shutil.copy(_loaded_path("libm.so"), stand_in)
+  env = {k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}
+  assert subprocess.run([script, *show], env={**env, "JEMALLOC": str(stand_in)}, capture_output=True, text=True,
+                        check=True).stdout.split() == ["True", "True"]
+  found = subprocess.run(["bash", "-c", "(ldconfig -p || /sbin/ldconfig -p) 2>/dev/null | grep -c 'libjemalloc.so.2 '"],
+                         capture_output=True, text=True).stdout.strip()
+  if found not in ("", "0"):  # the real one, found by ldconfig
+    env.pop("JEMALLOC", None)
+    assert subprocess.run([script, *show], env=env, capture_output=True, text=True,
+                          check=True).stdout.split() == ["True", "True"]
+
+
+def _loaded_path(prefix: str) -> str:
+  """The file of a shared library this process has mapped (e.g. 'libm.so')."""
+  for line in open("/proc/self/maps"):
+    path = line.split()[-1]
+    if os.path.basename(path).startswith(prefix):
+      return path
+  raise FileNotFoundError(prefix)

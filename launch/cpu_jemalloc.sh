@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs a command (a CPU job) under jemalloc on transparent huge pages: XLA:CPU mallocs thousands of
+# scratch buffers a step, and glibc's bins cost ~5% of its CPU time; the stable-LN BASE step took
+# 0.92 of its time with glibc and our own setting (README, Performance). Needs libjemalloc.so.2
+# (Debian/Ubuntu: apt-get install libjemalloc2), or JEMALLOC=/path/to/libjemalloc.so.2.
+# Usage: launch/cpu_jemalloc.sh COMMAND [ARGS...]
+# e.g.   launch/cpu_jemalloc.sh w2v2-train --config=experiments/demo.py --workdir=/tmp/w2v2_demo
+set -euo pipefail
+[ "$#" -gt 0 ] || { echo "cpu_jemalloc.sh: error: no command given; usage: launch/cpu_jemalloc.sh COMMAND [ARGS...]" >&2; exit 2; }
+lib=${JEMALLOC:-$( (ldconfig -p || /sbin/ldconfig -p) 2>/dev/null | awk '/libjemalloc\.so\.2 .*x86-64|libjemalloc\.so\.2 .*AArch64/ {print $NF; exit}')}
+if [ -z "$lib" ] || [ ! -f "$lib" ]; then
+  echo "cpu_jemalloc.sh: error: libjemalloc.so.2 not found${JEMALLOC:+ at JEMALLOC=$JEMALLOC}; install it (apt-get install libjemalloc2) or set JEMALLOC=/path/to/libjemalloc.so.2" >&2
+  exit 1
+fi
+export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+# Huge pages, and freed pages kept for the next step (as cli.keep_freed_host_memory does for glibc,
+# which steps aside because MALLOC_CONF is set).
+export MALLOC_CONF=${MALLOC_CONF:-thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1}
+exec "$@"
