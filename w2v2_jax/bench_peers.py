@@ -9,8 +9,9 @@ contrastive + diversity loss, backward and an AdamW update. The peers run in a v
 builds once (transformers 4.46.3, torch 2.13.0 CPU, and our own jax/flax/optax versions, so the
 two JAX stacks share one XLA), each in its own process, waiting on stdin between steps. After
 one warm-up step each and --warmup_rounds untimed rounds, the rounds alternate ours, HF Flax, HF
-PyTorch, so machine noise falls on all three alike. Our process keeps freed host memory mapped
-(cli.keep_freed_host_memory); the peers keep glibc's defaults unless MALLOC_* is set for all.
+PyTorch, so machine noise falls on all three alike. Our process keeps freed host memory mapped, on
+huge pages (cli.keep_freed_host_memory); the peers keep glibc's defaults unless the allocator is
+set for all (MALLOC_* / GLIBC_TUNABLES, or launch/cpu_jemalloc.sh, which then applies to all three).
 Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
 """
 from __future__ import annotations
