@@ -48,9 +48,10 @@ def keep_freed_host_memory() -> bool:
   zero-filled ~640k fresh pages every step (1.4 s of system time; the step took 4.05-4.13 s instead
   of 3.39-3.54 s). One arena, no mmap and no trimming keep those pages for the next step. The heap is
   also reserved ahead and backed by transparent huge pages (`_huge_page_heap`: the step 0.90-0.94 of
-  itself). Call it before JAX's first computation: a thread that already has an arena keeps it. Skipped when
-  GLIBC_TUNABLES or a MALLOC_* variable says the user manages the allocator, and when JAX will run
-  on an accelerator (JAX_PLATFORMS not starting with cpu, or a TPU/GPU plugin installed without it).
+  itself; large callocs then zero-fill at once). Call it before JAX's first computation: a thread
+  that already has an arena keeps it. Skipped when GLIBC_TUNABLES or a MALLOC_* variable says the
+  user manages the allocator, and when JAX will run on an accelerator (JAX_PLATFORMS not starting
+  with cpu, or a TPU/GPU plugin installed without it).
   """
   import ctypes  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -79,10 +80,13 @@ def _huge_page_heap(libc) -> bool:
   """Grows the (never trimmed) heap by half the RAM, unused, and marks it MADV_HUGEPAGE; returns whether done.
 
   XLA:CPU's temporaries then sit on 2 MiB pages: the stable-LN BASE step took 0.90-0.94 of its time
-  with 4 KiB pages (fewer TLB misses; glibc's own GLIBC_TUNABLES=glibc.malloc.hugetlb=1 measured
-  the same). Only address space is taken: pages fault in when first written, as before. Skipped
-  unless the kernel offers huge pages on request and overcommits heuristically (strict accounting
-  would charge the whole reservation).
+  with 4 KiB pages (glibc's own GLIBC_TUNABLES=glibc.malloc.hugetlb=1 measured the same; which of
+  fewer TLB misses or fewer page faults gives it was not isolated). Only address space is reserved:
+  malloc'ed pages fault in when first written, as before, but a large calloc (np.zeros, bytes(n))
+  now zero-fills, and so touches, its pages at once, since the heap's top is no longer fresh from
+  sbrk. Growth past the reservation gets 4 KiB pages. Skipped unless the kernel offers huge pages on
+  request, overcommits heuristically (strict accounting would charge the whole reservation) and the
+  reservation lands in the [heap] mapping (brk blocked: glibc falls back to mmap).
   """
   import ctypes  # pylint: disable=import-outside-toplevel
   try:
@@ -99,7 +103,7 @@ def _huge_page_heap(libc) -> bool:
   libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
   libc.free.argtypes = [ctypes.c_void_p]
   libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-  block = libc.malloc(total // 2)  # with no mmap, from the heap's top; freed, it stays there untrimmed
+  block = libc.malloc(total // 2)  # no mmap: from the heap's top (sbrk); freed, it stays there untrimmed
   if not block:
     return False
   libc.free(block)
@@ -108,6 +112,8 @@ def _huge_page_heap(libc) -> bool:
   if not heap:
     return False
   start, end = min(a for a, _ in heap), max(b for _, b in heap)
+  if not start <= block < end:
+    return False
   madv_hugepage = 14
   return libc.madvise(start, end - start, madv_hugepage) == 0
 
