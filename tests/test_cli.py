@@ -145,12 +145,17 @@ print(applied, min(faults[1:]))
 """
 
 
+def _cpu_env_with_default_allocator() -> dict:
+  """This environment on CPU, less anything that tells glibc's allocator what to do."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+  return {**env, "JAX_PLATFORMS": "cpu"}
+
+
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_freed_host_memory_is_reused_without_page_faults():
   """cli.keep_freed_host_memory: a freed 256 MiB buffer comes back without faulting its pages in again
   (with glibc's defaults a worker thread faults all 65536 in on every allocation); MALLOC_* is respected."""
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = _cpu_env_with_default_allocator()
   def probe(mode, extra=None):
     out = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], env={**env, **(extra or {})},
                          capture_output=True, text=True, check=True).stdout.split()
@@ -192,8 +197,7 @@ def test_the_kept_heap_is_reserved_on_huge_pages():
     pytest.skip("huge pages off or strict overcommit: the reservation is skipped by design")
   if huge_page != 2 * 2**20 or "THP_enabled:\t0" in open("/proc/self/status").read():
     pytest.skip("huge pages other than 2 MiB, or disabled for this process tree")
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = _cpu_env_with_default_allocator()
   total_mib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:")) // 1024
   def probe(extra=None):
     lines = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env={**env, **(extra or {})},
