@@ -173,6 +173,47 @@ def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monke
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good.params)))
 
 
+def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
+  """1, 2 and 4 micro-batches of one batch: the same loss, gradient norm and update.
+
+  The CTC loss averages over sentences and each piece has its own count (different utterance and
+  label lengths, one all-padding row), so a normaliser applied twice or per piece shows. No masks,
+  dropout or LayerDrop, so the three steps see the same model. lr = eps = 1 makes Adam's first
+  update ~g / (|g| + 1), so the parameters compare gradients.
+  """
+  import jax.numpy as jnp
+  import finetune_config
+  from w2v2_jax.models.init import init_params
+  from w2v2_jax.train import optim, step as steps
+  c = finetune_config.get_config(f"{speech_like_shards},1,0")
+  c.finetune.mask_prob = 0.0
+  c.model.update(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                 final_dropout=0.0, layerdrop=0.0, feature_grad_mult=1.0, vocab_size=20)
+  c.optim.lr, c.optim.eps, c.optim.warmup_steps = 1.0, 1.0, 0
+  cfg, obj = loop.model_config(c), loop.objective_config(c)
+  tx = optim.optimizer(c.optim)
+  state = steps.init_state(init_params(cfg, jax.random.key(0), "ctc"), tx)
+  rng = np.random.default_rng(0)
+  lengths = np.array([16000, 9000, 12000, 16000, 8000, 15000, 11000, 16000], np.int32)
+  label_lengths = np.array([7, 3, 5, 0, 2, 9, 4, 6], np.int32)
+  batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)) * (np.arange(16000) < lengths[:, None]),
+                                jnp.int16),
+           "lengths": jnp.asarray(lengths),
+           "labels": jnp.asarray(rng.integers(1, 20, (8, 9)) * (np.arange(9) < label_lengths[:, None]), jnp.int32),
+           "label_lengths": jnp.asarray(label_lengths)}
+  results = {}
+  for micro in (1, 2, 4):
+    c.train.microbatches = micro
+    new, metrics = jax.jit(steps.make_train_step(cfg, obj, tx, c))(state, batch, jax.random.key(1))
+    results[micro] = (float(metrics["loss"]), float(metrics["grad_norm"]), new.params)
+  loss, grad_norm, params = results[1]
+  assert grad_norm > 0 and np.isfinite(loss)
+  for micro in (2, 4):
+    np.testing.assert_allclose(results[micro][:2], (loss, grad_norm), rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(results[micro][2]), jax.tree.leaves(params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["demo", "base_librispeech", "large_librispeech", "large_lv60", "xlsr_300m",
                                   "demo_finetune", "base_10m", "base_1h", "base_10h", "base_100h", "base_960h"])
 def test_every_experiment_config_loads_and_validates(name):

@@ -82,7 +82,8 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
 
   The batch is split into cfg.train.microbatches pieces; gradients of each piece's summed loss
   are added and divided by the whole batch's normaliser (masked frames, or sentences for CTC), so
-  accumulation is exact. Parameters the task freezes at this step get neither gradient nor update.
+  accumulation is exact. One piece takes the gradient of the batch-mean loss directly.
+  Parameters the task freezes at this step get neither gradient nor update.
   """
   loss_fn = task_loss_fn(model_cfg, obj_cfg, cfg)
   freeze = frozen_updates(cfg)
@@ -94,12 +95,14 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
     return loss * metrics["count"], metrics  # undo the per-piece normalisation
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  mean_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch, key):
     key = jax.random.fold_in(key, state.step)
     if micro == 1:
-      (total, metrics), grads = grad_fn(state.params, batch, key, state.step)
-      count = metrics["count"]
+      # The loss is already the batch mean, so its gradient needs no division afterwards: a pass
+      # over every gradient (380 MB for BASE) that cost ~30 ms of the CPU step.
+      (loss, metrics), grads = mean_grad_fn(state.params, batch, key, state.step)
     else:
       pieces = lambda x: x.reshape((micro, x.shape[0] // micro) + x.shape[1:])  # noqa: E731
       def body(carry, xs):
@@ -112,15 +115,15 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
                                                (jax.tree.map(pieces, batch), jnp.arange(micro)))
       metrics = jax.tree.map(lambda v: v.mean(0), ms)
       metrics["count"] = count
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
+      count = jnp.maximum(count, 1.0)
+      grads = jax.tree.map(lambda g: g / count, grads)
+      loss = total / count
     def zero_frozen(tree):
       if freeze is None:
         return tree
       return jax.tree_util.tree_map_with_path(
           lambda path, x: jnp.where(freeze(tuple(p.key for p in path), state.step), jnp.zeros_like(x), x), tree)
     grads = zero_frozen(grads)
-    loss = total / count
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = apply_if_finite(finite, tx, grads, state, zero_frozen)
