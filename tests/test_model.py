@@ -311,3 +311,24 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   zero_grad = jax.grad(lambda v: Dropout(1.0).apply({}, v, deterministic=False,
                                                     rngs={"dropout": jax.random.key(0)}).sum())(x)
   np.testing.assert_array_equal(zero_grad, np.zeros_like(x))
+
+
+def test_attention_in_two_halves_on_cpu_is_the_whole_batch_attention(monkeypatch):
+  """On one CPU device the attention core runs as two halves of the batch: the same values and
+  gradients as the whole batch at once (as GPU/TPU compile it), with the same dropout mask (rate 0.5,
+  so a different mask would change most outputs) and padded keys."""
+  from w2v2_jax.models import transformer
+  cfg = presets.preset("tiny").replace(attention_dropout=0.5)
+  module = transformer.Attention(cfg, deterministic=False)
+  x = jax.random.normal(jax.random.key(0), (4, 21, cfg.hidden_size))
+  key_mask = jnp.arange(21)[None] < jnp.array([[21], [15], [21], [9]])
+  params = module.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, key_mask)
+  loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, key_mask, rngs={"dropout": jax.random.key(3)})))  # noqa: E731
+  run = lambda: jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)  # noqa: E731
+  halves = run()
+  assert str(jax.make_jaxpr(module.apply)(params, x, key_mask, rngs={"dropout": jax.random.key(3)})).count(
+      "dot_general") == 2 * 2 + 4   # q, k, v, out projections + two batched matmuls per half
+  monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
+  whole = run()
+  for a, b in zip(jax.tree.leaves(halves), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -160,11 +160,19 @@ class Dropout(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
+    return self.apply_mask(x, self.mask(x.shape, deterministic))
+
+  def mask(self, shape, deterministic: bool):
+    """The keep mask a call on an array of `shape` draws (None: nothing dropped), to apply in pieces."""
     if deterministic or self.rate == 0.0:
+      return None
+    return keep_mask(self.make_rng("dropout"), shape, 1.0 - self.rate)
+
+  def apply_mask(self, x, keep):
+    if keep is None:
       return x
     if self.rate == 1.0:
       return jnp.zeros_like(x)
-    keep = keep_mask(self.make_rng("dropout"), x.shape, 1.0 - self.rate)
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
