@@ -297,6 +297,7 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.9], rtol=1e-6)
   np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(Dropout(1.0).apply({}, x, deterministic=False), 0 * x)   # needs no rng
   # exactly the four 16-bit halves of the hash of each group's index (not a silent fallback)
   small = np.asarray(keep_mask(jax.random.key(7), (2, 6), 0.5))
   k1, k2 = jax.random.key_data(jax.random.key(7))

@@ -166,6 +166,8 @@ class Dropout(nn.Module):
     """The keep mask a call on an array of `shape` draws (None: nothing dropped), to apply in pieces."""
     if deterministic or self.rate == 0.0:
       return None
+    if self.rate == 1.0:
+      return jnp.zeros(shape, bool)   # needs no dropout rng, as before
     return keep_mask(self.make_rng("dropout"), shape, 1.0 - self.rate)
 
   def apply_mask(self, x, keep):

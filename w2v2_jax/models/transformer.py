@@ -66,8 +66,8 @@ class Attention(nn.Module):
   Heads are moved ahead of time ([b, t, h*d] -> [b, h, t, d]) before the two batched matmuls: XLA:CPU
   then runs them 2% faster over the stable-LN BASE step than with the heads left in place. On CPU the
   core runs as two independent halves of the batch: XLA:CPU runs a batched matmul on one core, and
-  runs parts of the halves side by side (stable-LN BASE step 0.984; one device only, so the halves
-  never reshard a sharded batch). Same dropout mask either way.
+  runs parts of the halves side by side (stable-LN BASE step 0.984). Not under a mesh of more than
+  one device, where the halves would reshard a sharded batch. Same dropout mask either way.
   """
   cfg: ModelConfig
   deterministic: bool

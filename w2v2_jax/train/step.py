@@ -82,7 +82,8 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
 
   The batch is split into cfg.train.microbatches pieces; gradients of each piece's summed loss
   are added and divided by the whole batch's normaliser (masked frames, or sentences for CTC), so
-  accumulation is exact. One piece takes the gradient of the batch-mean loss directly.
+  sums over frames or sentences do not depend on the split (pre-training's diversity term is taken
+  per piece). One piece takes the gradient of the batch-mean loss directly.
   Parameters the task freezes at this step get neither gradient nor update.
   """
   loss_fn = task_loss_fn(model_cfg, obj_cfg, cfg)
