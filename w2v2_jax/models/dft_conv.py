@@ -8,9 +8,9 @@ wraps onto an output frame, so this is the same linear map as the conv (and auto
 exact gradients), up to float32 rounding (~1e-6 of the largest value). At BASE's shapes, batch
 4 x 4 s, its forward + backward took 90 ms against 218 ms for XLA's grouped conv with the weight
 gradient rewritten as a forward conv (this file's predecessor); the kernel transformed in its own
-layout then took 86 ms against 114 for the [K, G, C, D] layout before it (a noisier hour). Memory: the kernel's transform, about
-(frames + pad) x H x H / groups floats (LARGE at 780 frames: ~220 MB), is kept for the backward;
-the DFT tables are constants of the padded length.
+layout then took 86 ms against 114 for the [K, G, C, D] layout before it (a noisier hour).
+Memory: the kernel's transform, about (frames + pad) x H x H / groups floats (LARGE at 780 frames:
+~220 MB), is kept for the backward; the DFT tables are constants of the padded length.
 """
 from __future__ import annotations
 
