@@ -1,8 +1,6 @@
 """The context network: convolutional relative position embedding + post-LN or pre-LN transformer."""
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,7 +92,7 @@ class Attention(nn.Module):
       return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(cfg.compute_dtype), v[rows])
 
     mesh = jax.sharding.get_abstract_mesh()
-    one_device = mesh.empty or math.prod(dict(mesh.shape).values()) == 1   # else halves would reshard the batch
+    one_device = mesh.empty or mesh.size == 1   # else halves would reshard the batch
     pieces = 2 if compile_platform() == "cpu" and one_device and b % 2 == 0 else 1
     out = jnp.concatenate([core(slice(i * b // pieces, (i + 1) * b // pieces)) for i in range(pieces)])
     out = out.transpose(0, 2, 1, 3).reshape(b, t, h)
