@@ -24,7 +24,7 @@ _HF_ONLY_DEFAULTS = {"model_type": "wav2vec2", "hidden_act": "gelu", "feat_extra
                      "num_negatives": 100, "contrastive_logits_temperature": 0.1,
                      "diversity_loss_weight": 0.1, "initializer_range": 0.02, "feat_extract_dropout": 0.0,
                      "ctc_loss_reduction": "sum", "ctc_zero_infinity": False, "pad_token_id": 0}
-_NOT_EXPORTED = ("dtype", "remat", "vocab_size")
+_NOT_EXPORTED = ("dtype", "remat", "attention_impl", "vocab_size")
 _WEIGHT_NORM = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
 
 

@@ -46,6 +46,7 @@ class ModelConfig:
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat: bool = False  # rematerialise each transformer layer in the backward pass
+  attention_impl: str = "xla"  # "flash": attention's core as fused Pallas/Triton kernels (GPU)
 
   def __post_init__(self):
     n = len(self.conv_dim)
@@ -65,6 +66,10 @@ class ModelConfig:
                        f"{self.num_codevector_groups}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.attention_impl not in ("xla", "flash"):
+      raise ValueError(f"attention_impl must be 'xla' or 'flash', got {self.attention_impl!r}")
+    if self.attention_impl == "flash" and self.attention_dropout >= 1.0:
+      raise ValueError("attention_impl='flash' needs attention_dropout < 1")
     if not 0.0 <= self.feature_grad_mult:
       raise ValueError(f"feature_grad_mult must be >= 0, got {self.feature_grad_mult}")
 

@@ -164,11 +164,16 @@ class Dropout(nn.Module):
 
   def mask(self, shape, deterministic: bool):
     """The keep mask a call on an array of `shape` draws (None: nothing dropped), to apply in pieces."""
+    if self.rate == 1.0 and not deterministic:
+      return jnp.zeros(shape, bool)   # needs no dropout rng, as before
+    key = self.key(deterministic)
+    return None if key is None else keep_mask(key, shape, 1.0 - self.rate)
+
+  def key(self, deterministic: bool):
+    """The dropout key that mask() hashes (None: nothing dropped), for kernels that draw the mask inside."""
     if deterministic or self.rate == 0.0:
       return None
-    if self.rate == 1.0:
-      return jnp.zeros(shape, bool)   # needs no dropout rng, as before
-    return keep_mask(self.make_rng("dropout"), shape, 1.0 - self.rate)
+    return self.make_rng("dropout")
 
   def apply_mask(self, x, keep):
     if keep is None:

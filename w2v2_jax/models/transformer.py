@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.dft_conv import grouped_conv_dft
+from w2v2_jax.models.flash_attention import fused_attention
 from w2v2_jax.models.layers import Dropout, LayerNorm, dense, gelu, materialize_grad, partitioned
 from w2v2_jax.parallel import compile_platform
 
@@ -66,6 +67,7 @@ class Attention(nn.Module):
   core runs as two independent halves of the batch: XLA:CPU runs a batched matmul on one core, and
   runs parts of the halves side by side (stable-LN BASE step 0.984). Not under a mesh of more than
   one device, where the halves would reshard a sharded batch. Same dropout mask either way.
+  `attention_impl="flash"` runs the core as fused GPU kernels (flash_attention.py), same mask again.
   """
   cfg: ModelConfig
   deterministic: bool
@@ -82,6 +84,10 @@ class Attention(nn.Module):
     k = heads(proj("k_proj")(x))
     v = heads(proj("v_proj")(x))
     dropout = Dropout(cfg.attention_dropout)
+    out_proj = lambda out: dense(h, ("joined_kv", "embed"), cfg.compute_dtype, name="out_proj")(
+        out.transpose(0, 2, 1, 3).reshape(b, t, h))
+    if cfg.attention_impl == "flash":
+      return out_proj(fused_attention(q, k, v, key_mask, dropout.key(self.deterministic), cfg.attention_dropout))
     keep = dropout.mask((b, nh, t, t), self.deterministic)
 
     def core(rows):
@@ -94,9 +100,7 @@ class Attention(nn.Module):
     mesh = jax.sharding.get_abstract_mesh()
     one_device = mesh.empty or mesh.size == 1   # else halves would reshard the batch
     pieces = 2 if compile_platform() == "cpu" and one_device and b % 2 == 0 else 1
-    out = jnp.concatenate([core(slice(i * b // pieces, (i + 1) * b // pieces)) for i in range(pieces)])
-    out = out.transpose(0, 2, 1, 3).reshape(b, t, h)
-    return dense(h, ("joined_kv", "embed"), cfg.compute_dtype, name="out_proj")(out)
+    return out_proj(jnp.concatenate([core(slice(i * b // pieces, (i + 1) * b // pieces)) for i in range(pieces)]))
 
 
 class FeedForward(nn.Module):
