@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2v2_jax import parallel
+from w2v2_jax import objectives, parallel
 from w2v2_jax.models import config as presets
-from w2v2_jax.models import transformer
+from w2v2_jax.models import layers, transformer
+from w2v2_jax.models.flash_attention import dropout_seed_from, flash_attention
+from w2v2_jax.models.init import build, init_params
 
 
 def _attention_run(attention_impl, batch=4, frames=21):
@@ -51,6 +53,57 @@ def test_flash_attention_over_a_mesh_draws_the_one_device_mask():
     got, jaxpr = _attention_run("flash")
   assert "shard_map" in jaxpr and "pallas_call" in jaxpr
   _assert_close(got, want)
+
+
+def _core(q, k, v, valid, key, rate):
+  """XLA's attention core, as Attention computes it (q scaled already)."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+  p = jax.nn.softmax(jnp.where(valid[:, None, None, :], s, jnp.finfo(jnp.float32).min), axis=-1)
+  p = jnp.where(layers.keep_mask(key, p.shape, 1 - rate), p / (1 - rate), 0.0)
+  return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+@pytest.mark.parametrize("counter_limit", [2 ** 32, 2 ** 12])
+def test_flash_attention_over_many_blocks(monkeypatch, counter_limit):
+  """45 frames in blocks of 16 (queries and keys in three blocks, the last one padded), one utterance
+  with valid keys in the first two blocks only: the online softmax, every block's offsets and the
+  dropout bits. With a lower counter limit keep_mask counts within each utterance (the utterance as
+  the hash's high word, as it does past 2^32 elements) and the kernels follow."""
+  monkeypatch.setattr(layers, "COUNTER_LIMIT", counter_limit)
+  b, h, t, d, rate = 2, 3, 45, 16, 0.5   # Triton dots need dims of 16 or more
+  q, k, v, w = (jax.random.normal(jax.random.key(i), (b, h, t, d)) for i in range(4))
+  valid = jnp.arange(t)[None] < jnp.array([[t], [27]])
+  key = jax.random.key(7)
+  seed = dropout_seed_from(jax.random.key_data(key), 0, 0)
+  interpret = jax.default_backend() == "cpu"   # compiled where the GPU script runs this file
+  flash = lambda q, k, v: flash_attention(q, k, v, valid, seed, rate, (b, h), 16, interpret)  # noqa: E731
+  xla = lambda q, k, v: _core(q, k, v, valid, key, rate)  # noqa: E731
+  runs = [jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+          for f in (flash, xla)]
+  _assert_close(*runs)
+
+
+def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
+  """The whole tiny model (two layers, LayerDrop, padded utterances): loss and every gradient equal."""
+  runs = []
+  for impl in ("flash", "xla"):
+    cfg = presets.tiny().replace(attention_dropout=0.5, attention_impl=impl)
+    params = init_params(cfg, jax.random.key(0))
+    audio = jax.random.normal(jax.random.key(1), (2, 8000))
+    lengths = jnp.array([8000, 5000])
+    frames = cfg.num_frames(8000)
+    mask = objectives.compute_span_mask(jax.random.key(2), jnp.array([frames, cfg.num_frames(5000)]), frames,
+                                        0.65, 10, 2)
+    negatives = objectives.sample_negatives(jax.random.key(3), mask, 10)
+    model = build(cfg)
+
+    def loss(params):
+      rngs = {k: jax.random.key(4 + i) for i, k in enumerate(("dropout", "gumbel", "layerdrop"))}
+      out = model.apply({"params": params}, audio, lengths, mask, 2.0, False, rngs=rngs)
+      return objectives.pretraining_loss(out, mask, negatives, objectives.ObjectiveConfig(num_negatives=10))[0]
+    runs.append(jax.jit(jax.value_and_grad(loss))(params))
+    assert ("pallas_call" in str(jax.make_jaxpr(loss)(params))) == (impl == "flash")
+  _assert_close(*runs)
 
 
 def test_flash_attention_refuses_what_it_cannot_run(monkeypatch):

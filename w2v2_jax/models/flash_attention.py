@@ -12,6 +12,7 @@ Pallas's interpret mode on CPU). q arrives scaled; layout [b, heads, t, head_dim
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,23 +20,30 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from w2v2_jax import parallel
+from w2v2_jax.models import layers
 from w2v2_jax.models.layers import threefry2x32
 
 _NEG = float(jnp.finfo(jnp.float32).min)   # the XLA core's masked logit
 
 
-def _keep(seed_ref, b, h, rows, cols, *, heads: int, t: int, threshold: int):
-  """keep_mask's bits at query `rows` x key `cols` (broadcasting index arrays) of global batch b, head h.
+def _keep(seed_ref, b, h, rows, first_col, block_k, *, heads: int, t: int, threshold: int, wide: bool):
+  """keep_mask's bits at query `rows` x keys [first_col, first_col + block_k) of global utterance b, head h.
 
-  Four 16-bit draws per hash, as keep_mask draws them.
+  One Threefry per 4 keys, its two words split into four 16-bit draws in keep_mask's order (interleaved
+  along the keys with two-way stacks, the only kind Triton lowers). `wide`: past 2^32 elements the
+  utterance is the hash's high word, as in keep_mask.
   """
-  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)   # noqa: E731
   groups = u32(-(-t // 4))
-  count = ((u32(b) * u32(heads) + u32(h)) * u32(t) + u32(rows)) * groups + u32(cols) // u32(4)
-  x0, x1 = threefry2x32(seed_ref[0], seed_ref[1], jnp.zeros_like(count), count)
-  lane = jnp.broadcast_to(cols % 4, count.shape)
-  word = jnp.where(lane < 2, x0, x1)
-  u16 = jnp.where(lane % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
+  g = u32(first_col // 4) + jax.lax.iota(jnp.uint32, block_k // 4)
+  within = (u32(h) * u32(t) + u32(rows)[:, None]) * groups + g[None, :]
+  if wide:
+    high, count = jnp.broadcast_to(u32(b), within.shape), within
+  else:
+    high, count = jnp.zeros_like(within), u32(b) * u32(heads) * u32(t) * groups + within
+  x0, x1 = threefry2x32(seed_ref[0], seed_ref[1], high, count)
+  words = jnp.stack([x0, x1], -1).reshape(rows.shape[0], block_k // 2)
+  u16 = jnp.stack([words & jnp.uint32(0xFFFF), words >> jnp.uint32(16)], -1).reshape(rows.shape[0], block_k)
   return u16 < jnp.uint32(threshold)
 
 
@@ -59,8 +67,7 @@ def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, blo
     alpha = jnp.exp(m - m_new)
     l = l * alpha + jnp.sum(p, axis=1)
     if drop is not None:
-      cols = j * block_k + jax.lax.iota(jnp.int32, block_k)
-      p = jnp.where(_keep(seed_ref, b, h, rows[:, None], cols[None, :], **drop["hash"]), p * drop["scale"], 0.0)
+      p = jnp.where(_keep(seed_ref, b, h, rows, j * block_k, block_k, **drop["hash"]), p * drop["scale"], 0.0)
     acc = acc * alpha[:, None] + pltriton.dot(p.astype(v_ref.dtype), v_ref[keys, :]).astype(jnp.float32)
     return m_new, l, acc
 
@@ -73,10 +80,10 @@ def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, blo
 
 def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                  block_q, drop):
-  """dK and dV of one block of keys, over all queries; scores kept transposed ([keys, queries])."""
+  """dK and dV of one block of keys, over all queries."""
   block_k, d = k_ref.shape
   b, h = pl.program_id(0).astype(jnp.uint32) + seed_ref[2], pl.program_id(1).astype(jnp.uint32) + seed_ref[3]
-  cols = pl.program_id(2) * block_k + jax.lax.iota(jnp.int32, block_k)
+  first_col = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
   valid = valid_ref[...] != 0
 
@@ -84,18 +91,18 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delt
     dk, dv = carry
     rows_sl = pl.ds(i * block_q, block_q)
     q, do = q_ref[rows_sl, :], do_ref[rows_sl, :]
-    s_t = jnp.where(valid[:, None], pltriton.dot(k, q, trans_b=True).astype(jnp.float32), _NEG)
-    p_t = jnp.exp(s_t - lse_ref[rows_sl][None, :])
-    dp_t = pltriton.dot(v, do, trans_b=True).astype(jnp.float32)
-    p_drop_t = p_t
+    s = jnp.where(valid[None, :], pltriton.dot(q, k, trans_b=True).astype(jnp.float32), _NEG)
+    p = jnp.exp(s - lse_ref[rows_sl][:, None])
+    dp = pltriton.dot(do, v, trans_b=True).astype(jnp.float32)
+    p_drop = p
     if drop is not None:
       rows = i * block_q + jax.lax.iota(jnp.int32, block_q)
-      keep_t = _keep(seed_ref, b, h, rows[None, :], cols[:, None], **drop["hash"])
-      p_drop_t = jnp.where(keep_t, p_t * drop["scale"], 0.0)
-      dp_t = jnp.where(keep_t, dp_t * drop["scale"], 0.0)
-    ds_t = p_t * (dp_t - delta_ref[rows_sl][None, :])
-    dv = dv + pltriton.dot(p_drop_t.astype(do.dtype), do).astype(jnp.float32)
-    dk = dk + pltriton.dot(ds_t.astype(q.dtype), q).astype(jnp.float32)
+      keep = _keep(seed_ref, b, h, rows, first_col, block_k, **drop["hash"])
+      p_drop = jnp.where(keep, p * drop["scale"], 0.0)
+      dp = jnp.where(keep, dp * drop["scale"], 0.0)
+    ds = p * (dp - delta_ref[rows_sl][:, None])
+    dv = dv + pltriton.dot(p_drop.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+    dk = dk + pltriton.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
     return dk, dv
 
   zeros = jnp.zeros((block_k, d), jnp.float32)
@@ -116,8 +123,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_
     p = jnp.exp(s - lse[:, None])
     dp = pltriton.dot(do, v_ref[keys, :], trans_b=True).astype(jnp.float32)
     if drop is not None:
-      cols = j * block_k + jax.lax.iota(jnp.int32, block_k)
-      dp = jnp.where(_keep(seed_ref, b, h, rows[:, None], cols[None, :], **drop["hash"]), dp * drop["scale"], 0.0)
+      dp = jnp.where(_keep(seed_ref, b, h, rows, j * block_k, block_k, **drop["hash"]), dp * drop["scale"], 0.0)
     ds = p * (dp - delta[:, None])
     return dq + pltriton.dot(ds.astype(k_ref.dtype), k_ref[keys, :]).astype(jnp.float32)
 
@@ -128,8 +134,10 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_
 class _Plan:
   """Static shapes and options of one call: padded length, blocks, grid, dropout hash parameters."""
 
-  def __init__(self, q_shape, rate: float, heads: int, block: int, interpret: bool):
+  def __init__(self, q_shape, rate: float, whole: tuple[int, int], block: int, interpret: bool):
     b, local_heads, t, _ = q_shape
+    if block % 4:
+      raise ValueError(f"flash_attention: block {block} is not a multiple of 4 (four draws per hash)")
     self.block = block
     self.padded = -(-t // block) * block
     self.grid = (b, local_heads, self.padded // block)
@@ -137,7 +145,8 @@ class _Plan:
     self.drop = None
     if rate > 0.0:
       self.drop = {"scale": 1.0 / (1.0 - rate),
-                   "hash": {"heads": heads, "t": t, "threshold": round((1.0 - rate) * 65536)}}
+                   "hash": {"heads": whole[1], "t": t, "threshold": round((1.0 - rate) * 65536),
+                            "wide": whole[0] * whole[1] * t * t >= layers.COUNTER_LIMIT}}
 
   def call(self, kernel, out_shape, in_specs, out_specs, args, **kw):
     return pl.pallas_call(
@@ -168,18 +177,20 @@ def _pad(x, padded):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def flash_attention(q, k, v, key_valid, seed, rate: float, heads: int, block: int = 64, interpret: bool = False):
+def flash_attention(q, k, v, key_valid, seed, rate: float, whole: tuple[int, int], block: int = 64,
+                    interpret: bool = False):
   """softmax(q k^T over valid keys) with dropout at `rate`, times v; q, k, v [b, heads, t, d].
 
   key_valid [b, t] (True on real frames); seed uint32[4]: the dropout key's two words, and the global
-  index of this piece's first utterance and first head: the mask counts [batch, heads, t, t] of the
-  whole attention (`heads` of them), as keep_mask does, whichever device holds the piece.
+  index of this piece's first utterance and first head; `whole`: (utterances, heads) of the whole
+  attention. The mask counts [utterances, heads, t, t], as keep_mask does, whichever device holds
+  the piece.
   """
-  return _forward(q, k, v, key_valid, seed, rate, heads, block, interpret)[0]
+  return _forward(q, k, v, key_valid, seed, rate, whole, block, interpret)[0]
 
 
-def _forward(q, k, v, key_valid, seed, rate, heads, block, interpret):
-  plan = _Plan(q.shape, rate, heads, block, interpret)
+def _forward(q, k, v, key_valid, seed, rate, whole, block, interpret):
+  plan = _Plan(q.shape, rate, whole, block, interpret)
   t, d = q.shape[2], q.shape[3]
   qp, kp, vp = (_pad(x, plan.padded) for x in (q, k, v))
   valid = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, plan.padded - t)))
@@ -193,14 +204,14 @@ def _forward(q, k, v, key_valid, seed, rate, heads, block, interpret):
   return out[:, :, :t], (qp, kp, vp, valid, seed, out, lse)
 
 
-def _fwd(q, k, v, key_valid, seed, rate, heads, block, interpret):
-  out, res = _forward(q, k, v, key_valid, seed, rate, heads, block, interpret)
+def _fwd(q, k, v, key_valid, seed, rate, whole, block, interpret):
+  out, res = _forward(q, k, v, key_valid, seed, rate, whole, block, interpret)
   return out, (res, key_valid)
 
 
-def _bwd(rate, heads, block, interpret, residuals, g):
+def _bwd(rate, whole, block, interpret, residuals, g):
   (qp, kp, vp, valid, seed, out, lse), key_valid = residuals
-  plan = _Plan(qp.shape[:2] + (g.shape[2], qp.shape[3]), rate, heads, block, interpret)
+  plan = _Plan(qp.shape[:2] + (g.shape[2], qp.shape[3]), rate, whole, block, interpret)
   t, d = g.shape[2], g.shape[3]
   do = _pad(g, plan.padded).astype(qp.dtype)
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # rowsum(dO * O)
@@ -249,14 +260,15 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
                      f"set --config.rng_impl=threefry2x32 (got {jax.random.key_impl(key)})")
   else:
     words = jax.random.key_data(key)
-  run = functools.partial(flash_attention, rate=rate, heads=heads, interpret=platform == "cpu")
+  run = functools.partial(flash_attention, rate=rate, whole=(b, heads), interpret=platform == "cpu")
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return run(q, k, v, key_mask, dropout_seed_from(words, 0, 0))
   P = jax.sharding.PartitionSpec
-  tensor = mesh.shape.get("tensor", 1)
-  if heads % tensor:
-    raise ValueError(f"--config.model.attention_impl=flash: {heads} heads do not split over tensor={tensor}")
+  tensor, rows = mesh.shape.get("tensor", 1), math.prod(mesh.shape.get(a, 1) for a in parallel.BATCH_AXES)
+  if heads % tensor or b % rows:
+    raise ValueError(f"--config.model.attention_impl=flash: {b} utterances x {heads} heads do not split over "
+                     f"the mesh's batch axes ({rows}) and tensor ({tensor})")
 
   def piece(q, k, v, key_mask, words):
     first_utterance = jax.lax.axis_index(parallel.BATCH_AXES) * q.shape[0]

@@ -130,26 +130,34 @@ def threefry2x32(k1, k2, x1, x2):
   return x1, x2
 
 
+COUNTER_LIMIT = 2 ** 32   # Threefry's counter words are 32-bit
+
+
 def keep_mask(key, shape, keep_prob: float):
   """Bernoulli(keep_prob) of `shape`, four 16-bit draws per Threefry evaluation (keep_prob to 1/65536).
 
   jax.random.bernoulli with partitionable Threefry (jax's default) hashes once per element, and
   dropout's hashes then cost ~5% of the stable-LN BASE step on CPU. Each 2x32 hash gives 64 bits:
   here they are four 16-bit uniforms, counted by each element's index in the global array, so a
-  sharded step draws the same mask as one device. Other key kinds use jax.random.bernoulli.
+  sharded step draws the same mask as one device. Arrays of COUNTER_LIMIT elements or more count
+  within each index of the leading axis, which becomes the hash's high word. Other key kinds use
+  jax.random.bernoulli.
   """
   threshold = round(keep_prob * 65536)
   if threshold >= 65536 or threshold <= 0:   # also keeps 65536 from wrapping to 0 as a uint16
     return jnp.full(shape, threshold > 0)
-  if not shape or str(jax.random.key_impl(key)) != "threefry2x32" or math.prod(shape) >= 2 ** 32:
-    return jax.random.bernoulli(key, keep_prob, shape)
-  groups = -(-shape[-1] // 4)
+  groups = -(-shape[-1] // 4) if shape else 0
   grouped = (*shape[:-1], groups)
+  wide = math.prod(shape) >= COUNTER_LIMIT
+  if (not shape or str(jax.random.key_impl(key)) != "threefry2x32"
+      or (wide and (len(shape) < 2 or math.prod(grouped[1:]) >= COUNTER_LIMIT))):
+    return jax.random.bernoulli(key, keep_prob, shape)
   counts = jnp.zeros(grouped, jnp.uint32)
-  for axis, stride in enumerate(math.prod(grouped[i + 1:]) for i in range(len(grouped))):
-    counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grouped, axis) * jnp.uint32(stride)
+  for axis in range(1 if wide else 0, len(grouped)):
+    counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grouped, axis) * jnp.uint32(math.prod(grouped[axis + 1:]))
+  high = jax.lax.broadcasted_iota(jnp.uint32, grouped, 0) if wide else jnp.zeros_like(counts)
   k1, k2 = jax.random.key_data(key)
-  bits = threefry2x32(k1, k2, jnp.zeros_like(counts), counts)
+  bits = threefry2x32(k1, k2, high, counts)
   uniform16 = jax.lax.bitcast_convert_type(jnp.stack(bits, -1), jnp.uint16).reshape(*shape[:-1], 4 * groups)
   return uniform16[..., :shape[-1]] < threshold
 
