@@ -25,10 +25,10 @@ def _attention_run(attention_impl, batch=4, frames=21):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x), jaxpr
 
 
-def _assert_close(got, want):
+def _assert_close(got, want, atol=2e-6):
   # CPU runs the kernels in interpret mode, exact to float32 rounding; a GPU's float32 dots (TF32 in XLA and
   # Triton alike) round differently, still far closer than a wrong mask (rate 0.5) would be.
-  rtol, atol = (2e-5, 2e-6) if jax.default_backend() == "cpu" else (2e-2, 2e-3)
+  rtol, atol = (2e-5, atol) if jax.default_backend() == "cpu" else (2e-2, 1000 * atol)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
@@ -80,7 +80,7 @@ def test_flash_attention_over_many_blocks(monkeypatch, counter_limit):
   xla = lambda q, k, v: _core(q, k, v, valid, key, rate)  # noqa: E731
   runs = [jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)
           for f in (flash, xla)]
-  _assert_close(*runs)
+  _assert_close(*runs, atol=5e-5)   # gradients of size ~10 here
 
 
 def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
