@@ -11,6 +11,15 @@ from w2v2_jax.models.flash_attention import dropout_seed_from, flash_attention
 from w2v2_jax.models.init import build, init_params
 
 
+@pytest.fixture(autouse=True)
+def compiled_for_a_gpu(monkeypatch):
+  """The model compiles as for a GPU (on CPU attention_impl="flash" keeps XLA's core); the kernels then
+  run in interpret mode on this CPU host."""
+  if jax.default_backend() == "cpu":
+    for module in (parallel, transformer):
+      monkeypatch.setattr(module, "compile_platform", lambda: "gpu")
+
+
 def _attention_run(attention_impl, batch=4, frames=21):
   """(loss, grads wrt params and input) of one Attention call with dropout 0.5 and padded keys."""
   cfg = presets.preset("tiny").replace(attention_dropout=0.5, attention_impl=attention_impl)
@@ -83,6 +92,15 @@ def test_flash_attention_over_many_blocks(monkeypatch, counter_limit):
   _assert_close(*runs, atol=5e-5)   # gradients of size ~10 here
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="what a CPU host runs")
+def test_on_cpu_flash_attention_keeps_the_xla_core(monkeypatch):
+  """A config trained with the kernels on GPUs runs on CPU with XLA's core (same values), not the
+  kernels interpreted."""
+  monkeypatch.undo()
+  _, jaxpr = _attention_run("flash")
+  assert "pallas_call" not in jaxpr
+
+
 def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
   """The whole tiny model (two layers, LayerDrop, padded utterances): loss and every gradient equal."""
   runs = []
@@ -109,6 +127,7 @@ def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
 def test_flash_attention_refuses_what_it_cannot_run(monkeypatch):
   with pytest.raises(ValueError, match="attention_impl must be"):
     presets.preset("tiny").replace(attention_impl="cudnn")
-  monkeypatch.setattr(parallel, "compile_platform", lambda: "tpu")
+  for module in (parallel, transformer):
+    monkeypatch.setattr(module, "compile_platform", lambda: "tpu")
   with pytest.raises(ValueError, match="Triton"):
     _attention_run("flash")

@@ -244,8 +244,8 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
   """flash_attention over the current mesh: each device runs the kernels on its own utterances and heads.
 
   A Pallas call is opaque to XLA's partitioner, so under a mesh of several devices it runs in a
-  shard_map over the batch axes (utterances) and `tensor` (heads). On CPU it runs in Pallas's
-  interpret mode (for tests: slow); TPU has no Triton.
+  shard_map over the batch axes (utterances) and `tensor` (heads). On a CPU host (tests, compiling
+  for another platform) the kernels run in Pallas's interpret mode, slowly; TPU has no Triton.
   """
   platform = parallel.compile_platform()
   if platform == "tpu":
@@ -260,7 +260,7 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
                      f"set --config.rng_impl=threefry2x32 (got {jax.random.key_impl(key)})")
   else:
     words = jax.random.key_data(key)
-  run = functools.partial(flash_attention, rate=rate, whole=(b, heads), interpret=platform == "cpu")
+  run = functools.partial(flash_attention, rate=rate, whole=(b, heads), interpret=jax.default_backend() == "cpu")
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return run(q, k, v, key_mask, dropout_seed_from(words, 0, 0))

@@ -67,7 +67,8 @@ class Attention(nn.Module):
   core runs as two independent halves of the batch: XLA:CPU runs a batched matmul on one core, and
   runs parts of the halves side by side (stable-LN BASE step 0.984). Not under a mesh of more than
   one device, where the halves would reshard a sharded batch. Same dropout mask either way.
-  `attention_impl="flash"` runs the core as fused GPU kernels (flash_attention.py), same mask again.
+  `attention_impl="flash"` runs the core as fused GPU kernels (flash_attention.py), same mask again;
+  on CPU it keeps this core (the kernels would run interpreted), so a GPU-trained config runs here too.
   """
   cfg: ModelConfig
   deterministic: bool
@@ -86,7 +87,7 @@ class Attention(nn.Module):
     dropout = Dropout(cfg.attention_dropout)
     out_proj = lambda out: dense(h, ("joined_kv", "embed"), cfg.compute_dtype, name="out_proj")(
         out.transpose(0, 2, 1, 3).reshape(b, t, h))
-    if cfg.attention_impl == "flash":
+    if cfg.attention_impl == "flash" and compile_platform() != "cpu":   # on CPU XLA's core is the same map
       return out_proj(fused_attention(q, k, v, key_mask, dropout.key(self.deterministic), cfg.attention_dropout))
     keep = dropout.mask((b, nh, t, t), self.deterministic)
 
