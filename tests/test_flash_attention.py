@@ -13,8 +13,8 @@ from w2v2_jax.models.init import build, init_params
 
 @pytest.fixture(autouse=True)
 def compiled_for_a_gpu(monkeypatch):
-  """The model compiles as for a GPU (on CPU attention_impl="flash" keeps XLA's core); the kernels then
-  run in interpret mode on this CPU host."""
+  """transformer.py compiles as for a GPU (on CPU attention_impl="flash" keeps XLA's core), so the
+  kernels run, in interpret mode on this CPU host; layers.py keeps its CPU forms, in both runs compared."""
   if jax.default_backend() == "cpu":
     for module in (parallel, transformer):
       monkeypatch.setattr(module, "compile_platform", lambda: "gpu")
@@ -131,3 +131,10 @@ def test_flash_attention_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setattr(module, "compile_platform", lambda: "tpu")
   with pytest.raises(ValueError, match="Triton"):
     _attention_run("flash")
+  q = jnp.zeros((1, 2, 37, 16))
+  seed = jnp.zeros((4,), jnp.uint32)
+  with pytest.raises(ValueError, match="power of two"):
+    flash_attention(q, q, q, jnp.ones((1, 37), bool), seed, 0.1, (1, 2), 12, True)
+  monkeypatch.setattr(layers, "COUNTER_LIMIT", 2 ** 9)   # 2 heads x 37 frames x 10 groups >= 2^9
+  with pytest.raises(ValueError, match="bernoulli"):
+    flash_attention(q, q, q, jnp.ones((1, 37), bool), seed, 0.1, (1, 2), 16, True)

@@ -136,17 +136,21 @@ class _Plan:
 
   def __init__(self, q_shape, rate: float, whole: tuple[int, int], block: int, interpret: bool):
     b, local_heads, t, _ = q_shape
-    if block % 4:
-      raise ValueError(f"flash_attention: block {block} is not a multiple of 4 (four draws per hash)")
+    if block < 4 or block & (block - 1):
+      raise ValueError(f"flash_attention: block {block} is not a power of two >= 4 (Triton's blocks; four draws "
+                       "per hash)")
     self.block = block
     self.padded = -(-t // block) * block
     self.grid = (b, local_heads, self.padded // block)
     self.interpret = interpret
     self.drop = None
     if rate > 0.0:
+      wide = whole[0] * whole[1] * t * t >= layers.COUNTER_LIMIT
+      if wide and whole[1] * t * -(-t // 4) >= layers.COUNTER_LIMIT:
+        raise ValueError(f"--config.model.attention_impl=flash: {t} frames x {whole[1]} heads is past keep_mask's "
+                         "counters (it falls back to jax.random.bernoulli, which the kernels cannot draw); use xla")
       self.drop = {"scale": 1.0 / (1.0 - rate),
-                   "hash": {"heads": whole[1], "t": t, "threshold": round((1.0 - rate) * 65536),
-                            "wide": whole[0] * whole[1] * t * t >= layers.COUNTER_LIMIT}}
+                   "hash": {"heads": whole[1], "t": t, "threshold": round((1.0 - rate) * 65536), "wide": wide}}
 
   def call(self, kernel, out_shape, in_specs, out_specs, args, **kw):
     return pl.pallas_call(
@@ -216,15 +220,15 @@ def _bwd(rate, whole, block, interpret, residuals, g):
   do = _pad(g, plan.padded).astype(qp.dtype)
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # rowsum(dO * O)
   args = (seed, qp, kp, vp, valid, do, lse, delta)
-  whole, blockwise = plan.block_spec(None, d), plan.block_spec(block, d)
+  full, blockwise = plan.block_spec(None, d), plan.block_spec(block, d)
   dk, dv = plan.call(
       _dkdv_kernel, (jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)),
-      [plan.seed_spec, whole, blockwise, blockwise, plan.valid_spec(False), whole, plan.block_spec(None),
+      [plan.seed_spec, full, blockwise, blockwise, plan.valid_spec(False), full, plan.block_spec(None),
        plan.block_spec(None)],
       [blockwise, blockwise], args, block_q=block)
   dq = plan.call(
       _dq_kernel, jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-      [plan.seed_spec, blockwise, whole, whole, plan.valid_spec(True), blockwise, plan.block_spec(block),
+      [plan.seed_spec, blockwise, full, full, plan.valid_spec(True), blockwise, plan.block_spec(block),
        plan.block_spec(block)],
       blockwise, args, block_k=block)
   no_grad = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)   # noqa: E731  (mask and seed: integers)
