@@ -130,7 +130,8 @@ def measure(config, batch: int, samples: int, steps: int, profile_dir: str | Non
   seconds = samples / 16000
   return {
       "batch": batch, "seconds": seconds, "dtype": ours.cfg.dtype, "remat": ours.cfg.remat,
-      "attention_impl": ours.cfg.attention_impl, "mesh": dict(ours.mesh.shape), "device": str(jax.devices()[0].device_kind),
+      "attention_impl": ours.cfg.attention_impl, "mesh": dict(ours.mesh.shape),
+      "device": str(jax.devices()[0].device_kind),
       "compile_s": round(ours.compile_s, 2), "forward_compile_s": round(ours.forward_compile_s, 2),
       "step_s_median": round(train_s, 4), "forward_s_median": round(forward_s, 4),
       "audio_s_per_s": round(batch * seconds / train_s, 2),

@@ -210,7 +210,7 @@ def _matmul_fwd(x, w):
 
 def _matmul_bwd(residuals, g):
   """The weight gradient from [rows, in] x [rows, out] matrices: with autodiff's [b, t, .] operands
-  XLA:CPU first copies both into transposed layouts (~100 ms a stable-LN BASE step)."""
+  XLA:CPU first copies one into a transposed layout (the stable-LN BASE step: 0.958 without)."""
   x, w = residuals
   dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
   rows = lambda a: a.reshape(-1, a.shape[-1])   # noqa: E731
