@@ -47,6 +47,11 @@ def _keep(seed_ref, b, h, rows, first_col, block_k, *, heads: int, t: int, thres
   return u16 < jnp.uint32(threshold)
 
 
+def _utterance_and_head(seed_ref):
+  """This program's global utterance and head: its grid position plus the piece's offsets in the seed."""
+  return (pl.program_id(0).astype(jnp.uint32) + seed_ref[2], pl.program_id(1).astype(jnp.uint32) + seed_ref[3])
+
+
 def _scores(q, k_ref, valid_ref, start, block_k):
   keys = pl.ds(start * block_k, block_k)
   s = pltriton.dot(q, k_ref[keys, :], trans_b=True).astype(jnp.float32)
@@ -55,7 +60,7 @@ def _scores(q, k_ref, valid_ref, start, block_k):
 
 def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, block_k, drop):
   block_q, d = q_ref.shape
-  b, h = pl.program_id(0).astype(jnp.uint32) + seed_ref[2], pl.program_id(1).astype(jnp.uint32) + seed_ref[3]
+  b, h = _utterance_and_head(seed_ref)
   rows = pl.program_id(2) * block_q + jax.lax.iota(jnp.int32, block_q)
   q = q_ref[...]
 
@@ -82,7 +87,7 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delt
                  block_q, drop):
   """dK and dV of one block of keys, over all queries."""
   block_k, d = k_ref.shape
-  b, h = pl.program_id(0).astype(jnp.uint32) + seed_ref[2], pl.program_id(1).astype(jnp.uint32) + seed_ref[3]
+  b, h = _utterance_and_head(seed_ref)
   first_col = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
   valid = valid_ref[...] != 0
@@ -113,7 +118,7 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delt
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_k, drop):
   block_q, d = q_ref.shape
-  b, h = pl.program_id(0).astype(jnp.uint32) + seed_ref[2], pl.program_id(1).astype(jnp.uint32) + seed_ref[3]
+  b, h = _utterance_and_head(seed_ref)
   rows = pl.program_id(2) * block_q + jax.lax.iota(jnp.int32, block_q)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -145,8 +150,8 @@ class _Plan:
     self.interpret = interpret
     self.drop = None
     if rate > 0.0:
-      wide = whole[0] * whole[1] * t * t >= layers.COUNTER_LIMIT
-      if wide and whole[1] * t * -(-t // 4) >= layers.COUNTER_LIMIT:
+      wide = layers.wide_counters((*whole, t, t))
+      if wide is None:
         raise ValueError(f"--config.model.attention_impl=flash: {t} frames x {whole[1]} heads is past keep_mask's "
                          "counters (it falls back to jax.random.bernoulli, which the kernels cannot draw); use xla")
       self.drop = {"scale": 1.0 / (1.0 - rate),

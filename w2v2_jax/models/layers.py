@@ -133,6 +133,17 @@ def threefry2x32(k1, k2, x1, x2):
 COUNTER_LIMIT = 2 ** 32   # Threefry's counter words are 32-bit
 
 
+def wide_counters(shape) -> bool | None:
+  """How keep_mask counts a threefry mask of `shape`: True within each index of the leading axis
+  (COUNTER_LIMIT elements or more), False over the whole array, None: past that too (bernoulli)."""
+  if not shape:
+    return None
+  wide = math.prod(shape) >= COUNTER_LIMIT
+  if wide and (len(shape) < 2 or math.prod(shape[1:-1]) * -(-shape[-1] // 4) >= COUNTER_LIMIT):
+    return None
+  return wide
+
+
 def keep_mask(key, shape, keep_prob: float):
   """Bernoulli(keep_prob) of `shape`, four 16-bit draws per Threefry evaluation (keep_prob to 1/65536).
 
@@ -146,12 +157,11 @@ def keep_mask(key, shape, keep_prob: float):
   threshold = round(keep_prob * 65536)
   if threshold >= 65536 or threshold <= 0:   # also keeps 65536 from wrapping to 0 as a uint16
     return jnp.full(shape, threshold > 0)
-  groups = -(-shape[-1] // 4) if shape else 0
-  grouped = (*shape[:-1], groups)
-  wide = math.prod(shape) >= COUNTER_LIMIT
-  if (not shape or str(jax.random.key_impl(key)) != "threefry2x32"
-      or (wide and (len(shape) < 2 or math.prod(grouped[1:]) >= COUNTER_LIMIT))):
+  wide = wide_counters(shape)
+  if wide is None or str(jax.random.key_impl(key)) != "threefry2x32":
     return jax.random.bernoulli(key, keep_prob, shape)
+  groups = -(-shape[-1] // 4)
+  grouped = (*shape[:-1], groups)
   counts = jnp.zeros(grouped, jnp.uint32)
   for axis in range(1 if wide else 0, len(grouped)):
     counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grouped, axis) * jnp.uint32(math.prod(grouped[axis + 1:]))
