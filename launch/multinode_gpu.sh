@@ -8,9 +8,11 @@
 # w2v2-train (exec), which saves and exits; re-running the same command on every node resumes.
 set -euo pipefail
 die() { echo "multinode_gpu.sh: error: $*" >&2; exit 2; }
-[ "$#" -ge 2 ] || die "usage: COORDINATOR_ADDRESS=HOST:PORT NUM_PROCESSES=N PROCESS_ID=I launch/multinode_gpu.sh CONFIG WORKDIR [--config.KEY=VALUE ...]"
+[ "$#" -ge 2 ] || die "usage: COORDINATOR_ADDRESS=HOST:PORT NUM_PROCESSES=N PROCESS_ID=I" \
+  "launch/multinode_gpu.sh CONFIG WORKDIR [--config.KEY=VALUE ...]"
 config=$1; workdir=$2; shift 2
-[[ ${COORDINATOR_ADDRESS:-} =~ ^.+:[0-9]+$ ]] || die "set COORDINATOR_ADDRESS=host:port of process 0 (got '${COORDINATOR_ADDRESS:-}')"
+[[ ${COORDINATOR_ADDRESS:-} =~ ^.+:[0-9]+$ ]] \
+  || die "set COORDINATOR_ADDRESS=host:port of process 0 (got '${COORDINATOR_ADDRESS:-}')"
 [[ ${NUM_PROCESSES:-} =~ ^[1-9][0-9]*$ ]] || die "set NUM_PROCESSES to the number of nodes (got '${NUM_PROCESSES:-}')"
 [[ ${PROCESS_ID:-} =~ ^[0-9]+$ ]] && [ "$PROCESS_ID" -lt "$NUM_PROCESSES" ] \
   || die "set PROCESS_ID to this node's index in [0, NUM_PROCESSES=$NUM_PROCESSES) (got '${PROCESS_ID:-}')"

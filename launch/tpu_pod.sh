@@ -26,12 +26,13 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 read -ra ssh_flags <<< "${SSH_FLAGS:-}"
 spot=(); if [ "${SPOT:-0}" = 1 ]; then spot=(--spot); fi
 where=(--zone="$ZONE" --project="$PROJECT")
+# Empty arrays expand as ${a[@]+"${a[@]}"}: bash before 4.4 (macOS's) calls "${a[@]}" unbound under set -u.
 # On a worker: whether ~/w2v2.pid names a live w2v2-train (expanded there, hence the single quotes).
 # shellcheck disable=SC2016
 RUNNING='[ -f ~/w2v2.pid ] && ps -p "$(cat ~/w2v2.pid)" -o args= | grep -q w2v2-train'
 
 ssh_workers() {  # WORKER (all or an index) COMMAND: COMMAND in each worker's login shell
-  gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker="$1" "${ssh_flags[@]}" --command="$2"
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker="$1" ${ssh_flags[@]+"${ssh_flags[@]}"} --command="$2"
 }
 
 quote() { printf '%q ' "$@"; }
@@ -48,12 +49,12 @@ tpu_exists() { gcloud compute tpus tpu-vm describe "$TPU_NAME" "${where[@]}" > /
 
 create() {
   gcloud compute tpus tpu-vm create "$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR" \
-    --version="$RUNTIME" "${spot[@]}"
+    --version="$RUNTIME" ${spot[@]+"${spot[@]}"}
 }
 
 queue() {
   gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" "${where[@]}" \
-    --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME" "${spot[@]}"
+    --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME" ${spot[@]+"${spot[@]}"}
 }
 
 wait_active() {
@@ -76,11 +77,12 @@ sync_code() {
   tgz=$(mktemp "${TMPDIR:-/tmp}/w2v2_src.XXXXXX")
   if git -C "$SRC" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
     git -C "$SRC" ls-files -z --cached --others --exclude-standard \
-      | tar -C "$SRC" --null --ignore-failed-read -czf "$tgz" -T - 2> /dev/null
+      | while IFS= read -r -d '' f; do if [ -e "$SRC/$f" ]; then printf '%s\0' "$f"; fi; done \
+      | tar -C "$SRC" --null -czf "$tgz" -T -   # (deleted files git still tracks are left out)
   else
     tar -C "$SRC" --exclude=./.git --exclude=./.venv -czf "$tgz" .
   fi
-  gcloud compute tpus tpu-vm scp "$tgz" "$TPU_NAME:w2v2_src.tgz" "${where[@]}" --worker=all "${ssh_flags[@]}"
+  gcloud compute tpus tpu-vm scp "$tgz" "$TPU_NAME:w2v2_src.tgz" "${where[@]}" --worker=all ${ssh_flags[@]+"${ssh_flags[@]}"}
   rm -f "$tgz"
   ssh_workers all "if $RUNNING; then echo \"w2v2-train is running (tpu_pod.sh stop first)\" >&2; exit 1; fi
     mkdir -p ~/w2v2_jax && cd ~/w2v2_jax && find . -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} + \
@@ -119,13 +121,13 @@ run() {
 }
 
 logs() {
-  local follow=() lines=100 n i
-  if [ "${1:-}" = -f ]; then follow=(-F); shift; fi
+  local follow='' lines=100 n i
+  if [ "${1:-}" = -f ]; then follow=-F; shift; fi
   if [ -n "${1:-}" ]; then lines=$1; fi
   [[ $lines =~ ^[0-9]+$ ]] || die "LINES must be a number (got '$lines')"
   n=$(workers)
   for ((i = 0; i < n; i++)); do
-    ssh_workers "$i" "tail -n $lines ${follow[*]} ~/w2v2.log" 2>&1 | sed -u "s/^/[worker $i] /" &
+    ssh_workers "$i" "tail -n $lines $follow ~/w2v2.log" 2>&1 | sed -u "s/^/[worker $i] /" &
   done
   wait
 }

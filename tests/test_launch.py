@@ -27,8 +27,9 @@ from w2v2_jax.train import distributed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 FAKES = ("gcloud", "srun", "sbatch", "scontrol", "ssh", "rsync", "uv", "curl", "w2v2-train")
-CLUSTER_VARS = re.compile(r"(SLURM_|SLURMD_|OMPI_|PMI_|TPU_|MEGASCALE_|KUBERNETES_|JAX_COORDINATOR|JAX_LOCAL_DEVICE_IDS|"
-                          r"GCE_METADATA|CUDA_VISIBLE_DEVICES|ROCR_VISIBLE_DEVICES|HIP_VISIBLE_DEVICES)")
+CLUSTER_VARS = re.compile(r"(SLURM_|SLURMD_|OMPI_|PMI_|TPU_|MEGASCALE_|KUBERNETES_|JAX_COORDINATOR|"
+                          r"JAX_LOCAL_DEVICE_IDS|GCE_METADATA|CUDA_VISIBLE_DEVICES|ROCR_VISIBLE_DEVICES|"
+                          r"HIP_VISIBLE_DEVICES)")
 PREEMPTED = "preempted: saved step 3; re-run the same command to resume"
 
 FAKE = r'''#!%(python)s -S
@@ -400,7 +401,8 @@ def test_local_device_ids_rule():
   assert distributed.local_device_ids(3, 8, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}) == [3]
   assert distributed.local_device_ids(1, 2, {"SLURM_GPUS_ON_NODE": "8"}) == [4, 5, 6, 7]
   assert distributed.local_device_ids(5, 8, {"CUDA_VISIBLE_DEVICES": "5", "SLURM_GPUS_ON_NODE": "8"}) == [0]
-  assert distributed.local_device_ids(1, 2, {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPUS_PER_TASK": "4"}) == [0, 1, 2, 3]
+  bound = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPUS_PER_TASK": "4"}
+  assert distributed.local_device_ids(1, 2, bound) == [0, 1, 2, 3]
   assert distributed.local_device_ids(0, 2, {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}) is None
   with pytest.raises(ValueError, match="3 processes on this node cannot share 8 GPUs"):
     distributed.local_device_ids(0, 3, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
@@ -537,7 +539,8 @@ def test_local_multiprocess(fakes):
     assert call["env"]["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"
     assert f"[p{i}] fake w2v2-train {call['pid']} started" in r.stdout
   r = fakes.run(os.path.join(LAUNCH, "local_multiprocess.sh"), "0", "experiments/demo.py", "/tmp/x")
-  assert r.returncode == 2 and r.stderr == "local_multiprocess.sh: error: N must be a positive number of processes (got '0')\n"
+  assert r.returncode == 2
+  assert r.stderr == "local_multiprocess.sh: error: N must be a positive number of processes (got '0')\n"
 
 
 def test_local_multiprocess_sigterm_reaches_every_process(fakes):
@@ -675,7 +678,8 @@ def test_tpu_pod_recreate_resumes_a_preempted_slice(fakes, checkout, tmp_path):
 
 def test_tpu_pod_errors(fakes, checkout):
   r = fakes.run(checkout, "run", "experiments/demo.py")
-  assert r.returncode == 2 and r.stderr == "tpu_pod.sh: error: usage: tpu_pod.sh run CONFIG WORKDIR [--config.KEY=VALUE ...]\n"
+  assert r.returncode == 2
+  assert r.stderr == "tpu_pod.sh: error: usage: tpu_pod.sh run CONFIG WORKDIR [--config.KEY=VALUE ...]\n"
   r = fakes.run(checkout, "logs")
   assert r.returncode != 0 and "TPU w2v2 in us-east5-a has no workers" in r.stderr
   r = fakes.run(checkout, "bogus")

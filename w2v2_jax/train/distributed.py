@@ -39,7 +39,10 @@ class _Search:
 
 
 def _environments() -> list:
-  """JAX's cluster environments in its detection order, without the opt-in ones (mpi4py)."""
+  """JAX's cluster environments in its detection order, without the opt-in ones (mpi4py).
+
+  Importing them imports jax first, whose Cloud TPU set-up sets the flag the TPU environments read.
+  """
   from jax._src import clusters  # pylint: disable=import-outside-toplevel
   return [env for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
           if not env.opt_in_only_method]
@@ -51,12 +54,11 @@ def _key(env) -> str:
 
 def _search(timeout: float) -> _Search:
   """JAX's detection (first environment present, then its process count), given up after `timeout` s."""
-  # Importing jax first sets the Cloud TPU VM flag that the TPU environments read.
-  import jax  # pylint: disable=import-outside-toplevel,unused-import
+  environments = _environments()  # imports jax (seconds), before the clock starts
   state = {"probing": None, "found": None}
 
   def probe():
-    for env in _environments():
+    for env in environments:
       state["probing"] = env
       try:
         present = env.is_env_present()
@@ -146,7 +148,7 @@ def local_device_ids(local_rank: int, processes_on_node: int, environ=None) -> l
     return list(range(gpus))
   if gpus % processes_on_node:
     raise ValueError(f"{processes_on_node} processes on this node cannot share {gpus} GPUs evenly "
-                     f"({'/'.join(_VISIBLE[:1])} or SLURM_GPUS_ON_NODE); set JAX_LOCAL_DEVICE_IDS for each process")
+                     "(CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE); set JAX_LOCAL_DEVICE_IDS for each process")
   share = gpus // processes_on_node
   return list(range(local_rank * share, (local_rank + 1) * share))
 
