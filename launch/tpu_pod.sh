@@ -16,7 +16,7 @@
 # tpu-vm ssh/scp, e.g. --tunnel-through-iap).
 set -euo pipefail
 die() { echo "tpu_pod.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,17p' "$0" >&2; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" >&2; exit 2; }  # the comment above
 TPU_NAME=${TPU_NAME:-w2v2}; ZONE=${ZONE:-us-east5-a}; ACCELERATOR=${ACCELERATOR:-v5p-128}
 RUNTIME=${RUNTIME:-v2-alpha-tpuv5}
 [ -n "${1:-}" ] || usage
