@@ -364,9 +364,10 @@ def test_detects_open_mpi_and_shares_the_node_gpus(monkeypatch, jax_init):
          "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
          "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
   with cluster_env(monkeypatch, env):
-    line = distributed.initialize("auto")
+    line = distributed.initialize("auto", heartbeat_timeout_seconds=120)
   assert line == "distributed: Open MPI, 4 processes, local devices [4, 5, 6, 7]"
-  assert jax_init == [((), {"cluster_detection_method": "ompi", "local_device_ids": [4, 5, 6, 7]})]
+  assert jax_init == [((), {"cluster_detection_method": "ompi", "local_device_ids": [4, 5, 6, 7],
+                            "heartbeat_timeout_seconds": 120})]
 
 
 def test_slurm_single_task_runs_alone_unless_forced(monkeypatch, jax_init):
@@ -381,9 +382,10 @@ def test_slurm_single_task_runs_alone_unless_forced(monkeypatch, jax_init):
 
 def test_explicit_flags_and_their_errors(monkeypatch, jax_init):
   with cluster_env(monkeypatch, {"SLURM_JOB_ID": "7"}):
-    line = distributed.initialize("auto", "10.0.0.1:1234", 2, 1)
+    line = distributed.initialize("auto", "10.0.0.1:1234", 2, 1, heartbeat_timeout_seconds=120)
   assert line == "distributed: --coordinator=10.0.0.1:1234, 2 processes, this is process 1"
-  assert jax_init == [(("10.0.0.1:1234", 2, 1), {"cluster_detection_method": "deactivate"})]
+  assert jax_init == [(("10.0.0.1:1234", 2, 1), {"cluster_detection_method": "deactivate",
+                                                 "heartbeat_timeout_seconds": 120})]
   for args, message in [(("auto", "10.0.0.1:1234", 2, None), "missing --process_id"),
                         (("auto", None, 2, 0), "missing --coordinator"),
                         (("off", "10.0.0.1:1234", 2, 0), "--distributed=off contradicts"),

@@ -158,11 +158,12 @@ def _processes(n: int | None) -> str:
 
 
 def initialize(mode: str = "auto", coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout: float = PROBE_SECONDS) -> str:
+               process_id: int | None = None, timeout: float = PROBE_SECONDS, **options) -> str:
   """Starts jax.distributed as --distributed=MODE and the explicit flags ask; logs and returns one line on it.
 
   Explicit --coordinator/--num_processes/--process_id win (all local devices, no detection);
   `off` starts nothing; `auto` starts it when a cluster with several processes is found; `on` always.
+  `options` go to jax.distributed.initialize as they are (e.g. heartbeat_timeout_seconds).
   """
   import jax  # pylint: disable=import-outside-toplevel
   if mode not in MODES:
@@ -181,7 +182,8 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
       raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     line = f"distributed: --coordinator={coordinator}, {_processes(num_processes)}, this is process {process_id}"
     logging.info(line)
-    jax.distributed.initialize(coordinator, num_processes, process_id, cluster_detection_method="deactivate")
+    jax.distributed.initialize(coordinator, num_processes, process_id, cluster_detection_method="deactivate",
+                               **options)
     return line
   if mode == "off":
     line = "distributed: off, one process"
@@ -194,7 +196,7 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
     if mode == "on" and search.timed_out:
       line = f"distributed: on{late}; jax.distributed.initialize detects the cluster itself"
       logging.info(line)
-      jax.distributed.initialize()
+      jax.distributed.initialize(**options)
       return line
     if mode == "on":
       raise ValueError("--distributed=on found no cluster (Open MPI, SLURM, TPU VM/GKE, Kubernetes); "
@@ -209,7 +211,7 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
     line = f"distributed: {cluster.label}, one process"
     logging.info(line)
     return line
-  kwargs = {"cluster_detection_method": cluster.method} if cluster.method else {}
+  kwargs = dict(options, **({"cluster_detection_method": cluster.method} if cluster.method else {}))
   layout = _local_layout(cluster.key, os.environ)
   if layout is not None and "JAX_LOCAL_DEVICE_IDS" not in os.environ:
     ids = local_device_ids(*layout)
