@@ -1,9 +1,12 @@
 """Decode any common audio file to mono 16 kHz float32, with one-line errors for bad files."""
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
+
+from w2v2_jax import storage
 
 SAMPLE_RATE = 16000
 
@@ -21,19 +24,31 @@ def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
 
 
 def load_audio(path: str, target_rate: int = SAMPLE_RATE) -> np.ndarray:
-  """Read `path` (wav/flac/ogg/mp3/... via soundfile, librosa as fallback), downmix, resample, check values."""
-  if not os.path.exists(path):
+  """Read `path` (a file or a gs:// URL; wav/flac/ogg/mp3/... via soundfile, librosa as fallback), downmix,
+  resample, check values."""
+  if storage.is_url(path):
+    try:
+      source = io.BytesIO(storage.read_bytes(path))  # one GET; the decoders then seek freely
+    except storage.StorageError as e:
+      if str(e).endswith("no such file or object"):
+        raise AudioError(f"{path}: no such file") from None
+      raise
+  elif not os.path.exists(path):
     raise AudioError(f"{path}: no such file")
-  if not os.path.isfile(path):
+  elif not os.path.isfile(path):
     raise AudioError(f"{path}: not a regular file")
+  else:
+    source = path
   try:
     import soundfile as sf
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    audio, rate = sf.read(source, dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
   except Exception:  # noqa: BLE001 - formats soundfile does not know go to librosa/audioread
     try:
       import librosa
-      audio, rate = librosa.load(path, sr=None, mono=True)
+      if not isinstance(source, str):
+        source.seek(0)
+      audio, rate = librosa.load(source, sr=None, mono=True)
     except Exception as e:  # noqa: BLE001
       raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
   audio = np.asarray(audio, np.float32)

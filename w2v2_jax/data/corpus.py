@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from w2v2_jax import storage
 from w2v2_jax.audio import SAMPLE_RATE
 from w2v2_jax.data import espeak, records, rooms, sentences, writer
 
@@ -185,4 +186,6 @@ def _synthesize(cfg: CorpusConfig, out_dir: str, report_path: str, workers: int,
   report = writer.build_report(out_dir)
   report["config"] = dataclasses.asdict(cfg)
   report["seconds"] = round(time.time() - start, 1)
-  records._write_json(report_path, report)  # pylint: disable=protected-access
+  for split in report["splits"]:
+    records.write_split_index(out_dir, split)
+  storage.write_json(report_path, report)

@@ -78,6 +78,7 @@ class InputConfig:
   threads: int = 0                  # 0 = tf.data AUTOTUNE
   complete: bool = False            # evaluation: every usable utterance once; each bucket's last batch is
                                     # filled with empty rows (record -1: silence, no transcript) to score nothing
+  read_concurrency: int = 32        # a bucket's ranged GETs in flight per input (local files: unused)
 
 
 def bucket_lengths(cfg: InputConfig, usable: np.ndarray | None = None) -> tuple[int, ...]:
@@ -179,6 +180,7 @@ class Batches:
                        f"{cfg.global_batch} in any bucket {self.buckets.tolist()}; lower the batch size "
                        "or add data")
     self.dropped = int((~self.keep).sum())  # shorter than min (or, without crop_long, longer than max)
+    self._fingerprint = None
 
   def epoch(self, epoch: int) -> EpochPlan:
     cfg, b = self.cfg, self.cfg.global_batch
@@ -216,15 +218,18 @@ class Batches:
             f"buckets {[round(b / 16000, 2) for b in self.buckets.tolist()]} s ({self.cfg.bucketing}), {waste}")
 
   def fingerprint(self) -> str:
-    """Identifies the batch sequence: restoring an iterator state checks it."""
-    # Not data_dir, nor `complete` (evaluation has no state); `bucketing` only when not the default, so
-    # that iterator states saved before it existed still restore.
-    fields = tuple(getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
-                   if f.name not in ("data_dir", "complete", "bucketing"))
-    if self.cfg.bucketing != "geometric":
-      fields += (self.cfg.bucketing,)
-    blob = repr((fields, self.num_samples.tobytes()))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Identifies the batch sequence: restoring an iterator state checks it. Computed once (it hashes
+    every utterance length)."""
+    if self._fingerprint is None:
+      # Not data_dir (local and gs:// copies resume each other), `complete` (evaluation has no state) or
+      # read_concurrency; `bucketing` only when not the default, so that older iterator states restore.
+      fields = tuple(getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
+                     if f.name not in ("data_dir", "complete", "bucketing", "read_concurrency"))
+      if self.cfg.bucketing != "geometric":
+        fields += (self.cfg.bucketing,)
+      blob = repr((fields, self.num_samples.tobytes()))
+      self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return self._fingerprint
 
 
 class AudioInput:
@@ -281,14 +286,10 @@ class AudioInput:
     recs, starts, lengths, width = self.local_plan(position)
     if self._reader is None:
       with self._lock:
-        self._reader = self._reader or records.AudioReader(self.index)
-    audio = np.empty((len(recs), width), np.int16)
-    for row, (rec, start, n) in enumerate(zip(recs, starts, lengths)):
-      if rec >= 0:
-        self._reader.read(rec, start, audio[row, :n])
-        audio[row, n:] = 0
-      else:
-        audio[row] = 0
+        self._reader = self._reader or records.AudioReader(self.index, self.cfg.read_concurrency)
+    audio = np.zeros((len(recs), width), np.int16)
+    self._reader.read_many([(rec, start, audio[row, :n])
+                            for row, (rec, start, n) in enumerate(zip(recs, starts, lengths)) if rec >= 0])
     if self.labels is not None:
       real = recs >= 0
       return (audio, lengths.astype(np.int32), np.where(real[:, None], self.labels[0][recs], 0).astype(np.int32),
@@ -354,6 +355,9 @@ class AudioInput:
         except Exception:  # noqa: BLE001  a read error in a discarded batch: read on to the end
           errors += 1
     self._iterator = self._stop = None
+    if self._reader is not None:  # its descriptors and download threads; reopened on the next read
+      self._reader.close()
+      self._reader = None
 
   # -- exact resume ----------------------------------------------------------------------------
   def state(self) -> dict:

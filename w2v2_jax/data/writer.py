@@ -3,20 +3,24 @@
 Splitting is by a seeded hash of the utterance id or the speaker, so adding files never moves an
 existing utterance to another split. Each shard is one task: a worker decodes its files and writes
 the shard and its index; a re-run skips shards whose index exists. Every input item ends up either
-written or skipped with a reason, and report.json adds it all up.
+written or skipped with a reason, and report.json adds it all up. The output may be a local folder
+or a bucket (gs://): each file is written whole, once.
+
+Several machines can share the work: task i of N (`num_tasks`, `task_index`) writes every N-th shard
+of the same enumeration, and a final merge writes the report and each split's consolidated index.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import hashlib
-import json
 import multiprocessing
 import os
 import time
 
 import numpy as np
 
+from w2v2_jax import storage
 from w2v2_jax.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from w2v2_jax.data import records
 from w2v2_jax.data.sources import Item
@@ -37,6 +41,8 @@ class PrepareConfig:
   workers: int = 0               # 0 = every core
   train_name: str = "train"
   valid_name: str = "valid"
+  num_tasks: int = 1             # machines sharing the work; this one writes shards k with k % num_tasks
+  task_index: int = 0            # == task_index (the report and the split indexes come from merge())
 
 
 def assign_split(item: Item, cfg: PrepareConfig) -> str:
@@ -98,6 +104,8 @@ def write_one_shard(task) -> dict:
     for item in items:
       try:
         utts = to_utterances(item, cfg)
+      except storage.StorageError:
+        raise  # the bucket itself (missing, no access, no credentials): every file would fail alike
       except Exception as e:  # noqa: BLE001 - one bad file must never end a long run
         reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, (AudioError, OSError)):
@@ -130,7 +138,7 @@ def _tasks(items, cfg: PrepareConfig):
 
 
 def _task(split, counts, items, cfg):
-  path = os.path.join(cfg.out_dir, records.shard_name(split, counts[split]))
+  path = storage.join(cfg.out_dir, records.shard_name(split, counts[split]))
   counts[split] += 1
   return path, split, items, cfg
 
@@ -138,38 +146,55 @@ def _task(split, counts, items, cfg):
 def _is_done(task) -> bool:
   path, _, items, _ = task
   index_file = records.index_path(path)
-  if not os.path.exists(index_file):
+  if not storage.exists(index_file):
     return False
-  with open(index_file) as f:
-    done = json.load(f)
+  done = storage.read_json(index_file)
   if done.get("items_sha") != items_fingerprint(items):
     raise ValueError(f"{index_file}: this shard was written from other input files; the input "
                      "changed since the last run. Use a new --output directory")
   return True
 
 
+_RUN_SPECIFIC = ("out_dir", "workers", "num_tasks", "task_index")
+
+
 def _check_settings(cfg: PrepareConfig) -> None:
-  """A re-run must use the settings of the run it resumes; else the shards would mix them."""
-  path = os.path.join(cfg.out_dir, "prepare_config.json")
-  mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "workers")}
-  if os.path.exists(path):
-    with open(path) as f:
-      theirs = json.load(f)
+  """A re-run must use the settings of the run it resumes; else the shards would mix them. Runs that
+  write other splits into the same folder (e.g. --split_name=valid) keep settings of their own."""
+  path = storage.join(cfg.out_dir, "prepare_config.json")
+  mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUN_SPECIFIC}
+  saved = storage.read_json(path) if storage.exists(path) else {}
+  if saved and "runs" not in saved:  # one run's settings, as older versions wrote them
+    saved = {"runs": {saved.get("train_name", "train"): saved}}
+  runs = saved.get("runs", {})
+  theirs = runs.get(cfg.train_name)
+  if theirs is not None:
     diff = sorted(k for k in mine if theirs.get(k) != mine[k])
     if diff:
       raise ValueError(f"{path}: --{diff[0]}={mine[diff[0]]} differs from the earlier run's "
                        f"{theirs.get(diff[0])}; resume with the same flags or use a new --output")
-  else:
-    records._write_json(path, mine)  # pylint: disable=protected-access
+    return
+  clash = {cfg.train_name, cfg.valid_name if cfg.valid_fraction > 0 else None} & \
+      {s for r in runs.values() for s in (r["train_name"], r["valid_name"] if r["valid_fraction"] > 0 else None)} - {None}
+  if clash:
+    raise ValueError(f"{path}: split {sorted(clash)[0]!r} was written by another input; give this input its "
+                     "own --split_name, or use a new --output")
+  storage.write_json(path, {"runs": dict(runs, **{cfg.train_name: mine})})
 
 
-def prepare(items, cfg: PrepareConfig, log=print) -> dict:
-  """Writes every shard not yet done, using all cores, then report.json. Returns the report."""
-  os.makedirs(cfg.out_dir, exist_ok=True)
+def prepare(items, cfg: PrepareConfig, log=print) -> dict | None:
+  """Writes every shard of this task not yet done, using all cores; one task (the default) then also
+  merges: report.json and the split indexes. Returns the report (None for one task of several)."""
+  if not 0 <= cfg.task_index < cfg.num_tasks:
+    raise ValueError(f"--task_index={cfg.task_index} must be in [0, --num_tasks={cfg.num_tasks})")
+  storage.makedirs(cfg.out_dir)
+  storage.check_writable(cfg.out_dir)
   _check_settings(cfg)
   workers = cfg.workers or os.cpu_count() or 1
   start, done_now, reused = time.time(), 0, 0
   expected = -(-len(items) // cfg.shard_size) if hasattr(items, "__len__") else None
+  if expected is not None and cfg.num_tasks > 1:
+    expected = -(-expected // cfg.num_tasks)
   ctx = multiprocessing.get_context("spawn")  # TF and JAX are not fork-safe
   with ctx.Pool(workers) as pool:
     pending = collections.deque()
@@ -182,7 +207,9 @@ def prepare(items, cfg: PrepareConfig, log=print) -> dict:
         eta = (f", ETA {max(expected - reused - done_now, 0) / rate:.0f} s" if expected else "")
         log(f"prepare: {done_now} shards written ({reused} already done), "
             f"{rate * 60:.1f} shards/min{eta}")
-    for task in _tasks(items, cfg):
+    for number, task in enumerate(_tasks(items, cfg)):
+      if number % cfg.num_tasks != cfg.task_index:
+        continue  # another machine's
       if _is_done(task):
         reused += 1
         continue
@@ -191,19 +218,36 @@ def prepare(items, cfg: PrepareConfig, log=print) -> dict:
         pending[0].wait()
       drain(block=False)
     drain(block=True)
-  report = build_report(cfg.out_dir)
-  report["seconds"] = round(time.time() - start, 1)
-  records._write_json(os.path.join(cfg.out_dir, "report.json"), report)  # pylint: disable=protected-access
+  if cfg.num_tasks > 1:
+    log(f"prepare: task {cfg.task_index} of {cfg.num_tasks} done; when every task is, run the same command "
+        "with --merge")
+    return None
+  return merge(cfg.out_dir, items, cfg, seconds=time.time() - start)
+
+
+def merge(out_dir: str, items=None, cfg: PrepareConfig | None = None, seconds: float | None = None) -> dict:
+  """Checks that every shard of the input is written (given `items`), then writes each split's
+  consolidated index and report.json. Returns the report."""
+  if items is not None:
+    missing = [(n, path) for n, (path, _, _, _) in enumerate(_tasks(items, cfg))
+               if not storage.exists(records.index_path(path))]
+    if missing:
+      n, path = missing[0]
+      raise ValueError(f"{path}: not written yet ({len(missing)} shards missing); run task "
+                       f"--task_index={n % cfg.num_tasks} of --num_tasks={cfg.num_tasks} first")
+  report = build_report(out_dir)
+  for split in report["splits"]:
+    records.write_split_index(out_dir, split)
+  if seconds is not None:
+    report["seconds"] = round(seconds, 1)
+  storage.write_json(storage.join(out_dir, "report.json"), report)
   return report
 
 
 def build_report(out_dir: str) -> dict:
   """Adds up every shard index: counts, hours and a length histogram per split, every skip."""
-  import glob  # pylint: disable=import-outside-toplevel
   splits, skipped = {}, []
-  for index_file in sorted(glob.glob(os.path.join(glob.escape(out_dir), "*-[0-9][0-9][0-9][0-9][0-9].json"))):
-    with open(index_file) as f:
-      index = json.load(f)
+  for index in records.read_shard_indexes(storage.glob(out_dir, "*-[0-9][0-9][0-9][0-9][0-9].json")):
     s = splits.setdefault(index["split"], {"seen": 0, "written": 0, "skipped": 0, "records": 0,
                                            "labeled": 0, "samples": 0, "shards": 0, "_lengths": []})
     s["seen"] += index["seen"]
@@ -233,4 +277,4 @@ def summary_line(report: dict, out_dir: str) -> str:
   why = ", ".join(f"{k} {v}" for k, v in report["skip_reasons"].items())
   return (f"w2v2-prepare: seen {t['seen']}, written {t['written']} ({t['records']} records, "
           f"{hours:.2f} h), skipped {t['skipped']}{f' ({why})' if why else ''} -> "
-          f"{os.path.join(out_dir, 'report.json')}")
+          f"{storage.join(out_dir, 'report.json')}")
