@@ -410,10 +410,10 @@ def test_local_device_ids_rule():
     distributed.local_device_ids(0, 3, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
 
 
-def test_w2v2_train_reports_bad_distributed_flags_in_one_line():
+def test_w2v2_train_reports_bad_distributed_flags_in_one_line(tmp_path):
   env = {k: v for k, v in os.environ.items() if not CLUSTER_VARS.match(k)}
   r = subprocess.run([sys.executable, "-m", "w2v2_jax.train.main", "--config=experiments/demo.py",
-                      "--workdir=/nonexistent/w2v2", "--num_processes=2"], cwd=REPO, env=env, capture_output=True,
+                      f"--workdir={tmp_path}", "--num_processes=2"], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 1, r.stderr
   assert r.stderr.strip().splitlines()[-1] == ("w2v2-train: error: --coordinator, --num_processes and --process_id "
