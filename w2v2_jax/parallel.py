@@ -58,6 +58,15 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def constrain_batch(x):
+  """x split over the batch axes on dim 0 and replicated otherwise (a no-op outside a mesh): pins an activation
+  that GSPMD would otherwise shard like a parameter it meets (and then replicate to reshard)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
 def param_shardings(boxed_abstract, mesh, rules=DEFAULT_RULES):
   """NamedShardings for a tree of boxed (nn.Partitioned) abstract parameters."""
   specs = nn.get_partition_spec(boxed_abstract)

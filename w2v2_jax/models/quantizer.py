@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.layers import partitioned, uniform_range
+from w2v2_jax.parallel import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class GumbelVectorQuantizer(nn.Module):
       code_idx = jnp.argmax(sample, axis=-1)
       hard = jax.nn.one_hot(code_idx, v, dtype=jnp.float32)
       one_hot = hard + (sample - jax.lax.stop_gradient(sample))  # exactly one-hot forward
+    # Pinned to the batch sharding: otherwise GSPMD shards the one-hot's (G, V) like the codebook's rows
+    # (FSDP) and can only get there from the batch-sharded argmax by replicating it.
+    one_hot = constrain_batch(one_hot)
     book = codevectors.reshape(g, v, -1)
     quantized = jnp.einsum("...gv,gvd->...gd", one_hot, book, precision=jax.lax.Precision.HIGHEST)
     quantized = quantized.reshape(*quantized.shape[:-2], -1)
