@@ -160,10 +160,10 @@ def gcloud():
       for home in chosen():
         os.makedirs(home, exist_ok=True)
         shutil.copy(src, os.path.join(home, dst))
-    elif verb == "ssh":
+    elif verb == "ssh":  # sh (dash here), not bash: the commands must not need the worker's shell to be bash
       for home in chosen():
         os.makedirs(home, exist_ok=True)
-        code = max(code, subprocess.run(["bash", "-c", option("--command")], cwd=home,
+        code = max(code, subprocess.run(["sh", "-c", option("--command")], cwd=home,
                                         env=dict(os.environ, HOME=home)).returncode)
   elif positional[:3] == ["compute", "tpus", "queued-resources"]:
     verb = positional[3]
