@@ -2,12 +2,14 @@
 
   w2v2-aot --config=experiments/base_librispeech.py --topology=v5p-128 [--config.KEY=VALUE ...]
 
-Needs libtpu (pip install 'w2v2-jax[tpu]'); no TPU. Prints the sharding table, the per-chip
-memory from XLA's memory analysis against the chip's HBM, and XLA's FLOPs per step, for the
-largest bucket (the most memory-hungry shape).
+Needs libtpu (pip install 'w2v2-jax[tpu]'); no TPU. First checks that every process (TPU host) of
+the slice reads one contiguous, equal block of the global batch, and prints those blocks; then
+prints the sharding table, the per-chip memory from XLA's memory analysis against the chip's HBM,
+and XLA's FLOPs per step, for the largest bucket (the most memory-hungry shape).
 """
 from __future__ import annotations
 
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -15,34 +17,48 @@ from ml_collections import config_flags
 from w2v2_jax.cli import one_line_errors, write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice: v4-32, v5p-128, v5e-256, v6e-64, ...")
+# The slices the docs and tests name; any size of these chips works.
+SLICES = ("v4-8", "v4-32", "v4-64", "v5p-8", "v5p-16", "v5p-64", "v5p-128", "v5e-8", "v5e-256", "v6e-8", "v6e-64")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", f"TPU slice: {', '.join(SLICES)}, ...")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+_ROWS_ONLY = flags.DEFINE_bool("rows_only", False, "Only check the mesh and each process's batch rows (no compile).")
 
 # name -> (topology_name prefix, cores per chip counted in the slice name, HBM GiB per chip)
 CHIPS = {"v4": ("v4", 2, 32), "v5p": ("v5p", 2, 95), "v5e": ("v5e", 1, 16), "v6e": ("v6e", 1, 32)}
 
 
 def topology_devices(slice_name: str):
-  """'v5p-128' -> the 64 chip devices of a 4x4x4 v5p slice (libtpu, compile-only)."""
+  """'v5p-128' -> the 64 chip devices of a 4x4x4 v5p slice (libtpu, compile-only), with their hosts' process_index."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   kind, _, count = slice_name.partition("-")
   if kind not in CHIPS or not count.isdigit():
     raise ValueError(f"--topology={slice_name}: use one of {sorted(CHIPS)} with a size, e.g. v5p-128")
   prefix, cores, _ = CHIPS[kind]
   chips = int(count) // cores
-  if kind in ("v4", "v5p"):  # 3-D tori: the most cubic x<=y<=z with x*y*z = chips
-    dims = min(((x, y, chips // (x * y)) for x in range(1, chips + 1) for y in range(x, chips + 1)
-                if chips % (x * y) == 0 and chips // (x * y) >= y), key=lambda d: d[2] - d[0])
+  if kind in ("v4", "v5p"):  # 3-D tori of 2x2x1-chip hosts: the most cubic x<=y<=z, else 2x2x1 (one host)
     per_host = (2, 2, 1)
+    shapes = [(x, y, chips // (x * y)) for x in range(1, chips + 1) for y in range(1, chips + 1)
+              if chips % (x * y) == 0 and all(d % h == 0 for d, h in zip((x, y, chips // (x * y)), per_host))]
+    if not shapes:
+      raise ValueError(f"--topology={slice_name}: {chips} chips do not tile 2x2x1-chip hosts")
+    dims = min(shapes, key=lambda d: (max(d) - min(d), list(d) != sorted(d)))
   else:
     side = int(chips ** 0.5)
     while chips % side:
       side -= 1
-    dims, per_host = (side, chips // side), (2, 2, 1)
+    dims = (side, chips // side)
+    per_host = (dims[0], dims[1], 1) if chips <= 8 else (2, 2, 1)  # v5e-8 / v6e-8: one host of 8 chips
   name = f"{prefix}:{'x'.join(map(str, dims))}"
+  # Compile-only: no chip is opened, so libtpu's one-process-per-host lock (/tmp/libtpu_lockfile) need not hold.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   chip_config = "megacore" if kind == "v4" else "default"  # v4: one device per chip, as on a real pod
   return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
                                       chips_per_host_bounds=per_host, num_slices=1).devices, CHIPS[kind][2]
+
+
+def rows_summary(rows: dict) -> list[str]:
+  """One line per process: the block of global batch rows its input pipeline reads."""
+  return [f"process {p}: batch rows {a}:{b} ({b - a})" for p, (a, b) in sorted(rows.items())]
 
 
 @one_line_errors("w2v2-aot")
@@ -62,8 +78,13 @@ def main(argv):
     config.optim.total_steps = config.num_train_steps
   devices, hbm_gib = topology_devices(_TOPOLOGY.value)
   layout = loop.plan_layout(config, devices)
-  widest = pipeline.widest_bucket(loop.input_config(config, "", "", True))
   batch_sh = parallel.batch_sharding(layout.mesh)
+  rows = parallel.process_rows(batch_sh, config.batch_size)  # refuses a layout the input pipeline cannot feed
+  print(f"mesh {dict(layout.mesh.shape)} over {len(devices)} devices, {len(rows)} processes:")
+  print("\n".join(rows_summary(rows)))
+  if _ROWS_ONLY.value:
+    return
+  widest = pipeline.widest_bucket(loop.input_config(config, "", "", True))
   batch = {"audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
            "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
   key = jax.ShapeDtypeStruct((), jax.random.key(0, impl=config.rng_impl).dtype)

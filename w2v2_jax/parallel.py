@@ -11,6 +11,8 @@ import math
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -36,7 +38,8 @@ def compile_platform() -> str:
 
 
 def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
-  """Mesh over (data, fsdp, tensor); one size may be -1 (the rest of the devices)."""
+  """Mesh over (data, fsdp, tensor); one size may be -1 (the rest of the devices). Devices in jax's physical
+  order, with the batch positions grouped by process (batch_slots_by_process)."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [int(shape.get(a, 1)) for a in AXES]
   if sizes.count(-1) > 1:
@@ -51,11 +54,67 @@ def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
                      f"there are {len(devices)}")
   # Auto axes: GSPMD propagates shardings from the declared parameter/batch shardings and the
   # modules' logical constraints (Explicit sharding-in-types is not what Linen emits).
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  try:
+    physical = jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices).devices
+  except NotImplementedError:  # a TPU torus whose axes the mesh's sizes split (e.g. data=2 on v5p-128's 4x4x4)
+    physical = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  return jax.sharding.Mesh(batch_slots_by_process(physical), AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_slots_by_process(devices: np.ndarray) -> np.ndarray:
+  """A [data, fsdp, tensor] device array with its batch slots (the data x fsdp positions) stably sorted by
+  process index: process p then holds the p-th contiguous block of the batch, as AudioInput's default rows.
+
+  jax.make_mesh orders a TPU slice's devices along the torus, which interleaves the hosts along the batch
+  (v5p-128, fsdp=64, batch 512: process 0 would read rows 0:8, 32:40, ...); a process's slots keep jax's order.
+  """
+  slots = devices.reshape(devices.shape[0] * devices.shape[1], devices.shape[2])
+  order = sorted(range(len(slots)), key=lambda i: sorted({d.process_index for d in slots[i]}))
+  return slots[order].reshape(devices.shape)
 
 
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def process_rows(sharding, global_batch: int, process_count: int | None = None) -> dict[int, tuple[int, int]]:
+  """{process_index: (start, stop)}: the rows of a [global_batch, ...] array split by `sharding` on dim 0 that
+  each process's devices hold, read from the devices' process_index (so any process of a compile-only topology too).
+
+  Each process's input pipeline reads one slice of the batch, so every process must hold one contiguous block,
+  all of one size; any other layout is refused with a one-line error naming the config key to change.
+  `process_count` defaults to the larger of the runtime's and the mesh's (a process without devices holds nothing).
+  """
+  mesh = dict(sharding.mesh.shape)
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(mesh[a] for a in axes)
+  if global_batch % shards:
+    raise ValueError(f"config.batch_size={global_batch} does not divide over the mesh's batch axes "
+                     f"({' x '.join(f'{a}={mesh[a]}' for a in axes)} = {shards} shards); mesh {mesh}")
+  held: dict[int, set] = {}
+  for device, index in sharding.devices_indices_map((global_batch,)).items():
+    held.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
+  count = max(jax.process_count() if process_count is None else process_count, max(held) + 1)
+  empty = [p for p in range(count) if p not in held]
+  if empty:
+    raise ValueError(f"config.mesh={mesh}: process(es) {empty[:8]} of {count} hold no batch rows (no device in "
+                     "the mesh); the mesh must span every process's devices")
+  rows = {}
+  for p in range(count):
+    r = sorted(held[p])
+    breaks = [i for i in range(1, len(r)) if r[i] != r[i - 1] + 1]
+    if breaks:
+      runs = [f"{r[a]}:{r[b - 1] + 1}" for a, b in zip([0] + breaks, breaks + [len(r)])]
+      raise ValueError(f"config.mesh={mesh}: process {p}'s devices hold batch rows {', '.join(runs[:4])}"
+                       f"{' ...' if len(runs) > 4 else ''}, not one contiguous block; change config.mesh "
+                       "(e.g. a config.mesh.tensor that divides each process's devices)")
+    rows[p] = (r[0], r[-1] + 1)
+  sizes = sorted({b - a for a, b in rows.values()})
+  if len(sizes) > 1:
+    raise ValueError(f"config.mesh={mesh}: processes hold different numbers of batch rows {sizes} of "
+                     f"config.batch_size={global_batch}; every process must feed the same number")
+  return rows
 
 
 def constrain_batch(x):

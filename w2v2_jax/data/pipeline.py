@@ -402,14 +402,11 @@ def waveform(audio, lengths, normalize: bool):
 
 
 def local_rows(sharding, global_batch: int) -> tuple[int, int]:
-  """The contiguous rows of a batch-sharded global array that this process's devices hold."""
-  index_map = sharding.addressable_devices_indices_map((global_batch,))
-  rows = sorted({r for idx in index_map.values()
-                 for r in range(*idx[0].indices(global_batch))})
-  if rows != list(range(rows[0], rows[-1] + 1)):
-    raise ValueError("this process's devices hold non-contiguous batch rows; order the mesh's "
-                     "devices so each process owns a contiguous block of the batch axes")
-  return rows[0], rows[-1] + 1
+  """The contiguous rows of a batch-sharded global array that this process's devices hold (parallel.process_rows,
+  which refuses a layout that gives any process other than one block of the common size)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.parallel import process_rows  # pylint: disable=import-outside-toplevel
+  return process_rows(sharding, global_batch)[jax.process_index()]
 
 
 def to_global(batch: dict, sharding, global_batch: int) -> dict:
