@@ -97,7 +97,7 @@ def main(argv):
   per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
               - mem.alias_size_in_bytes) / 2**30
   figures = {"topology": _TOPOLOGY.value, "chips": len(devices), "mesh": dict(layout.mesh.shape),
-             "batch": config.batch_size, "crop_samples": widest, "dtype": config.model.dtype,
+             "processes": len(rows), "batch": config.batch_size, "crop_samples": widest, "dtype": config.model.dtype,
              "remat": config.model.remat, "per_chip_gib": round(per_chip, 2), "hbm_gib": hbm_gib,
              "fits": per_chip < 0.95 * hbm_gib,
              "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
