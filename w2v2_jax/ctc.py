@@ -77,17 +77,17 @@ class Vocabulary:
     return _WHITESPACE.sub(" ", "".join(pieces)).strip()
 
   def save(self, path) -> None:
-    """HF vocab.json: {token: id}, in id order."""
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump({tok: i for i, tok in enumerate(self.tokens)}, f, ensure_ascii=False, indent=1)
-      f.write("\n")
+    """HF vocab.json: {token: id}, in id order (a local path or a URL, written whole)."""
+    from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
+    storage.write_text(path, json.dumps({tok: i for i, tok in enumerate(self.tokens)}, ensure_ascii=False,
+                                        indent=1) + "\n")
 
   @classmethod
   def load(cls, path) -> Vocabulary:
     """Read an HF vocab.json; ValueError naming the file unless ids are 0..n-1 with the specials at 0..3."""
     try:
-      with open(path, encoding="utf-8") as f:
-        mapping = json.load(f)
+      from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
+      mapping = json.loads(storage.read_text(path))
       if not isinstance(mapping, dict) or not all(isinstance(i, int) for i in mapping.values()):
         raise ValueError("expected a JSON object of token -> integer id")
       if sorted(mapping.values()) != list(range(len(mapping))):

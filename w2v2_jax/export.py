@@ -26,14 +26,24 @@ def main(argv):
   for name, value in (("checkpoint", _CHECKPOINT.value), ("output", _OUTPUT.value)):
     if not value:
       raise ValueError(f"--{name} is required")
+  import os  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
   cfg, params, kind = load_pretrained(_CHECKPOINT.value)
   target = kind if _TARGET.value == "auto" else _TARGET.value
-  hf.save_hf_dir(_OUTPUT.value, cfg, params, target)
-  if target == "ctc":  # the letter vocabulary, in the format of HF's Wav2Vec2CTCTokenizer
-    import os  # pylint: disable=import-outside-toplevel
-    from w2v2_jax.load import load_ctc  # pylint: disable=import-outside-toplevel
-    _, _, vocab, _ = load_ctc(_CHECKPOINT.value)
-    vocab.save(os.path.join(_OUTPUT.value, "vocab.json"))
+  if storage.is_url(_OUTPUT.value):
+    storage.check_writable(_OUTPUT.value)  # an unknown scheme, a missing bucket, no access: refused now
+  with tempfile.TemporaryDirectory() as scratch:
+    out = os.path.join(scratch, "hf") if storage.is_url(_OUTPUT.value) else _OUTPUT.value
+    hf.save_hf_dir(out, cfg, params, target)
+    if target == "ctc":  # the letter vocabulary, in the format of HF's Wav2Vec2CTCTokenizer
+      from w2v2_jax.load import load_ctc  # pylint: disable=import-outside-toplevel
+      _, _, vocab, _ = load_ctc(_CHECKPOINT.value)
+      vocab.save(os.path.join(out, "vocab.json"))
+    if out != _OUTPUT.value:  # a bucket: each file uploaded whole
+      for name in sorted(os.listdir(out)):
+        storage.upload(os.path.join(out, name), storage.join(_OUTPUT.value, name))
   print(f"wrote {_OUTPUT.value} (transformers class {hf.config_to_hf(cfg, target)['architectures'][0]})")
 
 

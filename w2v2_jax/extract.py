@@ -77,21 +77,23 @@ def main(argv):
 
   from w2v2_jax.interop import fairseq
   from w2v2_jax.interop.hf import wants_normalized_audio
-  from w2v2_jax.load import load_pretrained
+  from w2v2_jax import storage
+  from w2v2_jax.load import load_pretrained, localize
   for name, value in (("checkpoint", FLAGS.checkpoint), ("audio", FLAGS.audio), ("output", FLAGS.output)):
     if not value:
       raise ValueError(f"--{name} is required")
   paths = split_list(FLAGS.audio)
   cfg, params, _ = load_pretrained(FLAGS.checkpoint)
+  checkpoint = localize(FLAGS.checkpoint)
   normalize = {"true": True, "false": False}.get(FLAGS.normalize)
-  if normalize is None and fairseq.is_fairseq_file(FLAGS.checkpoint):
-    normalize = fairseq.normalize(FLAGS.checkpoint, cfg)
+  if normalize is None and fairseq.is_fairseq_file(checkpoint):
+    normalize = fairseq.normalize(checkpoint, cfg)
   elif normalize is None:
-    normalize = wants_normalized_audio(FLAGS.checkpoint, cfg)
+    normalize = wants_normalized_audio(checkpoint, cfg)
   feats = extract(cfg, params, paths, FLAGS.layer, normalize)
   output = FLAGS.output if FLAGS.output.endswith(".npz") else FLAGS.output + ".npz"
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  np.savez(output, **feats)
+  with storage.local_file(output, suffix=".npz") as tmp:  # a local path or gs://, written whole
+    np.savez(tmp, **feats)
   for stem, x in feats.items():
     print(f"{stem}: {x.shape[0]} frames x {x.shape[1]}")
   print(f"wrote {output}" + (" (normalised audio)" if normalize else ""))

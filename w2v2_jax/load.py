@@ -7,16 +7,42 @@ import os
 import jax
 import numpy as np
 
+from w2v2_jax import storage
 from w2v2_jax.interop import fairseq, hf
 from w2v2_jax.interop.hf import CheckpointError
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import checkpointing
 
 
+_HF_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "model.safetensors",
+             "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def localize(path: str) -> str:
+  """A checkpoint in a bucket, as the readers of its format need it: an HF directory or a fairseq .pt
+  (with its dict.ltr.txt) copied into the local temporary folder; our Orbax checkpoints as they are
+  (Orbax reads gs:// itself)."""
+  if not storage.is_url(path) or not storage.exists(path):
+    return path
+  if path.endswith(".pt"):
+    dict_url = storage.join(storage.dirname(path), "dict.ltr.txt")
+    if storage.exists(dict_url):
+      storage.local_copy(dict_url)
+    return storage.local_copy(path)
+  names = set(storage.listdir(path)) if storage.isdir(path) else set()
+  if "config.json" in names and names & {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}:
+    shards = {n for n in names if n.startswith("model-") and n.endswith(".safetensors")}
+    local = [storage.local_copy(storage.join(path, n)) for n in sorted(names & set(_HF_FILES) | shards)]
+    return os.path.dirname(local[0])
+  return path
+
+
 def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
-  """PATH (HF directory, fairseq .pt, our workdir, or one of our step folders) -> (config, numpy params, kind)."""
-  if not os.path.exists(path):
+  """PATH (HF directory, fairseq .pt, our workdir, or one of our step folders; local or gs://) -> (config,
+  numpy params, kind)."""
+  if not storage.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint file or directory")
+  path = localize(path)
   if hf.is_hf_dir(path):
     return hf.load_hf_dir(path)
   if fairseq.is_fairseq_file(path):
@@ -40,6 +66,7 @@ def load_ctc(path: str):
   """A CTC checkpoint (ours or HF) -> (config, numpy params, Vocabulary, normalize_waveform)."""
   from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
   cfg, params, kind = load_pretrained(path)
+  path = localize(path)
   if kind != "ctc":
     raise CheckpointError(f"{path}: a {kind!r} checkpoint has no CTC head; fine-tune it first "
                           "(w2v2-train --config=experiments/demo_finetune.py ...)")

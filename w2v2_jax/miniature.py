@@ -14,13 +14,12 @@ unfinished phase (inside it, from its latest checkpoint). The table goes to the 
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from w2v2_jax import storage
 from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
 
 FLAGS = flags.FLAGS
@@ -63,34 +62,28 @@ def main(argv):
   keep_freed_host_memory()
   quiet_libraries()
   use_compilation_cache()  # the scratch run reuses the pre-trained one's programs where they are equal
-  workdir = os.path.abspath(FLAGS.workdir)
-  pre_dir = os.path.join(workdir, "pretrain")
+  workdir = storage.absolute(FLAGS.workdir)
+  pre_dir = storage.join(workdir, "pretrain")
   pretrained = FLAGS.finetune.copy_and_resolve_references()
   pretrained.finetune.init = pre_dir
   phases = [("pretrain", "pre-training", FLAGS.pretrain),
             ("finetune_pretrained", "fine-tuning the pre-trained model", pretrained),
             ("finetune_scratch", "training from scratch", scratch_config(FLAGS.finetune))]
-  path = os.path.join(workdir, "miniature.json")
-  results = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      results = json.load(f)
+  path = storage.join(workdir, "miniature.json")
+  results = storage.read_json(path) if storage.exists(path) else {}
   for name, what, config in phases:
     if name in results:
       logging.info("== %s: done before (%s), skipped", what, path)
       continue
-    results[name] = run_phase(what, config, os.path.join(workdir, name))
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:  # after each phase, so a re-run resumes at the next one
-      json.dump(results, f, indent=1)
+    results[name] = run_phase(what, config, storage.join(workdir, name))
+    storage.write_json(path, results, indent=1)  # after each phase, so a re-run resumes at the next one
   pre, scratch = results["finetune_pretrained"], results["finetune_scratch"]
   beam = "valid_beam_cer" in pre and "valid_beam_cer" in scratch
   results["cer_ratio"] = pre["valid_cer"] / max(scratch["valid_cer"], 1e-9)
   if beam:
     results["beam_cer_ratio"] = pre["valid_beam_cer"] / max(scratch["valid_beam_cer"], 1e-9)
   results["total_wall_seconds"] = sum(results[name]["wall_seconds"] for name, _, _ in phases)
-  with open(path, "w") as f:
-    json.dump(results, f, indent=1)
+  storage.write_json(path, results, indent=1)
   print(f"{'':24s} {'greedy CER':>10s} {'WER':>6s}" + (f" {'beam+LM CER':>11s} {'WER':>6s}" if beam else "")
         + f" {'wall':>8s}")
   for name in ("finetune_pretrained", "finetune_scratch"):

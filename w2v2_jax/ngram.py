@@ -77,6 +77,7 @@ def estimate(sentences: Iterable[str], order: int = 4) -> list[dict]:
 
 def write_arpa(tables: list[dict], path: str) -> None:
   """Writes estimate()'s tables as an ARPA file (via a temporary name, so readers never see half of one)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write("\\data\\\n")

@@ -10,11 +10,10 @@ A healthy run uses most codewords; a few tall bars mean codebook collapse.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from absl import app, flags, logging
 
+from w2v2_jax import storage
 from w2v2_jax.cli import one_line_errors
 
 FLAGS = flags.FLAGS
@@ -70,10 +69,15 @@ def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
-  fig.suptitle(os.path.abspath(workdir), fontsize=9)
+  fig.suptitle(storage.absolute(workdir), fontsize=9)
   fig.tight_layout()
-  path = os.path.join(workdir, "curves.png")
-  fig.savefig(path, dpi=110)
+  return _save(fig, storage.join(workdir, "curves.png"))
+
+
+def _save(fig, path: str) -> str:
+  """The figure as a PNG at `path` (a local path or a URL, written whole)."""
+  with storage.local_file(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
   return path
 
 
@@ -91,7 +95,8 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
     raise ValueError(f"{step_dir}: codebook usage needs a pre-training checkpoint (this one is {kind!r})")
   config = ml_collections.ConfigDict(experiment)
   directory = loop.data_dir(config)
-  split = config.data.valid_split if os.path.isdir(os.path.join(directory, config.data.valid_split)) \
+  from w2v2_jax.data import records  # pylint: disable=import-outside-toplevel
+  split = config.data.valid_split if records.shard_paths(directory, config.data.valid_split) \
       else config.data.train_split
   # The first few rows of each global batch, on one device: a pod-sized batch would not fit there.
   rows = (0, min(config.batch_size, 8))
@@ -110,7 +115,8 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
     if i == batches:
       break
     counts += np.asarray(codes(batch))
-  return counts, int(os.path.basename(step_dir))
+  data.close()
+  return counts, int(storage.basename(step_dir))
 
 
 def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
@@ -132,9 +138,7 @@ def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
     ax.set_ylabel("share of frames")
   fig.suptitle(f"codebook usage at step {step} ({int(counts[0].sum())} frames)", fontsize=9)
   fig.tight_layout()
-  path = os.path.join(workdir, "codebook_usage.png")
-  fig.savefig(path, dpi=110)
-  return path
+  return _save(fig, storage.join(workdir, "codebook_usage.png"))
 
 
 def write_plots(workdir: str, batches: int = 8) -> list[str]:

@@ -42,6 +42,7 @@ _MERGE = flags.DEFINE_bool("merge", False, "After every task: check all shards a
 @one_line_errors("w2v2-prepare")
 def main(argv):
   del argv
+  from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data import sources, writer  # pylint: disable=import-outside-toplevel
   for name, value in (("input", _INPUT.value), ("output", _OUTPUT.value)):
     if not value:
@@ -56,6 +57,7 @@ def main(argv):
                              valid_fraction=_VALID.value, split_by=_SPLIT_BY.value, seed=_SEED.value,
                              shard_size=_SHARD_SIZE.value, workers=_WORKERS.value, train_name=_SPLIT_NAME.value,
                              num_tasks=_NUM_TASKS.value, task_index=_TASK_INDEX.value)
+  storage.check_writable(cfg.out_dir)  # a bad scheme, bucket or access fails before any reading
   items = sources.open_source(_INPUT.value, _SPEAKER_LEVEL.value, _TFDS_DIR.value)
   if not _INPUT.value.startswith("tfds:"):
     items = list(items)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import posixpath
@@ -26,7 +27,7 @@ from typing import Iterator
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 
-def _configure_emulator() -> None:
+def configure_emulator() -> None:
   """With STORAGE_EMULATOR_HOST (a local GCS emulator, which has no auth), every gs:// client goes there
   unauthenticated: gcsfs (ours and Orbax's), and tensorstore through TENSORSTORE_GCS_HTTP_URL."""
   host = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -40,7 +41,7 @@ def _configure_emulator() -> None:
   fsspec.config.conf.setdefault("gs", {}).setdefault("token", "anon")
 
 
-_configure_emulator()
+configure_emulator()
 
 GCS_INSTALL = "pip install 'w2v2-jax[gcs]'"
 
@@ -91,7 +92,9 @@ def _filesystem(protocol: str):
   except ImportError:
     hint = GCS_INSTALL if protocol in ("gs", "gcs") else f"install the fsspec backend for {protocol}://"
     raise StorageError(f"{protocol}:// paths need their fsspec backend: {hint}") from None
-  return cls()
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # it logs each refused request with a traceback;
+  return cls()                                            # errors_name() reports it in one line
 
 
 def filesystem(url: str):
@@ -117,6 +120,8 @@ def errors_name(url: str, action: str = "read") -> Iterator[None]:
 def _as_storage_error(url: str, action: str, e: Exception) -> Exception:
   text = " ".join(str(e).split())[:200] or type(e).__name__
   code = getattr(e, "code", None) or getattr(e, "status", None)
+  if code is None:  # gcsfs raises some refusals as a plain OSError("Forbidden: ...")
+    code = {"Forbidden": 403, "Unauthorized": 401}.get(text.split(":", 1)[0])
   kind = type(e).__name__
   if "DefaultCredentialsError" in kind or "RefreshError" in kind or "credentials" in text.lower() and code is None:
     return StorageError(f"{url}: no usable cloud credentials ({text}); on a TPU/GCE VM its service account is used, "
@@ -262,9 +267,15 @@ def write_json(path: str, obj, **kwargs) -> None:
   write_text(path, json.dumps(obj, **kwargs))
 
 
-def upload(local_path: str, path: str) -> None:
-  """Copies a finished local file to `path` (a URL: one whole-object upload; local: rename or copy)."""
+def upload(local_path: str, path: str, keep_local: bool = False) -> None:
+  """Moves a finished local file to `path` (a URL: one whole-object upload, the local file kept if asked;
+  a local path: a rename, or a copy across filesystems)."""
   if not is_url(path):
+    if keep_local:
+      import shutil  # pylint: disable=import-outside-toplevel
+      shutil.copyfile(local_path, path + ".tmp")
+      os.replace(path + ".tmp", path)
+      return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
       os.replace(local_path, path)
@@ -275,6 +286,30 @@ def upload(local_path: str, path: str) -> None:
     return
   with errors_name(path, "write"):
     filesystem(path).put_file(local_path, _strip(path))
+
+
+def local_path(path: str) -> str:
+  """Where a library that only writes local files should write `path`: itself, or for a URL a fixed
+  place in the temporary folder (upload it from there)."""
+  if not is_url(path):
+    return path
+  digest = hashlib.sha256(dirname(path).encode()).hexdigest()[:16]  # one local folder per URL folder
+  return os.path.join(tempfile.gettempdir(), "w2v2_jax_storage", digest, basename(path))
+
+
+def local_copy(path: str) -> str:
+  """A local file with `path`'s content, for libraries that open local files only (KenLM): the path
+  itself, or a URL downloaded once per process into the temporary folder."""
+  if not is_url(path):
+    return path
+  target = local_path(path)
+  if not os.path.exists(target):
+    data = read_bytes(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + f".{os.getpid()}", "wb") as f:
+      f.write(data)
+    os.replace(target + f".{os.getpid()}", target)
+  return target
 
 
 @contextlib.contextmanager
@@ -304,5 +339,8 @@ def check_writable(path: str) -> None:
   if not is_url(path):
     return
   probe = join(path, ".w2v2_write_check")
-  write_bytes(probe, b"")
-  remove(probe)
+  try:
+    write_bytes(probe, b"")
+    remove(probe)
+  except StorageError as e:
+    raise StorageError(str(e).replace(probe, path)) from None

@@ -56,7 +56,9 @@ def main(argv):
   cfg, params, vocab, normalize = load_ctc(FLAGS.checkpoint)
   decoder = None
   if FLAGS.beam > 0 or FLAGS.kenlm:
-    decoder = ctc.beam_search_decoder(vocab, kenlm_path=FLAGS.kenlm, beam_width=max(FLAGS.beam, 1))
+    from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
+    kenlm = storage.local_copy(FLAGS.kenlm) if FLAGS.kenlm else None  # KenLM opens local files only
+    decoder = ctc.beam_search_decoder(vocab, kenlm_path=kenlm, beam_width=max(FLAGS.beam, 1))
   for path, text in transcribe(cfg, params, vocab, FLAGS.audio, normalize, decoder):
     print(f"{path}\t{text}")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from w2v2_jax import storage
 from w2v2_jax.models.config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -19,7 +20,7 @@ def manager(directory: str, max_to_keep: int | None = 3, save_interval_steps: in
             async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                          enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(storage.absolute(directory), options=options,
                                item_names=("state", "config", "metadata"))
 
 
@@ -33,51 +34,65 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, model_cfg: ModelConf
 
 def save_params(workdir: str, params: Any, model_cfg: ModelConfig, kind: str, step: int = 0) -> str:
   """Write a params-only checkpoint into WORKDIR/checkpoints/<step> (for imports and tests)."""
-  mgr = manager(os.path.join(workdir, CHECKPOINTS), async_save=False)
+  mgr = manager(storage.join(workdir, CHECKPOINTS), async_save=False)
   save(mgr, step, {"params": params}, model_cfg, kind, force=True)
   mgr.wait_until_finished()
   mgr.close()
-  return os.path.join(workdir, CHECKPOINTS, str(step))
+  return storage.join(workdir, CHECKPOINTS, str(step))
 
 
 def is_step_dir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config"))
+  """A step folder whose save completed (an interrupted one lacks its items, or is a temporary name)."""
+  if not storage.is_url(path):
+    return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config"))
+  names = set(storage.listdir(path)) if storage.isdir(path) else set()
+  # Object stores have no atomic rename: Orbax marks a finished step with commit_success.txt instead
+  return {"state", "config", "commit_success.txt"} <= names
 
 
 def resolve_step_dir(path: str) -> str | None:
   """A workdir, its checkpoints/ folder, or one step folder -> the latest complete step folder (or None)."""
   if is_step_dir(path):
     return path
-  for root in (os.path.join(path, CHECKPOINTS), path):
-    if not os.path.isdir(root):
+  for root in (storage.join(path, CHECKPOINTS), path):
+    if not storage.isdir(root):
       continue
-    steps = [int(d) for d in os.listdir(root) if d.isdigit() and is_step_dir(os.path.join(root, d))]
-    if steps:
-      return os.path.join(root, str(max(steps)))
+    steps = sorted((int(d) for d in storage.listdir(root) if d.isdigit()), reverse=True)
+    for step in steps:
+      if is_step_dir(storage.join(root, str(step))):
+        return storage.join(root, str(step))
   return None
+
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Reads by one process alone (one device's copy): no barrier that the other processes would have to join."""
+  import jax  # pylint: disable=import-outside-toplevel
+  i = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=i, active_processes={i}, barrier_sync_key_prefix=f"p{i}")
 
 
 def load_config(step_dir: str) -> dict:
   """A step folder's config item: {"model", "kind", "experiment"[, "vocab"]}, without the weights."""
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(os.path.abspath(step_dir), "config"))
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler(), multiprocessing_options=_this_process_only()).restore(
+      storage.join(storage.absolute(step_dir), "config"))
 
 
 def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
   """Restore only what inference needs: (model config, params as numpy, kind, experiment config).
 
   Works whatever topology wrote the checkpoint (a pod, several hosts): the saved shapes are read
-  from its metadata and restored onto this process's first device.
+  from its metadata and restored onto this process's first device, by this process alone.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  step_dir = os.path.abspath(step_dir)
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(os.path.join(step_dir, "state"))
+  step_dir = storage.absolute(step_dir)
+  ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+  meta = ckptr.metadata(storage.join(step_dir, "state"))
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
-  state = ckptr.restore(os.path.join(step_dir, "state"), target)
+  state = ckptr.restore(storage.join(step_dir, "state"), target)
   config = load_config(step_dir)
   params = jax.tree.map(np.asarray, state["params"])
   experiment = dict(config["experiment"], **({"vocab": config["vocab"]} if "vocab" in config else {}))
@@ -88,7 +103,7 @@ def run_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:
   """The training run's manager: async, every `every` steps, keep the last `keep`, preemption-aware."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)), options=options,
+  return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINTS)), options=options,
                                item_names=("state", "data", "config", "metadata"))
 
 

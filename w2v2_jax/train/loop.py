@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import time
 from typing import Any
@@ -16,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from w2v2_jax import flops, objectives, parallel
+from w2v2_jax import flops, objectives, parallel, storage
 from w2v2_jax.data import pipeline, records
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import init_params
-from w2v2_jax.train import checkpointing, optim, step as steps
+from w2v2_jax.train import checkpointing, events, optim, step as steps
 
 
 def model_config(config) -> ModelConfig:
@@ -79,8 +78,8 @@ def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.Au
 def ctc_vocabulary(config, directory, workdir):
   """The run's letter vocabulary: workdir/vocab.json if it exists (resume), else built from the train split."""
   from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "vocab.json")
-  if os.path.exists(path):
+  path = storage.join(workdir, "vocab.json")
+  if storage.exists(path):
     vocab = ctc.Vocabulary.load(path)
   else:
     transcripts = records.load_split(directory, config.data.train_split).transcripts()
@@ -89,7 +88,6 @@ def ctc_vocabulary(config, directory, workdir):
                        "CTC fine-tuning needs a labeled split")
     vocab = ctc.Vocabulary.build(transcripts)
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
       vocab.save(path)
   config.model.vocab_size = len(vocab)
   return vocab
@@ -111,10 +109,15 @@ def beam_decoder(config, workdir, vocab):
     from w2v2_jax import ngram  # pylint: disable=import-outside-toplevel
     from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
     text = corpus.lm_text(corpus_config(config), decode.lm_lines)
-    lm_path = ngram.build_arpa(map(ctc.normalize, text), os.path.join(workdir, "lm.arpa"), decode.lm_order)
-    logging.info("%d-gram LM from %d lines of the corpus's LM text -> %s", decode.lm_order, len(text), lm_path)
-  elif lm_path and not os.path.exists(lm_path):
+    kept = storage.join(workdir, "lm.arpa")
+    lm_path = ngram.build_arpa(map(ctc.normalize, text), storage.local_path(kept), decode.lm_order)
+    if storage.is_url(kept) and jax.process_index() == 0:
+      storage.upload(lm_path, kept, keep_local=True)  # KenLM reads the local copy; the workdir keeps one too
+    logging.info("%d-gram LM from %d lines of the corpus's LM text -> %s", decode.lm_order, len(text), kept)
+  elif lm_path and not storage.exists(lm_path):
     raise ValueError(f"config.decode.kenlm={lm_path!r}: no such file (a KenLM .arpa/.bin, or 'corpus')")
+  elif lm_path:
+    lm_path = storage.local_copy(lm_path)  # KenLM opens local files only
   return ctc.beam_search_decoder(vocab, kenlm_path=lm_path, alpha=decode.alpha, beta=decode.beta,
                                  beam_width=max(decode.beam, 1))
 
@@ -200,11 +203,16 @@ def jit_steps(config, layout: Layout):
 
 
 class Preemption:
-  """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+  """One process: SIGTERM sets a flag; the loop saves and exits at the next step boundary.
+
+  Several processes: nothing here. JAX's preemption notifier owns SIGTERM (a handler installed here
+  would replace it) and its sync point, reached by every process at the same step, stops the loop.
+  """
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -217,7 +225,8 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
   `on_log(step, metrics)`, if given, is called on process 0 at every log and eval step (e.g. a
   notebook's live plot); metrics are the console's figures as floats.
   """
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
+  storage.check_writable(workdir)  # a missing bucket or no access: one line now, not after compiling
   pipeline.import_tensorflow_in_background()  # tf.data is first needed at the first batch
   is_main = jax.process_index() == 0
   directory = data_dir(config)
@@ -268,7 +277,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
     train_step, eval_step = jit_steps(config, layout)
 
     # -- loop -----------------------------------------------------------------------------------
-    writer = _summary_writer(workdir) if is_main else None
+    writer = events.EventWriter(storage.join(workdir, "tensorboard")) if is_main else None
     experiment = json.loads(config.to_json())
     preemption = Preemption()
     key = jax.random.key(config.seed + 1, impl=config.rng_impl)
@@ -317,8 +326,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
                        " (beam search: WER %.3f CER %.3f)" % (ev["beam_wer"], ev["beam_cer"])
                        if "beam_wer" in ev else "")
           if is_main:
-            with open(os.path.join(workdir, "eval_results.json"), "a") as f:
-              f.write(json.dumps({"step": done, "split": config.data.valid_split, **ev}) + "\n")
+            record_eval(workdir, {"step": done, "split": config.data.valid_split, **ev})
         elif ev:
           logging.info("step %d valid loss %.3f acc %.3f", done, ev["loss"], ev["accuracy"])
         if ev:
@@ -340,6 +348,8 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
         break
     mgr.wait_until_finished()
     mgr.close()
+  if writer:
+    writer.close()  # a bucket: the last events' upload
   for data in (train_data, valid_data):
     if data is not None:
       data.close()  # its reading threads, before the caller moves on (or exits)
@@ -422,19 +432,9 @@ def _shard_like_params(opt_state, param_sh, replicated):
   return visit(opt_state)
 
 
-class _SummaryWriter:
-  """TensorBoard event files (tensorboardX: no TensorFlow summary ops needed)."""
-
-  def __init__(self, logdir):
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._writer = SummaryWriter(logdir)
-
-  def scalar(self, tag, value, step):
-    self._writer.add_scalar(tag, value, step)
-
-  def flush(self):
-    self._writer.flush()
-
-
-def _summary_writer(workdir):
-  return _SummaryWriter(os.path.join(workdir, "tensorboard"))
+def record_eval(workdir: str, entry: dict) -> None:
+  """Adds one evaluation's line to WORKDIR/eval_results.json (JSON lines). The file is rewritten whole,
+  never appended to: an object in a bucket cannot be, and a reader sees the old file or the new one."""
+  path = storage.join(workdir, "eval_results.json")
+  before = storage.read_text(path) if storage.exists(path) else ""
+  storage.write_text(path, before + json.dumps(entry) + "\n")
