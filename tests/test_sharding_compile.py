@@ -17,11 +17,11 @@ _PROBE = r"""
 import sys
 import jax
 import jax.numpy as jnp
-mesh, task, pinned, names = sys.argv[1], sys.argv[2], sys.argv[3] == "pinned", sys.argv[4].split(",")
+mesh, task, pinned, names, micro = sys.argv[1:6]
 from w2v2_jax import parallel
 from w2v2_jax.models import quantizer
 from w2v2_jax.train import loop
-if not pinned:  # the quantizer without its batch constraint: the warning must show
+if pinned == "unpinned":  # the quantizer without its batch constraints: the warning must show
   quantizer.constrain_batch = lambda x: x
 if task == "ctc":
   import finetune_config
@@ -31,6 +31,7 @@ else:
   import train_config
   c = train_config.get_config("unused,4")
 c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(s) for s in mesh.split(","))
+c.train.microbatches = int(micro)
 c.optim.total_steps = c.num_train_steps
 layout = loop.plan_layout(c)
 sh = parallel.batch_sharding(layout.mesh)
@@ -46,7 +47,7 @@ train_step, eval_step = loop.jit_steps(c, layout)
 with jax.set_mesh(layout.mesh):
   steps = {"train": (train_step, (layout.abstract_state, batch, key)),
            "eval": (eval_step, (layout.abstract_state.params, batch, key, step))}
-  for name in names:
+  for name in names.split(","):
     fn, args = steps[name]
     print(f"<<< {name}", file=sys.stderr, flush=True)
     fn.lower(*args).compile()
@@ -54,13 +55,14 @@ with jax.set_mesh(layout.mesh):
 """
 
 
-def compile_logs(mesh: str, task: str = "pretrain", pinned: bool = True, names=("train", "eval")) -> dict:
+def compile_logs(mesh: str, task: str = "pretrain", pinned: bool = True, names=("train", "eval"),
+                 microbatches: int = 1) -> dict:
   """{step name: its stderr} of compiling w2v2-train's steps on a (data, fsdp, tensor) mesh of 8 CPU devices."""
   tests = os.path.dirname(os.path.abspath(__file__))
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "JAX_ENABLE_COMPILATION_CACHE": "false",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
   proc = subprocess.run([sys.executable, "-c", _PROBE, mesh, task, "pinned" if pinned else "unpinned",
-                         ",".join(names)], env=env,
+                         ",".join(names), str(microbatches)], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   logs = {}
@@ -80,6 +82,12 @@ def remat_lines(log: str) -> list:
 def test_pretraining_steps_compile_without_involuntary_remat(mesh):
   logs = compile_logs(mesh)
   assert not remat_lines(logs["train"]) and not remat_lines(logs["eval"]), logs
+
+
+def test_micro_batched_train_step_compiles_without_involuntary_remat():
+  """Micro-batches (a scan over pieces of the batch), tensor axis: the features' gradient stays batch-sharded."""
+  logs = compile_logs("1,4,2", names=("train",), microbatches=2)
+  assert not remat_lines(logs["train"]), logs
 
 
 def test_ctc_steps_compile_without_involuntary_remat():

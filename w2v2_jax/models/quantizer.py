@@ -35,10 +35,14 @@ class GumbelVectorQuantizer(nn.Module):
     g, v = cfg.num_codevector_groups, cfg.num_codevectors_per_group
     codevectors = self.param("codevectors", partitioned(uniform_range(0.0, 1.0), (None, "codevectors", "vq_dim")),
                              (1, g * v, cfg.codevector_dim // g), jnp.float32)
+    # Activations pinned to the batch sharding, here and on the one-hot: otherwise GSPMD shards them like the
+    # parameters they meet (weight_proj's input channels, the codebook's rows: FSDP), and can only get there
+    # from the batch-sharded features by replicating them (the features' gradient too, with micro-batches).
+    features = constrain_batch(features.astype(jnp.float32))
     logits = nn.Dense(g * v, dtype=jnp.float32, param_dtype=jnp.float32,
                       kernel_init=partitioned(nn.initializers.normal(1.0), ("conv_out", "codevectors")),
                       bias_init=partitioned(nn.initializers.zeros, ("codevectors",)),
-                      name="weight_proj")(features.astype(jnp.float32))
+                      name="weight_proj")(features)
     logits = logits.reshape(*logits.shape[:-1], g, v)
     soft_probs = jax.nn.softmax(logits, axis=-1)
     argmax_idx = jnp.argmax(logits, axis=-1)
@@ -51,8 +55,6 @@ class GumbelVectorQuantizer(nn.Module):
       code_idx = jnp.argmax(sample, axis=-1)
       hard = jax.nn.one_hot(code_idx, v, dtype=jnp.float32)
       one_hot = hard + (sample - jax.lax.stop_gradient(sample))  # exactly one-hot forward
-    # Pinned to the batch sharding: otherwise GSPMD shards the one-hot's (G, V) like the codebook's rows
-    # (FSDP) and can only get there from the batch-sharded argmax by replicating it.
     one_hot = constrain_batch(one_hot)
     book = codevectors.reshape(g, v, -1)
     quantized = jnp.einsum("...gv,gvd->...gd", one_hot, book, precision=jax.lax.Precision.HIGHEST)
