@@ -16,12 +16,17 @@ from ml_collections import config_flags
 
 from w2v2_jax.cli import one_line_errors, write_json
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+FLAGS = flags.FLAGS
 # The slices the docs and tests name; any size of these chips works.
 SLICES = ("v4-8", "v4-32", "v4-64", "v5p-8", "v5p-16", "v5p-64", "v5p-128", "v5e-8", "v5e-256", "v6e-8", "v6e-64")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", f"TPU slice: {', '.join(SLICES)}, ...")
-_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-_ROWS_ONLY = flags.DEFINE_bool("rows_only", False, "Only check the mesh and each process's batch rows (no compile).")
+
+
+def define_flags():
+  """Defined when the CLI runs, not on import (tests and tools import topology_devices)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("topology", "v5p-128", f"TPU slice: {', '.join(SLICES)}, ...")
+  flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+  flags.DEFINE_bool("rows_only", False, "Only check the mesh and each process's batch rows (no compile).")
 
 # name -> (topology_name prefix, cores per chip counted in the slice name, HBM GiB per chip)
 CHIPS = {"v4": ("v4", 2, 32), "v5p": ("v5p", 2, 95), "v5e": ("v5e", 1, 16), "v6e": ("v6e", 1, 32)}
@@ -71,18 +76,18 @@ def main(argv):
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
 
-  config = _CONFIG.value
+  config = FLAGS.config
   if config is None:
     raise ValueError("--config is required")
   if config.optim.total_steps < 0:
     config.optim.total_steps = config.num_train_steps
-  devices, hbm_gib = topology_devices(_TOPOLOGY.value)
+  devices, hbm_gib = topology_devices(FLAGS.topology)
   layout = loop.plan_layout(config, devices)
   batch_sh = parallel.batch_sharding(layout.mesh)
   rows = parallel.process_rows(batch_sh, config.batch_size)  # refuses a layout the input pipeline cannot feed
   print(f"mesh {dict(layout.mesh.shape)} over {len(devices)} devices, {len(rows)} processes:")
   print("\n".join(rows_summary(rows)))
-  if _ROWS_ONLY.value:
+  if FLAGS.rows_only:
     return
   widest = pipeline.widest_bucket(loop.input_config(config, "", "", True))
   batch = {"audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
@@ -96,7 +101,7 @@ def main(argv):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
               - mem.alias_size_in_bytes) / 2**30
-  figures = {"topology": _TOPOLOGY.value, "chips": len(devices), "mesh": dict(layout.mesh.shape),
+  figures = {"topology": FLAGS.topology, "chips": len(devices), "mesh": dict(layout.mesh.shape),
              "processes": len(rows), "batch": config.batch_size, "crop_samples": widest, "dtype": config.model.dtype,
              "remat": config.model.remat, "per_chip_gib": round(per_chip, 2), "hbm_gib": hbm_gib,
              "fits": per_chip < 0.95 * hbm_gib,
@@ -106,10 +111,11 @@ def main(argv):
   print(f"parameter shardings on mesh {dict(layout.mesh.shape)}:\n{layout.table}")
   print(" ".join(f"{k}={v}" for k, v in figures.items()))
   print(f"{'FITS' if figures['fits'] else 'DOES NOT FIT'}: {per_chip:.2f} GiB of {hbm_gib} GiB HBM per chip")
-  write_json(_JSON.value, figures)
+  write_json(FLAGS.json, figures)
 
 
 def run():
+  define_flags()
   app.run(main)
 
 
