@@ -38,6 +38,10 @@ def download(request, response, storage, *args, **kwargs):
   return original(request, response, storage, *args, **kwargs)
 
 objects.download = download  # objects.get calls it for ?alt=media
+if "--threaded" in sys.argv:  # serve requests concurrently (benchmarks: reads only)
+  sys.argv.remove("--threaded")
+  import http.server
+  http.server.HTTPServer = http.server.ThreadingHTTPServer
 for _, handlers in server.HANDLERS:
   for method, handler in list(handlers.items()):
     if handler is original:
@@ -47,11 +51,12 @@ cli.main(sys.argv[1:])
 
 
 @contextlib.contextmanager
-def emulator(bucket: str = "bkt"):
-  """gcp-storage-emulator, in memory, on a free 127.0.0.1 port, with `bucket`; yields its URL."""
+def emulator(bucket: str = "bkt", threaded: bool = False):
+  """gcp-storage-emulator, in memory, on a free 127.0.0.1 port, with `bucket`; yields its URL. `threaded`
+  serves requests concurrently (its store is not made for concurrent writes: for read benchmarks)."""
   port = free_port()
   proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, "start", "--host=127.0.0.1", f"--port={port}",
-                           "--in-memory", f"--default-bucket={bucket}", "--quiet"],
+                           "--in-memory", f"--default-bucket={bucket}", "--quiet"] + ["--threaded"] * threaded,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
   try:

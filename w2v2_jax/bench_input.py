@@ -1,6 +1,7 @@
 """w2v2-bench-input: input-pipeline and preparation throughput, in audio-seconds per second.
 
-  w2v2-bench-input --what=input   [--data_dir=D --split=train] [--batch=8 --max_sample_size=250000]
+  w2v2-bench-input --what=input   [--data_dir=D|gs://... --split=train] [--batch=8 --max_sample_size=250000]
+                                  [--read_concurrency=64]
   w2v2-bench-input --what=prepare [--hours=0.5]     # 16 kHz FLAC tree -> shards, audio-hours/min
   w2v2-bench-input --what=corpus  [--hours=0.5]     # eSpeak NG synthesis -> shards, audio-hours/min
 
@@ -30,6 +31,7 @@ _BUCKETING = flags.DEFINE_enum("bucketing", "geometric", list(BUCKETINGS), "Buck
 _SECONDS = flags.DEFINE_float("seconds", 20.0, "How long to time the input pipeline.")
 _HOURS = flags.DEFINE_float("hours", 0.5, "Audio hours to synthesize for the synthetic data.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+_CONCURRENCY = flags.DEFINE_integer("read_concurrency", 64, "A bucket's ranged GETs in flight (data.read_concurrency).")
 
 
 def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = False) -> None:
@@ -55,20 +57,24 @@ def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = 
 def bench_input(data_dir: str) -> dict:
   from w2v2_jax.data.pipeline import AudioInput, InputConfig
   cfg = InputConfig(data_dir, _SPLIT.value, _BATCH.value, max_sample_size=_MAX.value,
-                    min_sample_size=_MIN.value, mode=_MODE.value, bucketing=_BUCKETING.value)
+                    min_sample_size=_MIN.value, mode=_MODE.value, bucketing=_BUCKETING.value,
+                    read_concurrency=_CONCURRENCY.value)
   it = AudioInput(cfg)
   for _ in range(3):  # warm-up: plan, readers, thread pool
     next(it)
-  start, samples, padded, batches = time.time(), 0, 0, 0
+  start, samples, padded, batches, reads = time.time(), 0, 0, 0, 0
   while time.time() - start < _SECONDS.value:
     batch = next(it)
+    reads += int((batch["lengths"] > 0).sum())  # one read (a ranged GET from a bucket) per row
     samples += int(batch["lengths"].sum())
     padded += batch["audio"].size
     batches += 1
     if batches % 50 == 0:
       print(f"  {batches} batches, {samples / 16000 / (time.time() - start):,.0f} audio-s/s", flush=True)
   elapsed = time.time() - start
+  it.close()
   return {"audio_seconds_per_second": samples / 16000 / elapsed, "batches_per_second": batches / elapsed,
+          "requests_per_second": reads / elapsed, "read_concurrency": _CONCURRENCY.value,
           "padding_fraction": 1 - samples / padded, "batch": _BATCH.value, "max_sample_size": _MAX.value,
           "mode": _MODE.value, "bucketing": _BUCKETING.value, "buckets": it.batches.buckets.tolist()}
 
@@ -84,7 +90,8 @@ def main(argv):
         librispeech_like(data_dir, _HOURS.value)
       figures.update(bench_input(data_dir))
       print(f"input: {figures['audio_seconds_per_second']:,.0f} audio-s/s delivered "
-            f"({figures['batches_per_second']:.1f} batches/s of {_BATCH.value}, crop {_MAX.value}, "
+            f"({figures['batches_per_second']:.1f} batches/s of {_BATCH.value}, "
+            f"{figures['requests_per_second']:,.0f} reads/s, crop {_MAX.value}, "
             f"mode {_MODE.value}, padding {figures['padding_fraction']:.1%})")
     elif _WHAT.value == "prepare":
       from w2v2_jax.data import sources, writer

@@ -78,7 +78,7 @@ class InputConfig:
   threads: int = 0                  # 0 = tf.data AUTOTUNE
   complete: bool = False            # evaluation: every usable utterance once; each bucket's last batch is
                                     # filled with empty rows (record -1: silence, no transcript) to score nothing
-  read_concurrency: int = 32        # a bucket's ranged GETs in flight per input (local files: unused)
+  read_concurrency: int = 64        # a bucket's ranged GETs in flight per input (local files: unused)
 
 
 def bucket_lengths(cfg: InputConfig, usable: np.ndarray | None = None) -> tuple[int, ...]:

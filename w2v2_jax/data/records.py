@@ -241,7 +241,7 @@ class AudioReader:
   crop, at most `concurrency` in flight for this reader.
   """
 
-  def __init__(self, index: SplitIndex, concurrency: int = 32, max_open_files: int = 256):
+  def __init__(self, index: SplitIndex, concurrency: int = 64, max_open_files: int = 256):
     self.index = index
     self.remote = bool(index.files) and storage.is_url(index.files[0])
     self.max_open_files = max_open_files

@@ -41,6 +41,7 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
   c.data.bucketing = "geometric"    # or "fit": the bucket lengths that cut away least of the split's audio
   c.data.mode = "crop"
   c.data.normalize = False
+  c.data.read_concurrency = 64      # a gs:// data dir: ranged GETs in flight per input (docs/cloud_storage.md)
 
   c.optim = ml_collections.ConfigDict(dict(lr=5e-4, warmup_steps=32_000, total_steps=-1, end_lr=0.0, power=1.0,
                                            b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=0.0))

@@ -59,7 +59,8 @@ def input_config(config, directory: str, split: str, train: bool) -> pipeline.In
                               bucketing=d.get("bucketing", "geometric"),  # absent in older saved configs
                               shuffle=train, seed=config.seed, num_epochs=None if train else 1,
                               crop_long=not is_ctc(config),  # a transcript covers the whole utterance
-                              complete=not train and is_ctc(config))  # WER/CER on every utterance
+                              complete=not train and is_ctc(config),  # WER/CER on every utterance
+                              read_concurrency=d.get("read_concurrency", 64))
 
 
 def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.AudioInput:
