@@ -3,15 +3,15 @@
 COMMAND:  w2v2-train --config=experiments/demo.py --workdir=/tmp/w2v2_demo   (":STEPS" sets the step count)
 HARDWARE: any CPU (2 cores is enough); the corpus (~2 h of speech) is synthesized on first use and
           cached under ~/.cache/w2v2_jax.
-EXPECTED: see the README's measured figures. The loss sits at chance (ln 101 = 4.615) for the first
+EXPECTED: see docs/performance.md. The loss sits at chance (ln 101 = 4.615) for the first
           few hundred updates while the feature encoder learns; it then leaves that plateau (step
           ~400-550 for seeds 0 and 1) and ends near 3.9 at step 1000, with prob perplexity ~55-60 of
           64 codewords (no collapse). ~0.15 s per update on one CPU device.
 
 The recipe departs from BASE where a few minutes of CPU demand it: the tiny model, feature_grad_mult
 1 and no feature penalty (the CNN must learn features that are smooth in time quickly; with
-fairseq's 0.1 and penalty 10 the loss stays at chance for thousands of updates here, see the
-README's FAQ), a higher lr and a short warm-up.
+fairseq's 0.1 and penalty 10 the loss stays at chance for thousands of updates here, see
+docs/faq.md), a higher lr and a short warm-up.
 """
 from w2v2_jax.train.defaults import pretraining_config
 

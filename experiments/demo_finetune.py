@@ -4,10 +4,10 @@ COMMAND:  w2v2-train --config=experiments/demo_finetune.py --workdir=/tmp/w2v2_d
               --config.finetune.init=/tmp/w2v2_demo      # "" (the default) trains from scratch
           w2v2-miniature --workdir=/tmp/w2v2_miniature   # pre-train, fine-tune, and from scratch, compared
 HARDWARE: any CPU; run the demo pre-training (experiments/demo.py) first to have something to start from.
-EXPECTED: see the README's miniature table (valid CER / WER on held-out voices and sentences, greedy and,
+EXPECTED: see docs/finetuning.md (the miniature) (valid CER / WER on held-out voices and sentences, greedy and,
           at the end, beam search with a 4-gram LM, from WORKDIR/eval_results.json). ~0.4 s per update
           on 2 CPU cores (4 length buckets fitted to the split: ~13% padding); the beam search needs
-          kenlm (README: CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install kenlm==0.2.0), or
+          kenlm (CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install kenlm==0.2.0), or
           --config.decode.kenlm= --config.decode.beam=0 for greedy only.
 """
 from w2v2_jax.train.defaults import finetuning_config
@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.data.max_sample_size = 128_000
   c.data.num_buckets = 4
   c.model["layerdrop"] = 0.0
-  c.model["feature_grad_mult"] = 1.0    # the tiny CNN learns too (fairseq freezes BASE's); see the README
+  c.model["feature_grad_mult"] = 1.0    # the tiny CNN learns too (fairseq freezes BASE's); see docs/finetuning.md
   c.finetune.freeze_steps = 100
   c.finetune.mask_prob = 0.5
   c.finetune.mask_channel_length = 8    # the tiny model has 64 channels

@@ -3,9 +3,9 @@
 COMMAND:  w2v2-train --config=experiments/large_librispeech.py --workdir=gs://BUCKET/large_ls960 \\
               --config.data.data_dir=/data/ls960
 HARDWARE: fairseq: 128 V100, 1.2M samples per GPU (~2.7 h per update). Here: 512 crops of at
-          most 320k samples; the per-chip memory of a slice comes from w2v2-aot (README recipes).
+          most 320k samples; the per-chip memory of a slice comes from w2v2-aot (README, recipes).
 EXPECTED: like BASE, but lower final loss; prob perplexity stays well above 100 (collapse shows
-          as perplexity falling toward 2 -- see the README FAQ).
+          as perplexity falling toward 2 -- see the docs/faq.md).
 """
 from w2v2_jax.train.defaults import pretraining_config
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a command (a CPU job) under jemalloc on transparent huge pages: XLA:CPU mallocs thousands of
 # scratch buffers a step, and glibc's bins cost ~5% of its CPU time; the stable-LN BASE step took
-# 0.92 of its time with glibc and our own setting (README, Performance). Needs libjemalloc.so.2
+# 0.92 of its time with glibc and our own setting (docs/performance.md). Needs libjemalloc.so.2
 # (Debian/Ubuntu: apt-get install libjemalloc2), or JEMALLOC=/path/to/libjemalloc.so.2.
 # Usage: launch/cpu_jemalloc.sh COMMAND [ARGS...]
 # e.g.   launch/cpu_jemalloc.sh w2v2-train --config=experiments/demo.py --workdir=/tmp/w2v2_demo

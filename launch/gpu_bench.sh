@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's Performance section, in one run on one NVIDIA GPU (jax[cuda] installed):
+# The GPU figures of docs/performance.md, in one run on one NVIDIA GPU (jax[cuda] installed):
 #   1. the fused attention kernels against XLA's attention core, compiled for this GPU (values, gradients);
 #   2. the BASE pre-training step in bf16 on 15.6 s crops (250,000 samples, fairseq's max_sample_size),
 #      XLA's attention against the fused kernels,

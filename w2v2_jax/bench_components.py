@@ -4,7 +4,7 @@
 
 Times the feature encoder, the positional conv and one transformer layer on their own (gradients
 with respect to parameters only, as in training), each against its analytic FLOPs. This is how
-the positional conv's slow weight gradient on CPU was found (README, Performance).
+the positional conv's slow weight gradient on CPU was found (docs/performance.md).
 """
 from __future__ import annotations
 
