@@ -84,9 +84,10 @@ def test_pretraining_steps_compile_without_involuntary_remat(mesh):
   assert not remat_lines(logs["train"]) and not remat_lines(logs["eval"]), logs
 
 
-def test_micro_batched_train_step_compiles_without_involuntary_remat():
-  """Micro-batches (a scan over pieces of the batch), tensor axis: the features' gradient stays batch-sharded."""
-  logs = compile_logs("1,4,2", names=("train",), microbatches=2)
+@pytest.mark.parametrize("task", ["pretrain", "ctc"])
+def test_micro_batched_train_step_compiles_without_involuntary_remat(task):
+  """Micro-batches (a scan over pieces of the batch) on a mesh with tensor: each piece spans every batch shard."""
+  logs = compile_logs("1,4,2", task, names=("train",), microbatches=2)
   assert not remat_lines(logs["train"]), logs
 
 

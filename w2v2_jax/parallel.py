@@ -117,13 +117,13 @@ def process_rows(sharding, global_batch: int, process_count: int | None = None) 
   return rows
 
 
-def constrain_batch(x):
-  """x split over the batch axes on dim 0 and replicated otherwise (a no-op outside a mesh): pins an activation
+def constrain_batch(x, axis: int = 0):
+  """x split over the batch axes on `axis` and replicated otherwise (a no-op outside a mesh): pins an activation
   that GSPMD would otherwise shard like a parameter it meets (and then replicate to reshard)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
-  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+  return jax.lax.with_sharding_constraint(x, P(*(None,) * axis, BATCH_AXES))
 
 
 def param_shardings(boxed_abstract, mesh, rules=DEFAULT_RULES):

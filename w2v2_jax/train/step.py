@@ -10,7 +10,7 @@ import optax
 
 from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.models.quantizer import gumbel_temperature
-from w2v2_jax.parallel import compile_platform
+from w2v2_jax.parallel import compile_platform, constrain_batch
 from w2v2_jax.train.optim import schedule
 from w2v2_jax.train.pretrain import make_loss_fn
 
@@ -105,7 +105,9 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
       # over every gradient (380 MB for BASE) that cost ~30 ms of the CPU step.
       (loss, metrics), grads = mean_grad_fn(state.params, batch, key, state.step)
     else:
-      pieces = lambda x: x.reshape((micro, x.shape[0] // micro) + x.shape[1:])  # noqa: E731
+      # Piece i is rows [i * b, (i + 1) * b), spread over every batch shard: the plain reshape would leave each
+      # piece on a fraction of the devices, and the scan's backward reshards through replicas.
+      pieces = lambda x: constrain_batch(x.reshape((micro, x.shape[0] // micro) + x.shape[1:]), 1)  # noqa: E731
       def body(carry, xs):
         g_acc, l_acc, n_acc = carry
         piece, i = xs
