@@ -170,8 +170,8 @@ class Batches:
     else:
       raise ValueError(f"data.mode={cfg.mode!r}: use 'crop' or 'pad'")
     self.num_samples = num_samples
-    self.bucket = np.where(self.keep, bucket, -1)
-    counts = np.bincount(self.bucket[self.keep], minlength=len(self.buckets))
+    self.bucket = np.where(self.keep, bucket, -1).astype(np.int16)  # 16 bits: epoch() groups by radix sort
+    self.counts = counts = np.bincount(self.bucket[self.keep], minlength=len(self.buckets))
     self.batches_per_bucket = -(-counts // cfg.global_batch) if cfg.complete else counts // cfg.global_batch
     self.per_epoch = int(self.batches_per_bucket.sum())
     if self.per_epoch == 0:
@@ -186,11 +186,14 @@ class Batches:
     cfg, b = self.cfg, self.cfg.global_batch
     rng = np.random.default_rng([cfg.seed, epoch])
     order = rng.permutation(len(self.num_samples)) if cfg.shuffle else np.arange(len(self.num_samples))
-    order = order[self.keep[order]]
-    batches, widths = [], []
+    # Each bucket's members in the permuted order, in one stable sort (left-out utterances, -1, first).
+    order = order[np.argsort(self.bucket[order], kind="stable")]
+    batches, widths, first = [], [], self.dropped
     for k, n in enumerate(self.batches_per_bucket):
-      members = order[self.bucket[order] == k][:n * b]
-      members = np.concatenate([members, np.full(n * b - len(members), -1, members.dtype)])  # complete: fill
+      members = order[first:first + min(n * b, self.counts[k])]
+      first += self.counts[k]
+      if len(members) < n * b:  # complete: fill
+        members = np.concatenate([members, np.full(n * b - len(members), -1, members.dtype)])
       batches.append(members.reshape(n, b))
       widths.append(np.full(n, self.buckets[k]))
     recs, width = np.concatenate(batches), np.concatenate(widths)
@@ -202,8 +205,14 @@ class Batches:
     kept = np.broadcast_to(width[:, None], recs.shape) if cfg.mode == "crop" else \
         np.minimum(total, cfg.max_sample_size)
     room = total - kept
-    starts = (rng.random(recs.shape) * (room + 1)).astype(np.int64) if cfg.shuffle else room // 2
-    return EpochPlan(recs, np.minimum(starts, room), kept.astype(np.int32), width)
+    del total
+    if cfg.shuffle:  # in place: at 10M utterances each temporary is 80 MB
+      starts = rng.random(recs.shape)
+      starts *= room + 1
+      starts = starts.astype(np.int64)
+    else:
+      starts = room // 2
+    return EpochPlan(recs, np.minimum(starts, room, out=starts), kept.astype(np.int32), width)
 
   def describe(self) -> str:
     """One line for the log: the buckets and how much of epoch 0's audio is padding or cut away."""
@@ -227,9 +236,24 @@ class Batches:
                      if f.name not in ("data_dir", "complete", "bucketing", "read_concurrency"))
       if self.cfg.bucketing != "geometric":
         fields += (self.cfg.bucketing,)
-      blob = repr((fields, self.num_samples.tobytes()))
-      self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+      self._fingerprint = self._repr_digest(fields, self.num_samples)[:16]
     return self._fingerprint
+
+  @staticmethod
+  def _repr_digest(fields: tuple, lengths: np.ndarray, chunk: int = 1 << 18) -> str:
+    """sha256 of `repr((fields, lengths.tobytes())).encode()`, streamed: the repr of 10M lengths would
+    be a 300 MB string. Python's bytes repr quotes with ' unless the bytes hold ' and no "; a chunk with
+    the other quote appended is escaped as the whole would be."""
+    flat = np.ascontiguousarray(lengths).reshape(-1)
+    parts = [flat[i:i + chunk].view(np.uint8) for i in range(0, flat.size, chunk)]
+    quote = '"' if any((p == ord("'")).any() for p in parts) and not any((p == ord('"')).any() for p in parts) \
+        else "'"
+    other = b"'" if quote == '"' else b'"'
+    digest = hashlib.sha256(f"({fields!r}, b{quote}".encode())
+    for part in parts:
+      digest.update(repr(part.tobytes() + other)[2:-2].encode())
+    digest.update(f"{quote})".encode())
+    return digest.hexdigest()
 
 
 class AudioInput:

@@ -130,23 +130,26 @@ def write_split_index(data_dir: str, split: str) -> str:
   if missing:
     raise ValueError(f"{missing[0]}: shard has no index {storage.basename(index_path(missing[0]))}; it is "
                      "unfinished, re-run w2v2-prepare to complete it")
-  indexes = read_shard_indexes(shards)
-  lengths = [np.asarray(ix["num_samples"], np.int64) for ix in indexes]
-  arrays = {
-      "files": np.asarray([storage.basename(s) for s in shards], dtype=str),
-      "num_samples": np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
-      "file_index": np.concatenate([np.full(len(n), k, np.int32) for k, n in enumerate(lengths)])
-                    if lengths else np.zeros(0, np.int32),
-      "audio_offsets": np.concatenate([np.asarray(ix["audio_offsets"], np.int64) for ix in indexes])
-                       if indexes else np.zeros(0, np.int64),
-      "labeled": np.concatenate([np.asarray(ix["labeled"], bool) for ix in indexes]) if indexes else np.zeros(0, bool),
-      "ids": _text_array([i for ix in indexes for i in ix["ids"]]),
-      "transcripts": _text_array([t for ix in indexes for t in ix.get("transcripts", [""] * len(ix["ids"]))]),
-  }
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
+  # Shard by shard into arrays, a window of JSON indexes at a time: parsed JSON of 10M utterances would
+  # take several GB, their arrays take a fraction.
+  parts = {"num_samples": [np.zeros(0, np.int64)], "file_index": [np.zeros(0, np.int32)],
+           "audio_offsets": [np.zeros(0, np.int64)], "labeled": [np.zeros(0, bool)], "ids": [], "transcripts": []}
+  for first in range(0, len(shards), 256):
+    for k, ix in enumerate(read_shard_indexes(shards[first:first + 256]), start=first):
+      parts["num_samples"].append(np.asarray(ix["num_samples"], np.int64))
+      parts["file_index"].append(np.full(len(ix["num_samples"]), k, np.int32))
+      parts["audio_offsets"].append(np.asarray(ix["audio_offsets"], np.int64))
+      parts["labeled"].append(np.asarray(ix["labeled"], bool))
+      parts["ids"].append(_text_array(ix["ids"]))
+      parts["transcripts"].append(_text_array(ix.get("transcripts", [""] * len(ix["ids"]))))
+  arrays = {"files": np.asarray([storage.basename(s) for s in shards], dtype=str)}
+  for name in list(parts):
+    pieces = parts.pop(name)
+    arrays[name] = np.concatenate(pieces) if pieces else np.zeros(0, "S1")
+    del pieces
   path = split_index_path(data_dir, split)
-  storage.write_bytes(path, buffer.getvalue())
+  with storage.local_file(path, suffix=".npz") as tmp:  # written in place, not through a copy in memory
+    np.savez(tmp, **arrays)
   return path
 
 
