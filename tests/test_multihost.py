@@ -1,5 +1,6 @@
 """w2v2-train on several processes (2 x 4 CPU devices, gloo on localhost): the end of a run, preemption,
 a lost process, and resuming on another process layout."""
+import fcntl
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from w2v2_jax.train import checkpointing
 
 STEPS = 8
 HOST_TIMEOUT = 10  # seconds; --host_timeout in these tests
+QUICK = ("--plots=false", "--config.data.valid_split=none")  # runs other than the reference: no plots, no eval
 
 
 class _Run:
@@ -110,17 +112,26 @@ def _assert_params(a, b, atol=0.0):
 
 
 @pytest.fixture(scope="module")
-def straight(speech_like_shards, tmp_path_factory):  # noqa: F811
-  """An uninterrupted run on 2 processes x 4 devices, plots on: (workdir, its _Run)."""
-  workdir = str(tmp_path_factory.mktemp("multihost") / "straight")
-  run = _Run(speech_like_shards, workdir)
-  assert run.wait() == [0, 0], run.tails()
-  return workdir, run
+def straight(speech_like_shards, tmp_path_factory, worker_id):  # noqa: F811
+  """An uninterrupted run on 2 processes x 4 devices, plots on: (workdir, [process 0's output, process 1's]).
+
+  Under pytest-xdist the first worker to need it runs it; the others wait for it and share it.
+  """
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if worker_id != "master" else root  # the xdist session's folder, shared by its workers
+  workdir, outputs = root / "multihost_straight", root / "multihost_straight.json"
+  with open(root / "multihost_straight.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not outputs.exists():
+      run = _Run(speech_like_shards, str(workdir))
+      assert run.wait() == [0, 0], run.tails()
+      outputs.write_text(json.dumps([run.output(0), run.output(1)]))
+  return str(workdir), json.loads(outputs.read_text())
 
 
 def test_two_process_run_ends_by_itself_with_its_plots(straight):
-  workdir, run = straight
-  assert f"step {STEPS}/{STEPS}" in run.output(0) and f"step {STEPS}/" not in run.output(1)  # process 0 logs
+  workdir, outputs = straight
+  assert f"step {STEPS}/{STEPS}" in outputs[0] and f"step {STEPS}/" not in outputs[1]  # process 0 logs
   for name in ("curves.png", "codebook_usage.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
 
@@ -128,7 +139,7 @@ def test_two_process_run_ends_by_itself_with_its_plots(straight):
 def _preempted(data, workdir, targets):
   """A two-process run that gets SIGTERM (to the processes `targets`) once step 2 is logged: both
   processes save the same step and exit 0. Returns that step."""
-  run = _Run(data, workdir, extra=["--plots=false"])
+  run = _Run(data, workdir, extra=QUICK)
   run.when("step 2/", lambda r: [r.procs[i].send_signal(signal.SIGTERM) for i in targets])
   assert run.wait() == [0, 0], run.tails()
   saved = run.saved_steps()
@@ -137,11 +148,12 @@ def _preempted(data, workdir, targets):
   return saved[0]
 
 
-def test_preempted_processes_save_the_same_step_and_resume_bitwise(speech_like_shards, straight, tmp_path):  # noqa: F811
+def test_preempted_processes_save_the_same_step_and_resume_bitwise(
+    speech_like_shards, straight, tmp_path):  # noqa: F811
   """SIGTERM to both processes; the same command then ends bitwise equal to the uninterrupted run."""
   workdir = str(tmp_path / "preempted")
   stopped = _preempted(speech_like_shards, workdir, (0, 1))
-  resumed = _Run(speech_like_shards, workdir, extra=["--plots=false"])
+  resumed = _Run(speech_like_shards, workdir, extra=QUICK)
   assert resumed.wait() == [0, 0], resumed.tails()
   assert f"resumed from step {stopped} (data position {stopped})" in resumed.output(0)
   step, params, data = _checkpoint(workdir)
@@ -150,19 +162,19 @@ def test_preempted_processes_save_the_same_step_and_resume_bitwise(speech_like_s
   _assert_params(params, straight_params)
 
 
-def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(speech_like_shards, straight,  # noqa: F811
-                                                                               tmp_path):
+def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(
+    speech_like_shards, straight, tmp_path):  # noqa: F811
   """SIGTERM to process 1 alone (one preempted VM) stops both at the same step; the run goes on as
   1 process x 8 devices for two steps, then as 2 x 4 again to the end, with the same global batch:
   the data position continues exactly, and the parameters equal the uninterrupted run's within
   float rounding."""
   workdir = str(tmp_path / "moved")
   stopped = _preempted(speech_like_shards, workdir, (1,))
-  single = _Run(speech_like_shards, workdir, steps=stopped + 2, processes=1, extra=["--plots=false"])
+  single = _Run(speech_like_shards, workdir, steps=stopped + 2, processes=1, extra=QUICK)
   assert single.wait() == [0], single.tails()
   assert f"resumed from step {stopped} (data position {stopped})" in single.output(0)
   assert _checkpoint(workdir)[2]["position"] == stopped + 2
-  resumed = _Run(speech_like_shards, workdir, extra=["--plots=false"])
+  resumed = _Run(speech_like_shards, workdir, extra=QUICK)
   assert resumed.wait() == [0, 0], resumed.tails()
   assert f"resumed from step {stopped + 2} (data position {stopped + 2})" in resumed.output(0)
   step, params, data = _checkpoint(workdir)
@@ -180,7 +192,7 @@ def test_a_lost_process_ends_the_others(speech_like_shards, tmp_path):  # noqa: 
     run.procs[1].kill()
     killed["at"] = time.monotonic()
 
-  run = _Run(speech_like_shards, str(tmp_path / "lost"), steps=1000, extra=["--plots=false"]).when("step 2/", kill)
+  run = _Run(speech_like_shards, str(tmp_path / "lost"), steps=1000, extra=QUICK).when("step 2/", kill)
   codes = run.wait(timeout=120)
   assert codes[1] == -signal.SIGKILL and codes[0] not in (0, None), run.tails()
   waited = run.exited[0] - killed["at"]

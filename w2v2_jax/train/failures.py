@@ -39,27 +39,64 @@ def initialize_options() -> dict:
 
 
 class _Watch:
-  """The daemon thread: publish our counter, read everyone's, end the process when one is lost."""
+  """The daemon thread: publish our counter, read everyone's, end the process when one is lost.
+
+  Exit states (_EXIT): "done" a clean end (JAX's shutdown barrier follows); "failed" an error; "gone"
+  left because of another process.
+  """
 
   def __init__(self, client, index: int, count: int, timeout: float):
     self.client, self.index, self.count, self.timeout = client, index, count, timeout
+    self.period = max(timeout / 6, 0.2)
     self.clean = False
     self.exiting = False
     threading.Thread(target=self._run, name="w2v2-watch-processes", daemon=True).start()
     atexit.register(self._at_exit)
 
-  def _lost(self, message: str) -> None:
-    logging.error("%s; exiting", message)
+  def _lost(self, message: str | None, culprit: int | None = None) -> None:
+    """Leaves at once; process 0, which hosts the coordination service, once the others have left too
+    (or after a few periods), so that none of them is cut off mid-way."""
+    if message:
+      logging.error("%s; exiting", message)
+    try:
+      self.client.key_value_set(f"{_EXIT}{self.index}", "gone", allow_overwrite=True)
+      others = [str(p) for p in range(self.count) if p not in (self.index, culprit)]
+      deadline = time.monotonic() + 3 * self.period
+      while self.index == 0 and time.monotonic() < deadline:
+        ended = self._ended()
+        if all(ended.get(p) in ("done", "gone") for p in others):
+          break
+        time.sleep(self.period / 4)
+    except Exception:  # noqa: BLE001  pylint: disable=broad-except  (the coordination service is gone)
+      pass
     for stream in (sys.stdout, sys.stderr):
       stream.flush()
     os._exit(1)  # pylint: disable=protected-access  (the main thread may be blocked in a collective)
 
+  def _ended(self) -> dict:
+    return {k.rsplit("/", 1)[-1]: v for k, v in self.client.key_value_dir_get(_EXIT)}
+
   def _at_exit(self) -> None:
+    """A clean end goes on to JAX's shutdown, a barrier the others join as they finish. A failure leaves
+    without it once every other process has ended (or after --host_timeout): some may be blocked in
+    collectives. Meanwhile the thread still names a lost process, e.g. the peer whose death broke a
+    collective here. Process 0, which hosts the coordination service, leaves last."""
     self.exiting = True
     try:
       self.client.key_value_set(f"{_EXIT}{self.index}", "done" if self.clean else "failed", allow_overwrite=True)
-    except Exception:  # noqa: BLE001  the coordination service is gone: nothing left to tell
-      pass
+      if self.clean:
+        return
+      settled = ("done", "gone") if self.index == 0 else ("done", "gone", "failed")
+      deadline = time.monotonic() + self.timeout + (4 if self.index == 0 else 2) * self.period
+      while time.monotonic() < deadline:
+        ended = self._ended()
+        if all(ended.get(str(p)) in settled for p in range(self.count) if p != self.index):
+          break
+        time.sleep(self.period / 4)
+    except Exception:  # noqa: BLE001  pylint: disable=broad-except  (the coordination service is gone)
+      if self.clean:
+        return
+    self._lost(None)
 
   def _run(self) -> None:
     start = time.monotonic()
@@ -67,15 +104,15 @@ class _Watch:
     contact = start  # the last answer from the coordination service (on process 0's host)
     beat = 0
     while True:
-      time.sleep(max(self.timeout / 6, 0.2))
+      time.sleep(self.period)
       now = time.monotonic()
       try:
         beat += 1
         self.client.key_value_set(f"{_ALIVE}{self.index}", str(beat), allow_overwrite=True)
         alive = {k.rsplit("/", 1)[-1]: v for k, v in self.client.key_value_dir_get(_ALIVE)}
-        exits = {k.rsplit("/", 1)[-1]: v for k, v in self.client.key_value_dir_get(_EXIT)}
+        exits = self._ended()
         contact = now
-      except Exception as e:  # noqa: BLE001
+      except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
         if self.exiting:
           return
         if now - contact > self.timeout:
@@ -84,17 +121,17 @@ class _Watch:
         continue
       for p, (value, since) in heard.items():
         ended = exits.get(str(p))
-        if ended == "done":
+        if ended in ("done", "gone"):
           continue
         if ended == "failed":
-          if self.clean:
-            continue  # we are past the work that needs it
+          if self.clean or self.exiting:
+            continue  # past the work that needs it, or failing too (_at_exit waits for the others)
           self._lost(f"process {p} of {self.count} stopped with an error (see its log)")
         if alive.get(str(p)) != value:
           heard[p] = (alive.get(str(p)), now)
         elif now - since > self.timeout:
           self._lost(f"lost process {p} of {self.count}: no sign of life for {now - since:.0f} s "
-                     "(its host died, was killed, or hangs)")
+                     "(its host died, was killed, or hangs)", p)
 
 
 _watch: _Watch | None = None
