@@ -181,8 +181,12 @@ class Batches:
                        "or add data")
     self.dropped = int((~self.keep).sum())  # shorter than min (or, without crop_long, longer than max)
     self._fingerprint = None
+    self._last = None  # (epoch, plan): describe() and the first batch share epoch 0's plan
 
   def epoch(self, epoch: int) -> EpochPlan:
+    """The plan of `epoch` (the last one asked for is kept: at 10M utterances a plan takes seconds)."""
+    if self._last is not None and self._last[0] == epoch:
+      return self._last[1]
     cfg, b = self.cfg, self.cfg.global_batch
     rng = np.random.default_rng([cfg.seed, epoch])
     order = rng.permutation(len(self.num_samples)) if cfg.shuffle else np.arange(len(self.num_samples))
@@ -212,7 +216,9 @@ class Batches:
       starts = starts.astype(np.int64)
     else:
       starts = room // 2
-    return EpochPlan(recs, np.minimum(starts, room, out=starts), kept.astype(np.int32), width)
+    plan = EpochPlan(recs, np.minimum(starts, room, out=starts), kept.astype(np.int32), width)
+    self._last = (epoch, plan)
+    return plan
 
   def describe(self) -> str:
     """One line for the log: the buckets and how much of epoch 0's audio is padding or cut away."""
