@@ -1,7 +1,8 @@
 """The data code at LibriLight scale: 10M utterances in 20,000 shards, one host of a 64-host job.
 
   python benchmarks/data_scale.py [--data_dir=/tmp/w2v2-data-scale] [--utterances=10000000] [--shards=20000]
-      [--hosts=64 --rows_per_host=8 --host=0] [--steps=2000 --epochs=4] [--max_sample_size=250000] [--bucketing=geometric]
+      [--hosts=64 --rows_per_host=8 --host=0] [--steps=2000 --epochs=4] [--max_sample_size=250000]
+      [--bucketing=geometric]
 
 Writes synthetic shard indexes (no audio: empty .tfrecord files next to JSON indexes in write_shard's
 format, 20 s chunks with some spread; kept for the next run), then times prepare's merge
@@ -108,7 +109,8 @@ def child_input(args) -> dict:
           "startup_s": ready - imported, "startup_peak_gib": at_start["vmhwm_gib"],
           "utterances": len(data.index.num_samples), "batches_per_epoch": per_epoch,
           "buckets": data.batches.buckets.tolist(), "global_batch": cfg.global_batch, "rows": list(rows),
-          "steps": len(times), "step_ms_median": float(np.median(times)), "step_ms_p99": float(np.percentile(times, 99)),
+          "steps": len(times), "step_ms_median": float(np.median(times)),
+          "step_ms_p99": float(np.percentile(times, 99)),
           "step_ms_max": float(times.max()), "epoch_boundary_s": boundary,
           "epoch_boundary_amortized_ms": boundary * 1e3 / per_epoch, **peak_memory()}
 
