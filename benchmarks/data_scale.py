@@ -5,8 +5,8 @@
       [--bucketing=geometric]
 
 Writes synthetic shard indexes (no audio: empty .tfrecord files next to JSON indexes in write_shard's
-format, 20 s chunks with some spread; kept for the next run), then times prepare's merge
-(records.write_split_index) and, each in a fresh process so that its peak memory is its own, one host's
+format, 20 s chunks with some spread; kept for the next run), then times prepare's merge (the split
+index alone, then report and index) and, each in a fresh process so that its peak memory is its own, one host's
 training input: start-up until the first batch is planned (host 0 also describes the plan, as training
 logs it), peak resident memory, and the host work per step (local_plan + state) within an epoch and at
 epoch boundaries (the next epoch's whole plan), amortized over the epoch.
