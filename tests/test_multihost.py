@@ -40,7 +40,10 @@ class _Run:
            f"--workdir={workdir}", "--config.checkpoint_every_steps=3",
            f"--config.optim.total_steps={STEPS}", f"--host_timeout={HOST_TIMEOUT}", *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(__file__),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {conftest.FAST_COMPILE}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {conftest.FAST_COMPILE}",
+           # every program into the session's cache, even the many small ones of a checkpoint save: each
+           # run compiles them again otherwise, a quarter of its CPU time
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     if processes > 1:
       cmds = [cmd + [f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
               for i in range(processes)]
