@@ -177,12 +177,14 @@ def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(
   assert single.wait() == [0], single.tails()
   assert f"resumed from step {stopped} (data position {stopped})" in single.output(0)
   assert _checkpoint(workdir)[2]["position"] == stopped + 2
+  assert _checkpoint(workdir)[2]["rows"] == [0, 8]  # saved by the one process that fed every row
   resumed = _Run(speech_like_shards, workdir, extra=QUICK)
   assert resumed.wait() == [0, 0], resumed.tails()
   assert f"resumed from step {stopped + 2} (data position {stopped + 2})" in resumed.output(0)
   step, params, data = _checkpoint(workdir)
   _, straight_params, straight_data = _checkpoint(straight[0])
   assert step == STEPS and data["position"] == straight_data["position"] == STEPS
+  assert data["rows"] == [0, 4]  # process 0's half of the batch again
   _assert_params(params, straight_params, atol=1e-5)
 
 

@@ -4,7 +4,9 @@ line naming it, instead of waiting in a collective forever.
 Each process bumps a counter in the coordination service's key-value store a few times per timeout and
 watches everyone else's. A counter that stops for the timeout means that process or its host is gone;
 one that reports an error exit means it failed. JAX's own heartbeat (initialize_options) is the backstop,
-set longer so that this line comes first.
+set longer so that this line comes first: it aborts with a stack trace. A collective whose peer died may
+also raise first (gloo: "Connection closed by peer"); that process still waits out the timeout so that
+its log names the lost process.
 
   jax.distributed.initialize(..., **failures.initialize_options())
   failures.watch_processes()   # right after; nothing with one process
@@ -25,7 +27,7 @@ _HOST_TIMEOUT = flags.DEFINE_integer(
     "host_timeout", 60, "Multi-host: seconds without a sign of life from a process (a dead host, a killed "
     "process) before the others exit non-zero, naming it.")
 _ALIVE = "w2v2_jax/alive/"  # process index -> a counter, bumped while the process lives
-_EXIT = "w2v2_jax/exit/"    # process index -> "done" (a clean end) or "failed"
+_EXIT = "w2v2_jax/exit/"    # process index -> how it ended: "done", "failed" or "gone" (see _Watch)
 
 
 def host_timeout() -> int:
