@@ -29,7 +29,7 @@ where=(--zone="$ZONE" --project="$PROJECT")
 # Empty arrays expand as ${a[@]+"${a[@]}"}: bash before 4.4 (macOS's) calls "${a[@]}" unbound under set -u.
 # On a worker: whether ~/w2v2.pid names a live w2v2-train (expanded there, hence the single quotes).
 # shellcheck disable=SC2016
-RUNNING='[ -f ~/w2v2.pid ] && ps -p "$(cat ~/w2v2.pid)" -o args= | grep -q w2v2-train'
+RUNNING='[ -f ~/w2v2.pid ] && ps -ww -p "$(cat ~/w2v2.pid)" -o args= | grep -q w2v2-train'
 
 ssh_workers() {  # WORKER (all or an index) COMMAND: COMMAND in each worker's login shell
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker="$1" ${ssh_flags[@]+"${ssh_flags[@]}"} --command="$2"
