@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import posixpath
+import socket
 import tempfile
 from typing import Iterator
 
@@ -338,7 +339,8 @@ def check_writable(path: str) -> None:
   """Fails at once, with one line, if a run could not write under `path` (missing bucket, no access)."""
   if not is_url(path):
     return
-  probe = join(path, ".w2v2_write_check")
+  # one probe object per process: the hosts of a pod check the same workdir at once
+  probe = join(path, f".w2v2_write_check.{socket.gethostname()}.{os.getpid()}")
   try:
     write_bytes(probe, b"")
     remove(probe)
