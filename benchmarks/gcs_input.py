@@ -20,7 +20,7 @@ import gcs_emulator  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def bench(data_dir: str, env: dict, concurrency: int, seconds: float, out: str) -> dict:
-  cmd = [sys.executable, "-m", "w2v2_jax.bench_input", "--what=input", f"--data_dir={data_dir}",
+  cmd = [sys.executable, "-m", "w2v2_jax.cli.bench_input", "--what=input", f"--data_dir={data_dir}",
          f"--read_concurrency={concurrency}", f"--seconds={seconds}", f"--json={out}"]
   subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
   with open(out) as f:
@@ -35,7 +35,8 @@ def main():
   parser.add_argument("--latency_ms", type=float, default=20.0)
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
-  from w2v2_jax import bench_input, storage  # pylint: disable=import-outside-toplevel
+  from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.cli import bench_input  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data import records  # pylint: disable=import-outside-toplevel
   rows = []
   with tempfile.TemporaryDirectory() as tmp, gcs_emulator.emulator("bkt", threaded=True) as url, \

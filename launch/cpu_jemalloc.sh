@@ -26,7 +26,7 @@ if [ -z "$JEMALLOC" ] || [ ! -f "$JEMALLOC" ]; then
   exit 1
 fi
 export LD_PRELOAD="$JEMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"
-# Huge pages, and freed pages kept for the next step (as cli.keep_freed_host_memory does for glibc,
+# Huge pages, and freed pages kept for the next step (as cli.common.keep_freed_host_memory does for glibc,
 # which steps aside because MALLOC_CONF is set).
 export MALLOC_CONF=${MALLOC_CONF:-thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1}
 exec "$@"

@@ -19,7 +19,7 @@ for batch in 8 32; do
   for impl in xla flash; do
     profile=()
     if [[ $batch == 8 && $impl == flash ]]; then profile=(--profile="$out/profile_b8_flash"); fi
-    python -m w2v2_jax.bench --config=experiments/base_librispeech.py --batch="$batch" --seconds=15.625 \
+    python -m w2v2_jax.cli.bench --config=experiments/base_librispeech.py --batch="$batch" --seconds=15.625 \
         --steps="$steps" --config.model.dtype=bfloat16 --config.model.attention_impl="$impl" \
         --json="$out/base_b${batch}_${impl}.json" "${profile[@]}" 2>&1 | tee "$out/base_b${batch}_${impl}.log"
   done

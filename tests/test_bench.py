@@ -1,11 +1,15 @@
 """w2v2-bench and the peer comparison: the figures are consistent and the peers train our architecture."""
+import os
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from w2v2_jax import bench, bench_peers
+from w2v2_jax.cli import bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_peers  # noqa: E402  (benchmarks/ sits outside the package)
 from w2v2_jax.models.init import init_params
 from w2v2_jax.train import loop
 

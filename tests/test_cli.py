@@ -127,7 +127,7 @@ def test_bad_input_gives_one_line_errors(hf_dir, audio_files, tmp_path):
 
 _FAULTS_PROBE = """
 import ctypes, resource, sys, threading
-from w2v2_jax.cli import keep_freed_host_memory
+from w2v2_jax.cli.common import keep_freed_host_memory
 applied = keep_freed_host_memory() if sys.argv[1] == "on" else False
 libc = ctypes.CDLL(None)
 libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, so the count does not depend on the host's THP mode
@@ -153,7 +153,7 @@ def _cpu_env_with_default_allocator() -> dict:
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_freed_host_memory_is_reused_without_page_faults():
-  """cli.keep_freed_host_memory: a freed 256 MiB buffer comes back without faulting its pages in again
+  """cli.common.keep_freed_host_memory: a freed 256 MiB buffer comes back without faulting its pages in again
   (with glibc's defaults a worker thread faults all 65536 in on every allocation); MALLOC_* is respected."""
   env = _cpu_env_with_default_allocator()
   def probe(mode, extra=None):
@@ -169,7 +169,7 @@ def test_freed_host_memory_is_reused_without_page_faults():
 
 _HEAP_PROBE = """
 import ctypes, itertools, re, sys
-from w2v2_jax.cli import keep_freed_host_memory
+from w2v2_jax.cli.common import keep_freed_host_memory
 print(keep_freed_host_memory())
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -184,7 +184,7 @@ print(int(fields["Size"].split()[0]) // 1024, int(fields["Rss"].split()[0]) // 1
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_the_kept_heap_is_reserved_on_huge_pages():
-  """cli._huge_page_heap: the heap is grown by half the RAM of address space only (resident: the
+  """cli.common._huge_page_heap: the heap is grown by half the RAM of address space only (resident: the
   written 64 MiB and Python's own), marked MADV_HUGEPAGE ('hg'), and the written temporary lands on
   2 MiB pages; without the call the heap is small and plain."""
   try:

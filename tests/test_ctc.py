@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2v2_jax import ctc, ngram
+from w2v2_jax.decoding import ctc, ngram
 
 TRANSCRIPTS = ["the cat sat", "  The  hat\tthat sat ", "a cat"]
 

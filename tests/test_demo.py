@@ -19,7 +19,7 @@ def test_demo_pretraining_learns(tmp_path):
   perplexity near 1 of the 64 codewords (2 groups x 32).
   """
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, "-m", "w2v2_jax.train.main", "--config=experiments/demo.py",
+  run = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.train", "--config=experiments/demo.py",
                         "--config.num_train_steps=400", "--config.optim.total_steps=800",
                         f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -143,15 +143,15 @@ def test_finetuned_checkpoint_transcribes_extracts_and_exports(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,  # noqa: E731
                                      timeout=300)
-  out = run("w2v2_jax.transcribe", f"--checkpoint={path}", f"--audio={wav}")
+  out = run("w2v2_jax.cli.transcribe", f"--checkpoint={path}", f"--audio={wav}")
   assert out.returncode == 0 and out.stdout.startswith(wav + "\t"), out.stderr[-2000:]
-  out = run("w2v2_jax.extract", f"--checkpoint={path}", f"--audio={wav}", f"--output={tmp_path / 'f.npz'}")
+  out = run("w2v2_jax.cli.extract", f"--checkpoint={path}", f"--audio={wav}", f"--output={tmp_path / 'f.npz'}")
   assert out.returncode == 0, out.stderr[-2000:]
   features = np.load(tmp_path / "f.npz")["a"]
   expected = build(cfg, "model").apply({"params": {"wav2vec2": params["wav2vec2"]}}, audio[None]).last_hidden_state[0]
   np.testing.assert_allclose(features, np.asarray(expected), rtol=1e-5, atol=1e-5)
 
-  out = run("w2v2_jax.export", f"--checkpoint={path}", f"--output={tmp_path / 'hf'}")
+  out = run("w2v2_jax.cli.export", f"--checkpoint={path}", f"--output={tmp_path / 'hf'}")
   assert out.returncode == 0, out.stderr[-2000:]
   from transformers import Wav2Vec2ForCTC
   model = Wav2Vec2ForCTC.from_pretrained(str(tmp_path / "hf")).eval()

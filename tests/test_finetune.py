@@ -12,7 +12,7 @@ import soundfile as sf
 
 import finetune_config
 
-from w2v2_jax import ctc, ngram
+from w2v2_jax.decoding import ctc, ngram
 from w2v2_jax.data import records
 from w2v2_jax.train import loop, optim
 
@@ -79,14 +79,14 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
     wavs.append(str(tmp_path / f"{i}.wav"))
     sf.write(wavs[-1], _spoken(text, np.random.default_rng(i)), 16000)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-m", "w2v2_jax.transcribe", f"--checkpoint={workdir}",
+  out = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.transcribe", f"--checkpoint={workdir}",
                         f"--audio={','.join(wavs)}"], capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [l.split("\t") for l in out.stdout.splitlines()]
   assert [r[0] for r in rows] == wavs and all(len(r) == 2 for r in rows)
 
   # w2v2-plot on a CTC run: the curves only (no codebook).
-  out = subprocess.run([sys.executable, "-m", "w2v2_jax.plot", f"--workdir={workdir}"], capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.plot", f"--workdir={workdir}"], capture_output=True,
                        text=True, env=env, timeout=300)
   assert out.returncode == 0 and out.stdout.split() == [os.path.join(workdir, "curves.png")], out.stderr[-2000:]
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
@@ -94,10 +94,10 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
   # w2v2-export -> transformers' Wav2Vec2ForCTC: the same logits, and the vocabulary beside them.
   import torch
   from transformers import Wav2Vec2ForCTC
-  from w2v2_jax.load import load_ctc
+  from w2v2_jax.interop.load import load_ctc
   from w2v2_jax.models.init import build
   export_dir = str(tmp_path / "hf")
-  out = subprocess.run([sys.executable, "-m", "w2v2_jax.export", f"--checkpoint={workdir}",
+  out = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.export", f"--checkpoint={workdir}",
                         f"--output={export_dir}"], capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.load(open(os.path.join(export_dir, "vocab.json"))) == vocab
@@ -137,7 +137,7 @@ def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
 
 def test_miniature_scratch_baseline_differs_only_in_init_and_freezing():
   import importlib.util
-  from w2v2_jax import miniature
+  from w2v2_jax.demo import miniature
   spec = importlib.util.spec_from_file_location("demo_finetune", os.path.join(
       os.path.dirname(__file__), "..", "experiments", "demo_finetune.py"))
   module = importlib.util.module_from_spec(spec)

@@ -1,9 +1,9 @@
-"""Analytic FLOPs (w2v2_jax/flops.py) against XLA's own count, and the MFU inputs."""
+"""Analytic FLOPs (w2v2_jax/models/flops.py) against XLA's own count, and the MFU inputs."""
 import jax
 import jax.numpy as jnp
 import pytest
 
-from w2v2_jax import flops, objectives
+from w2v2_jax.models import flops, objectives
 from w2v2_jax.models.config import preset
 from w2v2_jax.models.init import init_params
 from w2v2_jax.train.pretrain import make_loss_fn

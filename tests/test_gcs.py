@@ -15,7 +15,8 @@ import soundfile as sf
 import conftest
 import gcs_emulator
 from w2v2_jax import storage
-from w2v2_jax.data import corpus, records
+from w2v2_jax.data import records
+from w2v2_jax.demo import corpus
 from w2v2_jax.train import checkpointing, events
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -96,7 +97,7 @@ def test_pretraining_in_a_bucket_resumes_and_equals_local_disk(gcs, tmp_path):
 
   steps = 6
   def train(data_dir, workdir, *extra):
-    return [sys.executable, "-m", "w2v2_jax.train.main", f"--config={TESTS}/train_config.py:{data_dir},{steps}",
+    return [sys.executable, "-m", "w2v2_jax.cli.train", f"--config={TESTS}/train_config.py:{data_dir},{steps}",
             f"--workdir={workdir}", "--config.checkpoint_every_steps=2", "--config.data.valid_split=valid",
             f"--config.eval_every_steps={steps}", *extra]
   bucket_run = train("gs://bkt/shards", "gs://bkt/run")
@@ -146,7 +147,7 @@ def test_fine_tuning_in_a_bucket_then_every_cli_reads_it(gcs, tmp_path):
       buffer = io.BytesIO()
       sf.write(buffer, utts[0].audio, 16000, format="FLAC", subtype="PCM_16")
       storage.write_bytes("gs://bkt/audio/one.flac", buffer.getvalue())
-  tune = [sys.executable, "-m", "w2v2_jax.train.main", f"--config={TESTS}/finetune_config.py:gs://bkt/ctc_shards,3,1",
+  tune = [sys.executable, "-m", "w2v2_jax.cli.train", f"--config={TESTS}/finetune_config.py:gs://bkt/ctc_shards,3,1",
           "--workdir=gs://bkt/ctc", "--config.eval_every_steps=3", "--config.data.max_sample_size=80000"]
   _ok(subprocess.run(tune, env=_env(gcs), cwd=tmp_path, capture_output=True, text=True, timeout=600))
   assert [json.loads(line)["step"] for line in storage.read_text("gs://bkt/ctc/eval_results.json").splitlines()] == [3]

@@ -412,7 +412,7 @@ def test_local_device_ids_rule():
 
 def test_w2v2_train_reports_bad_distributed_flags_in_one_line(tmp_path):
   env = {k: v for k, v in os.environ.items() if not CLUSTER_VARS.match(k)}
-  r = subprocess.run([sys.executable, "-m", "w2v2_jax.train.main", "--config=experiments/demo.py",
+  r = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.train", "--config=experiments/demo.py",
                       f"--workdir={tmp_path}", "--num_processes=2"], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 1, r.stderr

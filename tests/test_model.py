@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2v2_jax import objectives
+from w2v2_jax.models import objectives
 from w2v2_jax.models import config as presets
 from w2v2_jax.models.init import build, count_params, init_params
 

@@ -35,7 +35,7 @@ class _Run:
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
       port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "w2v2_jax.train.main",
+    cmd = [sys.executable, "-m", "w2v2_jax.cli.train",
            f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{data},{steps}",
            f"--workdir={workdir}", "--config.checkpoint_every_steps=3",
            f"--config.optim.total_steps={STEPS}", f"--host_timeout={HOST_TIMEOUT}", *extra]

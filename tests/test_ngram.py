@@ -6,8 +6,8 @@ import kenlm
 import numpy as np
 import pytest
 
-from w2v2_jax import ngram
-from w2v2_jax.data import corpus
+from w2v2_jax.decoding import ngram
+from w2v2_jax.demo import corpus
 
 SENTENCES = ["the cat saw the dog", "the dog saw a cat", "a cat and a dog", "the red cat saw the blue dog today",
              "we saw two cats", "the dog and the cat saw two birds"]
@@ -56,7 +56,7 @@ def test_corpus_lm_text_leaves_out_the_test_sentences():
   held_out = [corpus._held_out("sentence:" + line, cfg.test_sentence_fraction, cfg.seed) for line in lines]
   assert len(lines) == 3000 and not any(held_out)
   # The control: the same generator without the filter draws held-out sentences ~15% of the time.
-  from w2v2_jax.data import sentences
+  from w2v2_jax.demo import sentences
   rng = np.random.default_rng(0)
   drawn = [sentences.sentence(rng) for _ in range(3000)]
   rate = np.mean([corpus._held_out("sentence:" + s, cfg.test_sentence_fraction, cfg.seed) for s in drawn])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from w2v2_jax import objectives
+from w2v2_jax.models import objectives
 
 MASK_ARGS = dict(mask_prob=0.65, mask_length=10, min_masks=2)
 

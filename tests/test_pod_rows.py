@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from w2v2_jax import aot, parallel
+from w2v2_jax import parallel
+from w2v2_jax.cli import aot
 from w2v2_jax.data import pipeline
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
@@ -116,7 +117,7 @@ def test_layouts_that_cannot_feed_every_process_are_refused():
 
 def _aot(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "w2v2_jax.aot", *args], capture_output=True, text=True, env=env,
+  return subprocess.run([sys.executable, "-m", "w2v2_jax.cli.aot", *args], capture_output=True, text=True, env=env,
                         timeout=300)
 
 

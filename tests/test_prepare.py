@@ -58,7 +58,7 @@ EXPECTED_SKIPS = {"short.wav": "too short", "silence.wav": "silent", "nan.wav": 
 
 def _prepare_cli(*args):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "w2v2_jax.prepare", *args], capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", "w2v2_jax.cli.prepare", *args], capture_output=True, text=True,
                         env=env, timeout=600)
 
 
@@ -185,7 +185,7 @@ def test_tfds_dataset_source(tmp_path):
 
 
 def test_espeak_corpus_splits_voices_and_cache(tmp_path):
-  from w2v2_jax.data import corpus, espeak
+  from w2v2_jax.demo import corpus, espeak
   def say(synth):  # eSpeak's output depends on what it said before: same history, same bytes
     return [synth.synth(t, v) for t, v in (("something else first", "en+f3"), ("hello world", "en-us+m1"))]
   with espeak.Synthesizer() as a, espeak.Synthesizer() as b:
@@ -235,7 +235,7 @@ def test_espeak_corpus_splits_voices_and_cache(tmp_path):
 def test_rooms_add_noise_at_the_drawn_snr_and_reverb():
   """Tone bursts with long silent gaps: the gaps hold only noise (the reverb tail has died), so the
   SNR can be read back; over 40 rooms it stays in rooms.SNR_DB and spreads over it."""
-  from w2v2_jax.data import rooms
+  from w2v2_jax.demo import rooms
   t = np.arange(16000) / 16000
   burst = np.sin(2 * np.pi * 440 * t[:8000]) * np.hanning(8000)
   clean = np.concatenate([np.concatenate([burst, np.zeros(16000)]) for _ in range(3)]).astype(np.float32)

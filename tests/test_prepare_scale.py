@@ -70,7 +70,7 @@ def test_tasks_and_merge_equal_one_run(tmp_path, threads):
   shared = tmp_path / "shared"
   assert writer.prepare(items, cfg(shared, num_tasks=3, task_index=0), log=lambda _: None) is None
   # A merge before every task is done is refused, naming the task to run (the CLI: in one line).
-  merge = subprocess.run([sys.executable, "-m", "w2v2_jax.prepare", f"--input={root}", f"--output={shared}",
+  merge = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.prepare", f"--input={root}", f"--output={shared}",
                           "--valid_fraction=0.3", "--shard_size=3", "--num_tasks=3", "--merge"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert merge.returncode == 1

@@ -75,7 +75,7 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
   env = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS as in this process: bitwise comparable
          "PYTHONPATH": os.path.dirname(__file__)}
   def cmd(workdir):
-    return [sys.executable, "-m", "w2v2_jax.train.main",
+    return [sys.executable, "-m", "w2v2_jax.cli.train",
             f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{speech_like_shards},6",
             f"--workdir={workdir}"]
   proc = subprocess.Popen(cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -118,9 +118,9 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
 
 
 def test_compiled_programs_are_kept_under_the_cache_folder_unless_jax_names_one(tmp_path):
-  """w2v2-train and w2v2-miniature call cli.use_compilation_cache(): XLA's programs go to
+  """w2v2-train and w2v2-miniature call cli.common.use_compilation_cache(): XLA's programs go to
   $W2V2_JAX_CACHE/xla, or to JAX_COMPILATION_CACHE_DIR when the user sets it."""
-  code = ("from w2v2_jax.cli import use_compilation_cache; folder = use_compilation_cache(); import jax; "
+  code = ("from w2v2_jax.cli.common import use_compilation_cache; folder = use_compilation_cache(); import jax; "
           "jax.jit(lambda x: jax.numpy.sin(x) @ x)(jax.numpy.ones((64, 64))).block_until_ready(); print(folder)")
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env.update(W2V2_JAX_CACHE=str(tmp_path / "w2v2"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")

@@ -1,1 +1,1 @@
-"""Audio data: shard preparation, the offline eSpeak corpus and the streaming tf.data input."""
+"""Audio data: sources, shard preparation and the streaming tf.data input."""

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from w2v2_jax import storage
-from w2v2_jax.audio import SAMPLE_RATE, AudioError, load_audio, resample
+from w2v2_jax.data.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from w2v2_jax.data import records
 from w2v2_jax.data.sources import Item
 

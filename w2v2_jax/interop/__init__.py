@@ -1,1 +1,1 @@
-"""Weights in and out of the PyTorch world (HuggingFace transformers directories)."""
+"""Weights in and out: HuggingFace directories, fairseq checkpoints, and one loader for fine-tuning and inference."""

@@ -221,7 +221,7 @@ def vocabulary(path: str, dict_path: str | None = None):
   index 0. Our (and HF's) blank is "<pad>" at index 0, so the first two names swap and the rows of
   the head stay where they are, as HF's converter does.
   """
-  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
   dict_path = dict_path or os.path.join(os.path.dirname(os.path.abspath(path)), "dict.ltr.txt")
   if not os.path.isfile(dict_path):
     raise CheckpointError(f"{path}: a fine-tuned fairseq checkpoint needs its letter dictionary; put "

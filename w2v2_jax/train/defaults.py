@@ -1,7 +1,8 @@
 """The config schema every pre-training experiment shares; experiments/*.py override it."""
 import ml_collections
 
-from w2v2_jax import objectives, parallel
+from w2v2_jax import parallel
+from w2v2_jax.models import objectives
 from w2v2_jax.models.config import preset
 
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from w2v2_jax import ctc, objectives
+from w2v2_jax.decoding import ctc
+from w2v2_jax.models import objectives
 from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import build, init_params
@@ -88,7 +89,7 @@ def initial_params(cfg: ModelConfig, config, key, shardings=None):
   if not path:
     logging.info("fine-tuning from scratch (config.finetune.init is empty)")
     return params
-  from w2v2_jax.load import load_pretrained  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.interop.load import load_pretrained  # pylint: disable=import-outside-toplevel
   src_cfg, src, _ = load_pretrained(path)
   arch = lambda c: {k: v for k, v in c.to_dict().items() if k in _ARCH_KEYS}  # noqa: E731
   if arch(src_cfg) != arch(cfg):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from w2v2_jax import flops, objectives, parallel, storage
+from w2v2_jax import parallel, storage
+from w2v2_jax.models import flops, objectives
 from w2v2_jax.data import pipeline, records
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import init_params
@@ -33,14 +34,14 @@ def objective_config(config) -> objectives.ObjectiveConfig:
 
 def corpus_config(config):
   """The offline corpus that config.data.corpus_* describe."""
-  from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.demo import corpus  # pylint: disable=import-outside-toplevel
   return corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours,
                              labeled_voices=config.data.corpus_labeled_voices, rooms=config.data.corpus_rooms)
 
 
 def data_dir(config) -> str:
   if config.data.source == "corpus":
-    from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.demo import corpus  # pylint: disable=import-outside-toplevel
     return corpus.ensure_corpus(corpus_config(config), log=logging.info)
   if config.data.source != "shards" or not config.data.data_dir:
     raise ValueError("config.data.source must be 'corpus', or 'shards' with config.data.data_dir set "
@@ -78,7 +79,7 @@ def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.Au
 
 def ctc_vocabulary(config, directory, workdir):
   """The run's letter vocabulary: workdir/vocab.json if it exists (resume), else built from the train split."""
-  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
   path = storage.join(workdir, "vocab.json")
   if storage.exists(path):
     vocab = ctc.Vocabulary.load(path)
@@ -100,15 +101,15 @@ def beam_decoder(config, workdir, vocab):
   from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
   if not finetune.beam_decoding(config):
     return None
-  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
   decode = config.decode
   lm_path = decode.kenlm or None
   if lm_path == "corpus":
     if config.data.source != "corpus":
       raise ValueError("config.decode.kenlm='corpus' estimates an n-gram from the offline corpus's LM text; "
                        f"with config.data.source={config.data.source!r} give a KenLM file instead")
-    from w2v2_jax import ngram  # pylint: disable=import-outside-toplevel
-    from w2v2_jax.data import corpus  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.decoding import ngram  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.demo import corpus  # pylint: disable=import-outside-toplevel
     text = corpus.lm_text(corpus_config(config), decode.lm_lines)
     kept = storage.join(workdir, "lm.arpa")
     lm_path = ngram.build_arpa(map(ctc.normalize, text), storage.local_path(kept), decode.lm_order)
@@ -400,7 +401,7 @@ def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None, 
       break
   out = {k: v / n for k, v in sums.items()} if n else {}
   if refs:
-    from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
     out.update(wer=ctc.word_error_rate(refs, hyps), cer=ctc.char_error_rate(refs, hyps), utterances=len(refs))
     if beam_hyps:
       out.update(beam_wer=ctc.word_error_rate(refs, beam_hyps), beam_cer=ctc.char_error_rate(refs, beam_hyps))

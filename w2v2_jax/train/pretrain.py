@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from w2v2_jax import objectives
+from w2v2_jax.models import objectives
 from w2v2_jax.models.init import build
 from w2v2_jax.models.config import ModelConfig
 

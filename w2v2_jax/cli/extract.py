@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from w2v2_jax.cli import one_line_errors, split_list
+from w2v2_jax.cli.common import one_line_errors, split_list
 
 FLAGS = flags.FLAGS
 
@@ -37,7 +37,7 @@ def extract(cfg, params, audio_paths, layer=None, normalize=False):
   import jax
   import numpy as np
 
-  from w2v2_jax.audio import load_audio, normalize_waveform
+  from w2v2_jax.data.audio import load_audio, normalize_waveform
   from w2v2_jax.models.init import build
 
   if layer is not None and not 0 <= layer <= cfg.num_hidden_layers:
@@ -78,7 +78,7 @@ def main(argv):
   from w2v2_jax.interop import fairseq
   from w2v2_jax.interop.hf import wants_normalized_audio
   from w2v2_jax import storage
-  from w2v2_jax.load import load_pretrained, localize
+  from w2v2_jax.interop.load import load_pretrained, localize
   for name, value in (("checkpoint", FLAGS.checkpoint), ("audio", FLAGS.audio), ("output", FLAGS.output)):
     if not value:
       raise ValueError(f"--{name} is required")

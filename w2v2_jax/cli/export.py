@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from w2v2_jax.cli import one_line_errors
+from w2v2_jax.cli.common import one_line_errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "w2v2_jax workdir or step folder, HF directory, or fairseq .pt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write (config.json + model.safetensors).")
@@ -22,7 +22,7 @@ _TARGET = flags.DEFINE_enum("target", "auto", ["auto", "pretraining", "model", "
 def main(argv):
   del argv
   from w2v2_jax.interop import hf
-  from w2v2_jax.load import load_pretrained
+  from w2v2_jax.interop.load import load_pretrained
   for name, value in (("checkpoint", _CHECKPOINT.value), ("output", _OUTPUT.value)):
     if not value:
       raise ValueError(f"--{name} is required")
@@ -38,7 +38,7 @@ def main(argv):
     out = os.path.join(scratch, "hf") if storage.is_url(_OUTPUT.value) else _OUTPUT.value
     hf.save_hf_dir(out, cfg, params, target)
     if target == "ctc":  # the letter vocabulary, in the format of HF's Wav2Vec2CTCTokenizer
-      from w2v2_jax.load import load_ctc  # pylint: disable=import-outside-toplevel
+      from w2v2_jax.interop.load import load_ctc  # pylint: disable=import-outside-toplevel
       _, _, vocab, _ = load_ctc(_CHECKPOINT.value)
       vocab.save(os.path.join(out, "vocab.json"))
     if out != _OUTPUT.value:  # a bucket: each file uploaded whole

@@ -17,8 +17,9 @@ import time
 import numpy as np
 
 from w2v2_jax import storage
-from w2v2_jax.audio import SAMPLE_RATE
-from w2v2_jax.data import espeak, records, rooms, sentences, writer
+from w2v2_jax.data.audio import SAMPLE_RATE
+from w2v2_jax.data import records, writer
+from w2v2_jax.demo import espeak, rooms, sentences
 
 SPLITS = ("unlabeled", "labeled", "test")
 _WORDS_PER_SECOND = 3.8  # eSpeak at 160 words/min (measured); only sizes the plan
@@ -29,7 +30,7 @@ class CorpusConfig:
   unlabeled_hours: float = 2.0
   labeled_minutes: float = 10.0
   labeled_voices: int = 0         # train voices the labeled split draws from; 0: all of them
-  rooms: bool = False             # every utterance in its own simulated room with noise (data/rooms.py)
+  rooms: bool = False             # every utterance in its own simulated room with noise (demo/rooms.py)
   test_minutes: float = 10.0
   test_voice_fraction: float = 0.15
   test_sentence_fraction: float = 0.15
@@ -129,7 +130,7 @@ def lm_text(cfg: CorpusConfig, lines: int = 20_000) -> list[str]:
 
 def _synthesize_shard(task) -> dict:
   """Worker: synthesizes one shard's utterances, resamples to 16 kHz (puts each in a room), writes the shard."""
-  from w2v2_jax.audio import resample  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data.audio import resample  # pylint: disable=import-outside-toplevel
   path, split, specs, in_rooms = task
 
   def utterances():

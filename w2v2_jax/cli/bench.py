@@ -6,7 +6,7 @@
 The step is exactly w2v2-train's (AdamW update, in-graph masks and negatives, donated state) on the
 config's mesh over this host's devices, fed a synthetic batch of `--batch` crops of `--seconds`.
 Prints compile time, the median step time after a warm-up, audio-seconds per second, analytic
-FLOPs (w2v2_jax/flops.py) next to XLA's count, MFU against the chip's peak (CPU: this host's
+FLOPs (w2v2_jax/models/flops.py) next to XLA's count, MFU against the chip's peak (CPU: this host's
 measured fp32 matmul peak; GPU/TPU: datasheet) and XLA's peak memory; the same for the forward
 (the evaluation loss: no dropout, no gradient).
 """
@@ -18,7 +18,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, write_json
+from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, write_json
 
 FLAGS = flags.FLAGS
 
@@ -116,7 +116,7 @@ def measure(config, batch: int, samples: int, steps: int, profile_dir: str | Non
 
   import jax  # pylint: disable=import-outside-toplevel
 
-  from w2v2_jax import flops  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
 
   # The peak first, on an idle machine: measured after minutes of steps it has come out 2x low here.
   peak, peak_source = flops.peak_flops(jax.devices()[0], config.model.dtype)

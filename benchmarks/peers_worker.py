@@ -1,4 +1,4 @@
-"""One peer's wav2vec 2.0 pre-training step, run by w2v2-bench-peers inside the peers' own venv.
+"""One peer's wav2vec 2.0 pre-training step, run by benchmarks/bench_peers.py inside the peers' own venv.
 
   python peers_worker.py --framework=hf_flax|hf_torch --config=JSON --batch=B --samples=N
 

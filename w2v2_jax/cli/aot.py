@@ -14,7 +14,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from w2v2_jax.cli import one_line_errors, write_json
+from w2v2_jax.cli.common import one_line_errors, write_json
 
 FLAGS = flags.FLAGS
 # The slices the docs and tests name; any size of these chips works.

@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from w2v2_jax import storage
-from w2v2_jax.cli import one_line_errors
+from w2v2_jax.cli.common import one_line_errors
 
 FLAGS = flags.FLAGS
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
 from w2v2_jax.train import distributed, failures
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
@@ -53,7 +53,7 @@ def main(argv):
   failures.finished()  # the other processes may leave first: they have nothing left to do together
   if _PLOTS.value and finished and jax.process_index() == 0:
     # Process-local work only: its checkpoint reads (checkpointing.load_params) join no barrier.
-    from w2v2_jax import plot  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.cli import plot  # pylint: disable=import-outside-toplevel
     try:
       for path in plot.write_plots(_WORKDIR.value):
         logging.info("wrote %s", path)

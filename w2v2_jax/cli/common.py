@@ -5,7 +5,7 @@ import functools
 import logging as logging_std
 import sys
 
-from w2v2_jax.audio import AudioError
+from w2v2_jax.data.audio import AudioError
 from w2v2_jax.interop.hf import CheckpointError
 
 EXPECTED_ERRORS = (AudioError, CheckpointError, OSError, ValueError, FloatingPointError)
@@ -34,7 +34,7 @@ def use_compilation_cache() -> str:
 
   import jax  # pylint: disable=import-outside-toplevel
 
-  from w2v2_jax.data.corpus import default_cache_dir  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.demo.corpus import default_cache_dir  # pylint: disable=import-outside-toplevel
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
   return jax.config.jax_compilation_cache_dir

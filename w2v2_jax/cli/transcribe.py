@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from w2v2_jax.cli import one_line_errors
+from w2v2_jax.cli.common import one_line_errors
 
 FLAGS = flags.FLAGS
 
@@ -28,7 +28,7 @@ def transcribe(cfg, params, vocab, paths, normalize=False, decoder=None):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.audio import load_audio, normalize_waveform  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data.audio import load_audio, normalize_waveform  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.init import build  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train.finetune import collapse  # pylint: disable=import-outside-toplevel
   model = build(cfg, "ctc")
@@ -49,8 +49,8 @@ def transcribe(cfg, params, vocab, paths, normalize=False, decoder=None):
 @one_line_errors("w2v2-transcribe")
 def main(argv):
   del argv
-  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.load import load_ctc  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.interop.load import load_ctc  # pylint: disable=import-outside-toplevel
   if not FLAGS.checkpoint or not FLAGS.audio:
     raise ValueError("--checkpoint and --audio are required")
   cfg, params, vocab, normalize = load_ctc(FLAGS.checkpoint)

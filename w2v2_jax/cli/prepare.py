@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from w2v2_jax.cli import one_line_errors
+from w2v2_jax.cli.common import one_line_errors
 
 _INPUT = flags.DEFINE_string("input", None, "Audio directory tree, TSV manifest, or tfds:NAME[:SPLIT].")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder for shards, indexes and report.json.")

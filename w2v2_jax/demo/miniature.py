@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from w2v2_jax import storage
-from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
 
 FLAGS = flags.FLAGS
 

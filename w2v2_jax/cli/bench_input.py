@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags
 
-from w2v2_jax.cli import write_json
+from w2v2_jax.cli.common import write_json
 from w2v2_jax.data.pipeline import BUCKETINGS
 
 _WHAT = flags.DEFINE_enum("what", "input", ["input", "prepare", "corpus"], "Which throughput to measure.")
@@ -105,7 +105,7 @@ def main(argv):
       print(f"prepare: {hours:.2f} h of 16 kHz FLAC in {figures['seconds']:.1f} s = "
             f"{figures['audio_hours_per_minute']:.2f} audio-h/min")
     else:
-      from w2v2_jax.data import corpus
+      from w2v2_jax.demo import corpus
       start = time.time()
       out = corpus.ensure_corpus(corpus.CorpusConfig(unlabeled_hours=_HOURS.value, labeled_minutes=0,
                                                      test_minutes=0), cache_dir=tmp)

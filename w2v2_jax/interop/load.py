@@ -64,7 +64,7 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
 
 def load_ctc(path: str):
   """A CTC checkpoint (ours or HF) -> (config, numpy params, Vocabulary, normalize_waveform)."""
-  from w2v2_jax import ctc  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
   cfg, params, kind = load_pretrained(path)
   path = localize(path)
   if kind != "ctc":

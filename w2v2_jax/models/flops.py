@@ -107,4 +107,4 @@ def peak_flops(device, dtype: str) -> tuple[float, str]:
   for name, peaks in PEAK_FLOPS.items():
     if kind == name or kind.startswith(name):
       return peaks.get(dtype, peaks["bfloat16"]), f"datasheet ({name}, {dtype})"
-  return float("nan"), f"unknown device kind {kind!r} (add it to w2v2_jax.flops.PEAK_FLOPS)"
+  return float("nan"), f"unknown device kind {kind!r} (add it to w2v2_jax.models.flops.PEAK_FLOPS)"

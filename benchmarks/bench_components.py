@@ -1,6 +1,6 @@
 """Where a step's time goes: forward and forward+backward of each model part, with its share of the peak.
 
-  python -m w2v2_jax.bench_components [--preset=base] [--stable_layer_norm] [--batch=4] [--seconds=4]
+  python benchmarks/bench_components.py [--preset=base] [--stable_layer_norm] [--batch=4] [--seconds=4]
 
 Times the feature encoder, the positional conv and one transformer layer on their own (gradients
 with respect to parameters only, as in training), each against its analytic FLOPs. This is how
@@ -27,7 +27,7 @@ def _timed(module, x, steps, input_grad, **kwargs):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from w2v2_jax.bench import median_seconds  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.cli.bench import median_seconds  # pylint: disable=import-outside-toplevel
 
   params = module.init(jax.random.key(0), x, **kwargs)
   rngs = {"dropout": jax.random.key(1)}
@@ -40,11 +40,11 @@ def _timed(module, x, steps, input_grad, **kwargs):
 
 def main(argv):
   del argv
-  from w2v2_jax.cli import keep_freed_host_memory  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.cli.common import keep_freed_host_memory  # pylint: disable=import-outside-toplevel
   keep_freed_host_memory()
   import jax  # pylint: disable=import-outside-toplevel
 
-  from w2v2_jax import flops  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.config import preset  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.feature_encoder import FeatureEncoder  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.transformer import EncoderLayer, PositionalConvEmbedding  # pylint: disable=import-outside-toplevel

@@ -1,6 +1,6 @@
-"""w2v2-bench-peers: our train step against HF Flax (4.46.3) and HF PyTorch, side by side, one machine.
+"""Our train step against HF Flax (4.46.3) and HF PyTorch, side by side, one machine.
 
-  w2v2-bench-peers [--batch=4] [--seconds=4] [--rounds=5] [--warmup_rounds=1] [--peers=hf_flax,hf_torch] [--json=OUT]
+  python benchmarks/bench_peers.py [--batch=4] [--seconds=4] [--rounds=5] [--warmup_rounds=1] [--peers=hf_flax,hf_torch] [--json=OUT]
       [--venv=~/.cache/w2v2_jax/peers-venv]
 
 All three train the same stable-layer-norm BASE (the one architecture HF Flax pre-trains) on the
@@ -10,7 +10,7 @@ builds once (transformers 4.46.3, torch 2.13.0 CPU, and our own jax/flax/optax v
 two JAX stacks share one XLA), each in its own process, waiting on stdin between steps. After
 one warm-up step each and --warmup_rounds untimed rounds, the rounds alternate ours, HF Flax, HF
 PyTorch, so machine noise falls on all three alike. Our process keeps freed host memory mapped, on
-huge pages (cli.keep_freed_host_memory); the peers keep glibc's defaults unless the allocator is
+huge pages (cli.common.keep_freed_host_memory); the peers keep glibc's defaults unless the allocator is
 set for all (MALLOC_* / GLIBC_TUNABLES, or launch/cpu_jemalloc.sh, which then applies to all three).
 Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
 """
@@ -26,7 +26,7 @@ from importlib import metadata
 
 from absl import app, flags, logging
 
-from w2v2_jax.cli import keep_freed_host_memory, one_line_errors, split_list, write_json
+from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, split_list, write_json
 
 FLAGS = flags.FLAGS
 PEERS = ("hf_flax", "hf_torch")
@@ -132,15 +132,15 @@ def _timed(call) -> float:
   return time.perf_counter() - t
 
 
-@one_line_errors("w2v2-bench-peers")
+@one_line_errors("bench_peers.py")
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
   keep_freed_host_memory()  # ours only: the peers' processes keep glibc's defaults
   import jax  # pylint: disable=import-outside-toplevel
 
-  from w2v2_jax import flops  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.bench import OurStep  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.cli.bench import OurStep  # pylint: disable=import-outside-toplevel
 
   peers = split_list(FLAGS.peers)
   unknown = sorted(set(peers) - set(PEERS))
