@@ -179,9 +179,9 @@ def test_greedy_decode_collapses_repeats_and_respects_lengths():
   a, b = 5, 6
   path = [a, a, 0, a, b, b]  # "A A blank A B B" -> A, A, B
   logits = np.stack([_peaky(path, 8), _peaky([b, 0, b, b, a, a], 8)])
-  assert ctc.greedy_decode(logits, [6, 6]) == [[a, a, b], [b, b, a]]
-  assert ctc.greedy_decode(logits, [3, 4]) == [[a], [b, b]]
-  assert ctc.greedy_decode(jnp.asarray(logits), np.array([0, 1])) == [[], [b]]
+  assert ctc.greedy_decode(logits.argmax(-1), [6, 6]) == [[a, a, b], [b, b, a]]
+  assert ctc.greedy_decode(logits.argmax(-1), [3, 4]) == [[a], [b, b]]
+  assert ctc.greedy_decode(jnp.asarray(logits).argmax(-1), np.array([0, 1])) == [[], [b]]
 
 
 def test_error_rates():
@@ -208,7 +208,7 @@ def test_beam_search_matches_greedy_on_peaky_logits():
   pytest.importorskip("pyctcdecode")
   vocab = ctc.Vocabulary.build(TRANSCRIPTS)
   logits = _spoken_peaky(vocab, "that cat")
-  greedy = vocab.decode(ctc.greedy_decode(logits[None], [len(logits)])[0])
+  greedy = vocab.decode(ctc.greedy_decode(logits.argmax(-1)[None], [len(logits)])[0])
   assert greedy == "THAT CAT"
   assert ctc.beam_search_decoder(vocab, beam_width=16).decode(logits) == greedy
 
@@ -219,7 +219,7 @@ def test_beam_search_with_an_lm_prefers_its_words_and_rejects_an_lm_in_the_wrong
   # Blur the last letter between T and C: "THAT CAC" and "THAT CAT" are near-equal acoustically.
   t_id, c_id = vocab.encode("t")[0], vocab.encode("c")[0]
   logits[-3:-1, c_id] = logits[-3:-1, t_id] + 0.1
-  assert vocab.decode(ctc.greedy_decode(logits[None], [len(logits)])[0]) == "THAT CAC"
+  assert vocab.decode(ctc.greedy_decode(logits.argmax(-1)[None], [len(logits)])[0]) == "THAT CAC"
   lm = ngram.build_arpa(["THAT CAT"] * 3 + ["THE CAT"], str(tmp_path / "lm.arpa"), order=2)
   assert ctc.beam_search_decoder(vocab, kenlm_path=lm, beam_width=16).decode(logits) == "THAT CAT"
   lower = ngram.build_arpa(["that cat"], str(tmp_path / "lower.arpa"), order=2)

@@ -29,8 +29,8 @@ def transcribe(cfg, params, vocab, paths, normalize=False, decoder=None):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.audio import load_audio, normalize_waveform  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.init import build  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.train.finetune import collapse  # pylint: disable=import-outside-toplevel
   model = build(cfg, "ctc")
   forward = jax.jit(lambda p, a: model.apply({"params": p}, a)[0])
   out = []
@@ -41,7 +41,7 @@ def transcribe(cfg, params, vocab, paths, normalize=False, decoder=None):
     if normalize:
       audio = normalize_waveform(audio)
     logits = np.asarray(forward(params, jnp.asarray(audio[None], jnp.float32))[0])
-    text = decoder.decode(logits) if decoder else vocab.decode(collapse(logits.argmax(-1)))
+    text = decoder.decode(logits) if decoder else vocab.decode(ctc.greedy_decode(logits.argmax(-1)[None], [len(logits)])[0])
     out.append((path, text))
   return out
 

@@ -154,13 +154,12 @@ def sentence_averaged(per_utt, weights=None):
   return jnp.sum(per_utt * weights) / jnp.maximum(jnp.sum(weights > 0), 1)
 
 
-def greedy_decode(logits, lengths, blank_id: int = 0) -> list[list[int]]:
-  """Best-path decoding on the host: per-frame argmax over each row's first lengths[b] frames,
-  repeats collapsed, blanks dropped."""
-  best = np.argmax(np.asarray(logits), axis=-1)
+def greedy_decode(frame_ids, lengths, blank_id: int = 0) -> list[list[int]]:
+  """Best-path decoding of per-frame argmax ids [B, T] on the host: each row's first lengths[b] frames,
+  repeats merged, blanks dropped. (The argmax is taken on device, so only ids travel to the host.)"""
   out = []
-  for b, n in enumerate(np.asarray(lengths).reshape(-1)):
-    path = best[b, :int(n)]
+  for row, n in zip(np.asarray(frame_ids), np.asarray(lengths).reshape(-1)):
+    path = row[:int(n)]
     keep = np.ones(path.shape, bool)
     keep[1:] = path[1:] != path[:-1]
     out.append([int(i) for i in path[keep] if i != blank_id])

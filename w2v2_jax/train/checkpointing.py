@@ -1,7 +1,8 @@
 """Orbax checkpoints: the one module that speaks Orbax.
 
-Workdir layout: WORKDIR/checkpoints/<step>/{state, config, metadata}; `state` is a pytree holding at
-least {"params": ...}, `config` the model config (and, for runs, the experiment config) as JSON.
+Workdir layout: WORKDIR/checkpoints/<step>/{state, data, config, metadata}; `state` is a pytree holding
+at least {"params": ...}, `data` the input's position, `config` the model config (and, for runs, the
+experiment config and a CTC vocabulary) as JSON.
 """
 from __future__ import annotations
 
@@ -16,25 +17,31 @@ from w2v2_jax.models.config import ModelConfig
 CHECKPOINTS = "checkpoints"
 
 
-def manager(directory: str, max_to_keep: int | None = 3, save_interval_steps: int = 1,
-            async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                         enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(storage.absolute(directory), options=options,
-                               item_names=("state", "config", "metadata"))
+def manager(workdir: str, every: int = 1, keep: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  """WORKDIR/checkpoints: a save every `every` steps (or forced), the last `keep` kept, preemption-aware."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINTS)), options=options,
+                               item_names=("state", "data", "config", "metadata"))
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: Any, model_cfg: ModelConfig, kind: str,
-         extra_config: dict | None = None, metadata: dict | None = None, force: bool = False) -> bool:
-  config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": extra_config or {}}
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, model_cfg: ModelConfig, kind: str = "pretraining",
+         experiment: dict | None = None, data_state: dict | None = None, metadata: dict | None = None,
+         vocab: list | None = None, force: bool = False) -> bool:
+  """Train state (at least {"params"}) + data-iterator state + configs; `force` saves off the interval
+  (end, preemption, an import)."""
+  config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": experiment or {}}
+  if vocab is not None:
+    config["vocab"] = list(vocab)  # CTC: the letter vocabulary travels with the weights
   return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data=ocp.args.JsonSave(data_state or {}),
                                                 config=ocp.args.JsonSave(config),
                                                 metadata=ocp.args.JsonSave(metadata or {})), force=force)
 
 
 def save_params(workdir: str, params: Any, model_cfg: ModelConfig, kind: str, step: int = 0) -> str:
-  """Write a params-only checkpoint into WORKDIR/checkpoints/<step> (for imports and tests)."""
-  mgr = manager(storage.join(workdir, CHECKPOINTS), async_save=False)
+  """Write a params-only checkpoint into WORKDIR/checkpoints/<step> (imports, tests)."""
+  mgr = manager(workdir, async_save=False)
   save(mgr, step, {"params": params}, model_cfg, kind, force=True)
   mgr.wait_until_finished()
   mgr.close()
@@ -97,27 +104,6 @@ def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
   params = jax.tree.map(np.asarray, state["params"])
   experiment = dict(config["experiment"], **({"vocab": config["vocab"]} if "vocab" in config else {}))
   return ModelConfig.from_dict(config["model"]), params, config["kind"], experiment
-
-
-def run_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:
-  """The training run's manager: async, every `every` steps, keep the last `keep`, preemption-aware."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINTS)), options=options,
-                               item_names=("state", "data", "config", "metadata"))
-
-
-def save_run(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, model_cfg: ModelConfig,
-             experiment: dict, metadata: dict, force: bool = False, kind: str = "pretraining",
-             vocab: list | None = None) -> bool:
-  """Train state + data-iterator state + configs; `force` saves off the interval (end, preemption)."""
-  config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": experiment}
-  if vocab is not None:
-    config["vocab"] = list(vocab)  # CTC: the letter vocabulary travels with the weights
-  return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=ocp.args.JsonSave(data_state),
-                                                config=ocp.args.JsonSave(config),
-                                                metadata=ocp.args.JsonSave(metadata)), force=force)
 
 
 def restore_run(mgr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any, dict] | None:

@@ -118,17 +118,6 @@ def label_arrays(transcripts, vocab: ctc.Vocabulary, multiple: int = 8):
 
 def error_rates(vocab: ctc.Vocabulary, argmax, frame_lengths, labels, label_lengths) -> tuple[list, list]:
   """Greedy hypotheses and references (strings) of one evaluated batch."""
-  hyps = [vocab.decode(collapse(row[:n])) for row, n in zip(np.asarray(argmax), np.asarray(frame_lengths))]
+  hyps = [vocab.decode(ids) for ids in ctc.greedy_decode(argmax, frame_lengths)]
   refs = [vocab.decode(list(row[:n])) for row, n in zip(np.asarray(labels), np.asarray(label_lengths))]
   return refs, hyps
-
-
-def collapse(frame_ids, blank_id: int = 0) -> list[int]:
-  """Greedy CTC read-out of per-frame argmax ids: merge repeats, drop blanks."""
-  out, prev = [], None
-  for i in frame_ids:
-    i = int(i)
-    if i != prev and i != blank_id:
-      out.append(i)
-    prev = i
-  return out

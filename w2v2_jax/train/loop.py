@@ -265,7 +265,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
           finetune.initial_params(cfg, config, k, layout.param_shardings))
     else:
       init = jax.jit(lambda k: steps.init_state(init_params(cfg, k), tx), out_shardings=state_sh)
-    mgr = checkpointing.run_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    mgr = checkpointing.manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     restored = checkpointing.restore_run(mgr, abstract_state)
     if restored is None:
       state = init(jax.random.key(config.seed))
@@ -342,9 +342,9 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
       # One process: our SIGTERM flag. Several: only Orbax's preemption sync point, which every
       # process reaches at the same step (a flag seen by some processes would deadlock the save).
       preempted = mgr.reached_preemption(done) or (preemption.requested and jax.process_count() == 1)
-      checkpointing.save_run(mgr, done, state, train_data.state(), cfg, experiment,
-                             {"step": done, "time": time.time()}, force=preempted or done == config.num_train_steps,
-                             kind=kind, vocab=vocab.tokens if vocab is not None else None)
+      checkpointing.save(mgr, done, state, cfg, kind, experiment, train_data.state(), {"step": done, "time": time.time()},
+                         vocab=vocab.tokens if vocab is not None else None,
+                         force=preempted or done == config.num_train_steps)
       if preempted:
         logging.warning("preempted: saved step %d; re-run the same command to resume", done)
         break
