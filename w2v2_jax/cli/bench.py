@@ -118,7 +118,8 @@ def measure(config, batch: int, samples: int, steps: int, profile_dir: str | Non
 
   from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
 
-  # The peak first, on an idle machine: measured after minutes of steps it has come out 2x low here.
+  # The peak first, on an idle machine: measured after minutes of steps it comes out far too low
+  # (docs/performance.md).
   peak, peak_source = flops.peak_flops(jax.devices()[0], config.model.dtype)
   ours = OurStep(config, batch, samples)
   with jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext():

@@ -45,13 +45,12 @@ def keep_freed_host_memory() -> bool:
 
   XLA:CPU mallocs each step's temporaries (2.3 GB for stable-LN BASE, batch 4 x 4 s) on its worker
   threads, whose glibc arenas mmap anything over 64 MB and unmap it when freed: the kernel then
-  zero-filled ~640k fresh pages every step (1.4 s of system time; the step took 4.05-4.13 s instead
-  of 3.39-3.54 s). One arena, no mmap and no trimming keep those pages for the next step. The heap is
-  also reserved ahead and backed by transparent huge pages (`_huge_page_heap`: the step 0.90-0.94 of
-  itself; large callocs then zero-fill at once). Call it before JAX's first computation: a thread
-  that already has an arena keeps it. Skipped when GLIBC_TUNABLES or a MALLOC_* variable says the
-  user manages the allocator, and when JAX will run on an accelerator (JAX_PLATFORMS not starting
-  with cpu, or a TPU/GPU plugin installed without it).
+  zero-fills ~640k fresh pages every step, in system time (docs/performance.md). One arena, no mmap
+  and no trimming keep those pages for the next step. The heap is also reserved ahead and backed by
+  transparent huge pages (`_huge_page_heap`; large callocs then zero-fill at once). Call it before
+  JAX's first computation: a thread that already has an arena keeps it. Skipped when GLIBC_TUNABLES
+  or a MALLOC_* variable says the user manages the allocator, and when JAX will run on an
+  accelerator (JAX_PLATFORMS not starting with cpu, or a TPU/GPU plugin installed without it).
   """
   import ctypes  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -79,14 +78,14 @@ def keep_freed_host_memory() -> bool:
 def _huge_page_heap(libc) -> bool:
   """Grows the (never trimmed) heap by half the RAM, unused, and marks it MADV_HUGEPAGE; returns whether done.
 
-  XLA:CPU's temporaries then sit on 2 MiB pages: the stable-LN BASE step took 0.90-0.94 of its time
-  with 4 KiB pages (glibc's own GLIBC_TUNABLES=glibc.malloc.hugetlb=1 measured the same; which of
-  fewer TLB misses or fewer page faults gives it was not isolated). Only address space is reserved:
-  malloc'ed pages fault in when first written, as before, but a large calloc (np.zeros, bytes(n))
-  now zero-fills, and so touches, its pages at once, since the heap's top is no longer fresh from
-  sbrk. Growth past the reservation gets 4 KiB pages. Skipped unless the kernel offers huge pages on
-  request, overcommits heuristically (strict accounting would charge the whole reservation) and the
-  reservation lands in the [heap] mapping (brk blocked: glibc falls back to mmap).
+  XLA:CPU's temporaries then sit on 2 MiB pages, a faster step than with 4 KiB pages
+  (docs/performance.md; which of fewer TLB misses or fewer page faults gives it was not isolated).
+  Only address space is reserved: malloc'ed pages fault in when first written, as before, but a
+  large calloc (np.zeros, bytes(n)) now zero-fills, and so touches, its pages at once, since the
+  heap's top is no longer fresh from sbrk. Growth past the reservation gets 4 KiB pages. Skipped
+  unless the kernel offers huge pages on request, overcommits heuristically (strict accounting would
+  charge the whole reservation) and the reservation lands in the [heap] mapping (brk blocked: glibc
+  falls back to mmap).
   """
   import ctypes  # pylint: disable=import-outside-toplevel
   try:

@@ -35,7 +35,7 @@ BUCKETINGS = ("geometric", "fit")  # how bucket lengths are chosen (InputConfig.
 
 
 def import_tensorflow_in_background() -> threading.Thread:
-  """Starts importing TensorFlow (5-10 s on a small host) in a daemon thread, so that a training run
+  """Starts importing TensorFlow (seconds on a small host) in a daemon thread, so that a training run
   overlaps it with building and compiling its state; the first batch's `import tensorflow` then
   finds it loaded, or waits on Python's import lock for the rest (and reports any import error)."""
   def import_quietly():

@@ -1,14 +1,12 @@
 """The grouped positional conv as matmuls in the frequency domain, for XLA:CPU.
 
-XLA:CPU runs the positional conv (kernel 128, 16 groups) at a third of its matmul peak, and its
-weight gradient slower still. Written as real DFT matrices, the conv is a handful of dense matmuls:
+XLA:CPU runs the positional conv (kernel 128, 16 groups) far below its matmul peak, and its weight
+gradient slower still. Written as real DFT matrices, the conv is a handful of dense matmuls:
 transform the input over time and the kernel over taps, mix channels within each group at each
 frequency, and transform back. The DFT length is chosen so that the circular convolution never
 wraps onto an output frame, so this is the same linear map as the conv (and autodiff gives its
-exact gradients), up to float32 rounding (~1e-6 of the largest value). At BASE's shapes, batch
-4 x 4 s, its forward + backward took 90 ms against 218 ms for XLA's grouped conv with the weight
-gradient rewritten as a forward conv (this file's predecessor); the kernel transformed in its own
-layout then took 86 ms against 114 for the [K, G, C, D] layout before it (a noisier hour).
+exact gradients), up to float32 rounding (~1e-6 of the largest value). Measured against XLA's
+grouped conv in docs/performance.md.
 Memory: the kernel's transform, about (frames + pad) x H x H / groups floats (LARGE at 780 frames:
 ~220 MB), is kept for the backward; the DFT tables are constants of the padded length.
 """
@@ -60,8 +58,8 @@ def grouped_conv_dft(x, w, groups: int, pad: int, length: int | None = None):
   xf = jnp.einsum("zt,bth->zbh", to_freq, x).reshape(2, f, b, groups, c)
   xf = xf.transpose(1, 3, 0, 2, 4).reshape(f, groups, 2 * b, c)
   # The kernel is transformed in its own layout [K, C * H] and the transform moved to [F, G, C, D]
-  # after: the gradient then reaches w through a transpose of rows of D floats, not one from k-minor
-  # to k-major (~40 ms at BASE's shapes).
+  # after: the gradient then reaches w through a transpose of rows of D floats, not a slower one from
+  # k-minor to k-major (docs/performance.md).
   uf = jnp.einsum("zk,kh->zh", kernel_to_freq, w.astype(jnp.float32).reshape(k, c * groups * d))
   uf = uf.reshape(2, f, c, groups, d).transpose(0, 1, 3, 2, 4)                       # [2, F, G, C, D]
   p = jnp.einsum("fgmc,fgcd->fgmd", xf, uf[0])   # rows: Xc Uc, Xs Uc

@@ -1,9 +1,9 @@
 """Attention's core as fused GPU kernels (Pallas, Triton): scores, key padding, softmax and dropout.
 
 XLA's attention writes the [b, heads, t, t] scores, probabilities and dropout mask to memory several
-times a layer: for BASE on 8 crops of 15.6 s, ~4 GB of traffic per layer and half of the step's
-roofline time on an H200 (estimated from a deviceless compile; docs/performance.md). These kernels
-keep a block of scores on chip instead (online softmax forward, recomputation backward).
+times a layer (~4 GB per layer for BASE on 8 crops of 15.6 s, by a roofline estimate;
+docs/performance.md). These kernels keep a block of scores on chip instead (online softmax forward,
+recomputation backward).
 
 The dropout mask is `layers.keep_mask`'s bit for bit: each block hashes the same global counters
 with the same Threefry, so values and gradients equal the XLA core's (the tests run the kernels in

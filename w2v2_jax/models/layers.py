@@ -20,8 +20,8 @@ def partitioned(init, names):
 def gelu(x):
   """Exact GELU written as torch writes it, x/2 (1 + erf(x/sqrt 2)); flax's default is the tanh approximation.
 
-  jax.nn.gelu(approximate=False) uses erfc, which XLA:CPU evaluates ~25% slower than erf (feature
-  encoder's [4, 12799, 512] at 2 cores: 74 vs 57 ms); the two agree to 1e-6.
+  erf, not erfc: jax.nn.gelu(approximate=False) uses erfc, which XLA:CPU evaluates markedly slower;
+  the two agree to 1e-6 (docs/performance.md).
   """
   return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
@@ -70,11 +70,9 @@ def layer_norm_gelu(x, scale, bias, eps: float, axis: int = -1):
   backward (reverse mode only: no jvp). `scale` and `bias` are per channel (the last axis).
 
   XLA:CPU's YNNPACK reduction fusions take their broadcast operands materialised: autodiff's
-  LayerNorm + GELU on the stable extractor's conv-0 output [4, 12799, 512] wrote the scale and 1/std
-  broadcast to full size and took 137 ms forward + backward. With row means as matrix-vector
-  products (the scale folded into the vector) and each full-size quantity written once, 75 ms; the
-  stable-LN BASE step takes 0.963x as long as with autodiff. BASE's GroupNorm + GELU on conv 0: 126
-  -> 71 ms.
+  LayerNorm + GELU writes the scale and 1/std broadcast to full size. Here row means are
+  matrix-vector products (the scale folded into the vector) and each full-size quantity is written
+  once, which is faster (docs/performance.md).
   """
   return _layer_norm_gelu_fwd(x, scale, bias, eps, axis)[0]
 
@@ -117,7 +115,7 @@ def threefry2x32(k1, k2, x1, x2):
 
   jax lowers its threefry on CPU as a loop of five steps, each writing its state to memory; written
   out, XLA fuses the whole hash with the counters that feed it and the compare that reads it
-  (a dropout mask of BASE's attention probabilities: 3.6 -> 3.2 ms).
+  (docs/performance.md).
   """
   rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
   ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
@@ -148,11 +146,11 @@ def keep_mask(key, shape, keep_prob: float):
   """Bernoulli(keep_prob) of `shape`, four 16-bit draws per Threefry evaluation (keep_prob to 1/65536).
 
   jax.random.bernoulli with partitionable Threefry (jax's default) hashes once per element, and
-  dropout's hashes then cost ~5% of the stable-LN BASE step on CPU. Each 2x32 hash gives 64 bits:
-  here they are four 16-bit uniforms, counted by each element's index in the global array, so a
-  sharded step draws the same mask as one device. Arrays of COUNTER_LIMIT elements or more count
-  within each index of the leading axis, which becomes the hash's high word. Other key kinds use
-  jax.random.bernoulli.
+  dropout's hashes are then a visible part of the CPU step (docs/performance.md). Each 2x32 hash
+  gives 64 bits: here they are four 16-bit uniforms, counted by each element's index in the global
+  array, so a sharded step draws the same mask as one device. Arrays of COUNTER_LIMIT elements or
+  more count within each index of the leading axis, which becomes the hash's high word. Other key
+  kinds use jax.random.bernoulli.
   """
   threshold = round(keep_prob * 65536)
   if threshold >= 65536 or threshold <= 0:   # also keeps 65536 from wrapping to 0 as a uint16
@@ -220,7 +218,7 @@ def _matmul_fwd(x, w):
 
 def _matmul_bwd(residuals, g):
   """The weight gradient from [rows, in] x [rows, out] matrices: with autodiff's [b, t, .] operands
-  XLA:CPU first copies one into a transposed layout (the stable-LN BASE step: 0.958 without)."""
+  XLA:CPU first copies one into a transposed layout, which costs step time (docs/performance.md)."""
   x, w = residuals
   dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
   rows = lambda a: a.reshape(-1, a.shape[-1])   # noqa: E731
@@ -266,9 +264,10 @@ def materialize_grad(x):
 
   XLA:CPU fuses a pre-LN stack's residual-gradient chain (adds across all layers) into every
   consumer and recomputes it there: in the stable-LN BASE step, 59 fusions each re-added up to 12
-  layers (1.5 s of 10.7 s; compile 42 s). It deletes optimization barriers, but not a conditional,
-  so the gradient goes through one. Its other branch fills NaN when the first element is already
-  non-finite: a non-finite gradient stays non-finite, and the train step skips it either way.
+  layers, slowing both the step and its compile (docs/performance.md). It deletes optimization
+  barriers, but not a conditional, so the gradient goes through one. Its other branch fills NaN when
+  the first element is already non-finite: a non-finite gradient stays non-finite, and the train
+  step skips it either way.
   """
   return x
 

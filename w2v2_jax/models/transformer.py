@@ -40,7 +40,7 @@ class WeightNormConv(nn.Module):
       # batch is sharded while a mesh axis (tensor) is replicated; sharding the channels (whole
       # groups) over that axis avoids it. Caught by tests/test_train.py's 2x2x2 mesh test (its "xla" case).
       x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
-    # XLA:CPU runs this conv at a third of its matmul peak (its weight gradient far slower): on CPU it is
+    # XLA:CPU runs this conv far below its matmul peak (its weight gradient slower still): on CPU it is
     # the same linear map as DFT-domain matmuls (models/dft_conv.py).
     conv = grouped_conv_dft if compile_platform() == "cpu" else _conv
     y = conv(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype), groups, k // 2)
@@ -63,10 +63,10 @@ class Attention(nn.Module):
   """Multi-head self-attention; q scaled by head_dim^-0.5, softmax in float32, padded keys masked.
 
   Heads are moved ahead of time ([b, t, h*d] -> [b, h, t, d]) before the two batched matmuls: XLA:CPU
-  then runs them 2% faster over the stable-LN BASE step than with the heads left in place. On CPU the
-  core runs as two independent halves of the batch: XLA:CPU runs a batched matmul on one core, and
-  runs parts of the halves side by side (stable-LN BASE step 0.984). Not under a mesh of more than
-  one device, where the halves would reshard a sharded batch. Same dropout mask either way.
+  then runs them faster than with the heads left in place. On CPU the core runs as two independent
+  halves of the batch: XLA:CPU runs a batched matmul on one core, and runs parts of the halves side
+  by side (both in docs/performance.md). Not under a mesh of more than one device, where the halves
+  would reshard a sharded batch. Same dropout mask either way.
   `attention_impl="flash"` runs the core as fused GPU kernels (flash_attention.py), same mask again;
   on CPU it keeps this core (the kernels would run interpreted), so a GPU-trained config runs here too.
   """

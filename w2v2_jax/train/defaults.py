@@ -10,8 +10,8 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # PRNG of the train step (dropout, masks, negatives, Gumbel noise). threefry2x32 is partitioned
-  # over the mesh. "rbg" makes a one-device BASE step 12% faster on CPU, but XLA does not partition
-  # its bit generator: every device draws the whole global batch's bits (docs/performance.md).
+  # over the mesh. "rbg" makes a one-device CPU step faster, but XLA does not partition its bit
+  # generator: every device draws the whole global batch's bits (docs/performance.md).
   c.rng_impl = "threefry2x32"
   c.num_train_steps = 400_000
   c.batch_size = 64                 # global utterances per step (after cropping)

@@ -64,8 +64,8 @@ def apply_if_finite(finite, tx, grads, state, zero_frozen):
 
   On CPU the update runs inside a lax.cond: with the select form, XLA:CPU (no multi-output fusion)
   recomputes the new moments inside the parameter update after writing them in place, so it first
-  copies both moment trees; the stable-LN BASE step was 9% slower (4.49 vs 4.08 s, batch 4 x 4 s).
-  Elsewhere the select form avoids a predicate read-back that a conditional costs on GPU.
+  copies both moment trees, a slower step (docs/performance.md). Elsewhere the select form avoids a
+  predicate read-back that a conditional costs on GPU.
   """
   def update(_):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -101,8 +101,8 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
   def train_step(state: TrainState, batch, key):
     key = jax.random.fold_in(key, state.step)
     if micro == 1:
-      # The loss is already the batch mean, so its gradient needs no division afterwards: a pass
-      # over every gradient (380 MB for BASE) that cost ~30 ms of the CPU step.
+      # The loss is already the batch mean, so its gradient needs no division afterwards: that would
+      # be one more pass over every gradient (380 MB for BASE; docs/performance.md).
       (loss, metrics), grads = mean_grad_fn(state.params, batch, key, state.step)
     else:
       # Piece i is rows [i * b, (i + 1) * b), spread over every batch shard: the plain reshape would leave each
