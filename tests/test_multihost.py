@@ -81,7 +81,7 @@ class _Run:
       except subprocess.TimeoutExpired:
         for q in self.procs:
           q.kill()
-        raise AssertionError("the run did not end by itself:\n" + self.tails())
+        raise AssertionError("the run did not end by itself:\n" + self.tails()) from None
       t.join(timeout=30)
     return [p.returncode for p in self.procs]
 

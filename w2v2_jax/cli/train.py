@@ -59,6 +59,7 @@ def main(argv):
         logging.info("wrote %s", path)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("plots not written (the run itself is complete): %s: %s", type(e).__name__, e)
+  distributed.leave_together()  # several processes: all leave at once, none aborts at exit
 
 
 def run():

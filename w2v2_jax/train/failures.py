@@ -107,6 +107,8 @@ class _Watch:
     beat = 0
     while True:
       time.sleep(self.period)
+      if self.clean:
+        return  # finished: what is left (the shutdown barrier) has its own timeout
       now = time.monotonic()
       try:
         beat += 1
@@ -150,6 +152,12 @@ def watch_processes(timeout: float | None = None) -> None:
 
 
 def finished() -> None:
-  """This process ended cleanly: at its exit the others stop watching it (it may leave before them)."""
+  """This process ended cleanly: the others stop watching it (it may leave before them), and it stops
+  watching them (the coordination service may close before this process exits)."""
   if _watch is not None:
     _watch.clean = True
+    _watch.exiting = True
+    try:
+      _watch.client.key_value_set(f"{_EXIT}{_watch.index}", "done", allow_overwrite=True)
+    except Exception:  # noqa: BLE001  pylint: disable=broad-except  (at exit, _at_exit tries again)
+      pass
