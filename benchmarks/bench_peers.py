@@ -1,6 +1,7 @@
 """Our train step against HF Flax (4.46.3) and HF PyTorch, side by side, one machine.
 
-  python benchmarks/bench_peers.py [--batch=4] [--seconds=4] [--rounds=5] [--warmup_rounds=1] [--peers=hf_flax,hf_torch] [--json=OUT]
+  python benchmarks/bench_peers.py [--batch=4] [--seconds=4] [--rounds=5] [--warmup_rounds=1]
+      [--peers=hf_flax,hf_torch] [--json=OUT]
       [--venv=~/.cache/w2v2_jax/peers-venv]
 
 All three train the same stable-layer-norm BASE (the one architecture HF Flax pre-trains) on the
@@ -139,8 +140,8 @@ def main(argv):
   keep_freed_host_memory()  # ours only: the peers' processes keep glibc's defaults
   import jax  # pylint: disable=import-outside-toplevel
 
-  from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
   from w2v2_jax.cli.bench import OurStep  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
 
   peers = split_list(FLAGS.peers)
   unknown = sorted(set(peers) - set(PEERS))

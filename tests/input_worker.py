@@ -6,8 +6,9 @@ import sys
 
 def main():
   mode, data_dir, out = sys.argv[1:4]
-  from w2v2_jax.data.pipeline import AudioInput, InputConfig
   import numpy as np
+
+  from w2v2_jax.data.pipeline import AudioInput, InputConfig
   cfg = InputConfig(data_dir, "train", global_batch=8, max_sample_size=24000, min_sample_size=8000,
                     num_buckets=3, seed=5)
   if mode == "resume":  # argv: first | second
@@ -25,7 +26,9 @@ def main():
   port, pid = int(sys.argv[4]), int(sys.argv[5])
   import jax
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   from w2v2_jax.data.pipeline import local_rows, to_global
   mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
   sharding = NamedSharding(mesh, P("data"))

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from w2v2_jax.cli import bench
+from w2v2_jax.models.init import init_params
+from w2v2_jax.train import loop
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_peers  # noqa: E402  (benchmarks/ sits outside the package)
-from w2v2_jax.models.init import init_params
-from w2v2_jax.train import loop
 
 
 def _count(tree) -> int:

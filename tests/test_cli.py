@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from hf_reference import hf_config
 from transformers import Wav2Vec2ForPreTraining as HFPreTraining
 from transformers import Wav2Vec2Model as HFModel
 
-from hf_reference import hf_config
 from w2v2_jax.models import config as presets
 from w2v2_jax.models.init import init_params
 from w2v2_jax.train import checkpointing
@@ -233,7 +233,7 @@ def test_cpu_jemalloc_launcher_loads_jemalloc_or_says_what_to_install(tmp_path):
   fake.mkdir()
   cache = tmp_path / "cache.txt"
   cache.write_text("".join(f"\tlibz{i}.so.1 (libc6,{arch}) => /usr/lib/libz{i}.so.1\n" for i in range(5000))
-                   + f"\tlibjemalloc.so.2 (libc6,OtherArch) => /nonexistent/libjemalloc.so.2\n"
+                   + "\tlibjemalloc.so.2 (libc6,OtherArch) => /nonexistent/libjemalloc.so.2\n"
                    + f"\tlibjemalloc.so.2 (libc6,{arch}) => {stand_in}\n"
                    + "".join(f"\tliba{i}.so.1 (libc6,{arch}) => /usr/lib/liba{i}.so.1\n" for i in range(5000)))
   (fake / "ldconfig").write_text(f"#!/bin/sh\ncat {cache}\n")

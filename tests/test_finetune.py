@@ -5,15 +5,14 @@ import os
 import subprocess
 import sys
 
+import finetune_config
 import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
-import finetune_config
-
-from w2v2_jax.decoding import ctc, ngram
 from w2v2_jax.data import records
+from w2v2_jax.decoding import ctc, ngram
 from w2v2_jax.train import loop, optim
 
 LETTERS = "ABCDE"
@@ -94,6 +93,7 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
   # w2v2-export -> transformers' Wav2Vec2ForCTC: the same logits, and the vocabulary beside them.
   import torch
   from transformers import Wav2Vec2ForCTC
+
   from w2v2_jax.interop.load import load_ctc
   from w2v2_jax.models.init import build
   export_dir = str(tmp_path / "hf")
@@ -137,6 +137,7 @@ def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
 
 def test_miniature_scratch_baseline_differs_only_in_init_and_freezing():
   import importlib.util
+
   from w2v2_jax.demo import miniature
   spec = importlib.util.spec_from_file_location("demo_finetune", os.path.join(
       os.path.dirname(__file__), "..", "experiments", "demo_finetune.py"))

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from w2v2_jax import parallel
-from w2v2_jax.models import objectives
 from w2v2_jax.models import config as presets
-from w2v2_jax.models import layers, transformer
+from w2v2_jax.models import layers, objectives, transformer
 from w2v2_jax.models.flash_attention import dropout_seed_from, flash_attention
 from w2v2_jax.models.init import build, init_params
 

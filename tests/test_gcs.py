@@ -2,18 +2,17 @@
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
+import conftest
+import gcs_emulator
 import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
-import conftest
-import gcs_emulator
 from w2v2_jax import storage
 from w2v2_jax.data import records
 from w2v2_jax.demo import corpus

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_config, padded_batch, state_numpy, torch_tensor
 from transformers import Wav2Vec2ForCTC as HFCTC
 from transformers import Wav2Vec2ForPreTraining as HFPreTraining
 from transformers import Wav2Vec2Model as HFModel
 
-from hf_reference import hf_config, padded_batch, state_numpy, torch_tensor
-from w2v2_jax.models import objectives
 from w2v2_jax.interop import hf
 from w2v2_jax.models import config as presets
+from w2v2_jax.models import objectives
 from w2v2_jax.models.init import build, init_params
 
 STYLES = {"base_style": presets.tiny(stable_layer_norm=False), "lv60_style": presets.tiny(stable_layer_norm=True)}

@@ -14,8 +14,7 @@ import pytest
 from scipy import stats
 
 from w2v2_jax.data import records
-from w2v2_jax.data.pipeline import (STRIDE, AudioInput, Batches, InputConfig, bucket_lengths, waveform,
-                                    widest_bucket)
+from w2v2_jax.data.pipeline import STRIDE, AudioInput, Batches, InputConfig, bucket_lengths, waveform, widest_bucket
 
 HERE = os.path.dirname(__file__)
 

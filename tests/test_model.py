@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2v2_jax.models import objectives
 from w2v2_jax.models import config as presets
+from w2v2_jax.models import objectives
 from w2v2_jax.models.init import build, count_params, init_params
 
 
@@ -198,6 +198,7 @@ def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):
 def test_gelu_is_torchs_exact_gelu():
   """layers.gelu (erf form, cheaper on XLA:CPU) equals torch's default GELU and jax's erfc form."""
   import torch
+
   from w2v2_jax.models.layers import gelu
   x = np.linspace(-12, 12, 20001, dtype=np.float32)
   np.testing.assert_allclose(gelu(jnp.asarray(x)), torch.nn.functional.gelu(torch.from_numpy(x)).numpy(),
@@ -271,6 +272,7 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   """layers.keep_mask (four 16-bit draws per Threefry hash) keeps 1 - rate of the values, with no
   correlation between neighbours (the four draws of one hash sit side by side) and none across keys."""
   from scipy import stats
+
   from w2v2_jax.models.layers import Dropout, keep_mask
   shape, keep = (3, 5, 211, 199), 0.9          # last axis not a multiple of 4: the padding is cut off
   mask = np.asarray(jax.jit(lambda k: keep_mask(k, shape, keep))(jax.random.key(7)))

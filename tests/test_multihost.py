@@ -10,11 +10,10 @@ import sys
 import threading
 import time
 
+import conftest
 import jax
 import numpy as np
 import pytest
-
-import conftest
 from test_train import speech_like_shards  # noqa: F401  (a fixture)
 
 from w2v2_jax.train import checkpointing

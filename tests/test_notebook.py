@@ -2,10 +2,9 @@
 import os
 import re
 
+import conftest
 import nbformat
 from nbclient import NotebookClient
-
-import conftest
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "experiments", "colab_workflow.ipynb")
 

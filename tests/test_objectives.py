@@ -28,7 +28,8 @@ def test_equal_counts_and_never_in_padding():
 
 
 def test_mask_matches_fairseq_span_count_distribution():
-  """Without the same-count subsampling, the number of span starts per utterance is int(mask_prob * T / mask_length + U)."""
+  """Without the same-count subsampling, the number of span starts per utterance is
+  int(mask_prob * T / mask_length + U)."""
   mask = np.asarray(objectives.compute_span_mask(jax.random.key(5), jnp.full((2000,), 40), 40, mask_prob=0.065,
                                                  mask_length=1, min_masks=2, require_same_masks=False))
   counts = mask.sum(axis=1)  # spans of length 1 never overlap: count = number of starts

@@ -14,7 +14,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from w2v2_jax import parallel
 from w2v2_jax.cli import aot
@@ -26,12 +27,12 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="compile-only TPU topologies need libtpu (pip install -e '.[tpu]')")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def slice_devices(name: str):
   return aot.topology_devices(name)[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recipe(name: str):
   spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)

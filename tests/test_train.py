@@ -8,8 +8,6 @@ import time
 import jax
 import numpy as np
 import pytest
-
-import conftest
 import train_config
 
 from w2v2_jax.data import records
@@ -149,8 +147,10 @@ def test_non_finite_steps_are_skipped_then_abort(speech_like_shards, tmp_path):
 def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monkeypatch):
   """Both forms of the guard: the CPU's lax.cond and the select that GPU/TPU steps compile."""
   import jax.numpy as jnp
+
   from w2v2_jax.models.init import init_params
-  from w2v2_jax.train import optim, step as steps
+  from w2v2_jax.train import optim
+  from w2v2_jax.train import step as steps
   monkeypatch.setattr(steps, "compile_platform", lambda: platform)
   c = _config(speech_like_shards, 1)
   c.optim.warmup_steps = 0
@@ -181,10 +181,12 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
   twice or per piece shows. No masks, dropout or LayerDrop, so the three steps see the same model.
   lr = eps = 1 (constant) makes Adam's first update ~g / (|g| + 1): the parameters compare gradients.
   """
-  import jax.numpy as jnp
   import finetune_config
+  import jax.numpy as jnp
+
   from w2v2_jax.models.init import init_params
-  from w2v2_jax.train import optim, step as steps
+  from w2v2_jax.train import optim
+  from w2v2_jax.train import step as steps
   c = finetune_config.get_config(f"{speech_like_shards},1,0")
   c.finetune.mask_prob = 0.0
   c.model.update(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
@@ -219,6 +221,7 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
                                   "demo_finetune", "base_10m", "base_1h", "base_10h", "base_100h", "base_960h"])
 def test_every_experiment_config_loads_and_validates(name):
   import importlib.util
+
   from w2v2_jax import parallel
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
@@ -239,6 +242,7 @@ def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, 
   weight gradient on a tensor axis models/transformer.py works around) instead of CPU's DFT form.
   """
   import jax.numpy as jnp
+
   from w2v2_jax import parallel
   from w2v2_jax.models import transformer
   from w2v2_jax.models.init import init_params

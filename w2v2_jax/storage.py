@@ -20,7 +20,7 @@ import os
 import posixpath
 import socket
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 # Orbax reaches gs:// through etils.epath, which would send it to TensorFlow's GCS filesystem when
 # TensorFlow is importable; that one has no endpoint override and is not what the rest of the
@@ -78,7 +78,7 @@ def absolute(path: str) -> str:
   return str(path) if is_url(path) else os.path.abspath(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filesystem(protocol: str):
   import fsspec  # pylint: disable=import-outside-toplevel
   key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")

@@ -70,7 +70,8 @@ class OurStep:
 
     from w2v2_jax import parallel  # pylint: disable=import-outside-toplevel
     from w2v2_jax.models.init import init_params  # pylint: disable=import-outside-toplevel
-    from w2v2_jax.train import loop, step as steps  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.train import step as steps
 
     if loop.is_ctc(config):
       raise ValueError("--config: w2v2-bench times pre-training configs (config.task='pretrain')")

@@ -37,6 +37,7 @@ _CONCURRENCY = flags.DEFINE_integer("read_concurrency", 64, "A bucket's ranged G
 def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = False) -> None:
   """Noise utterances with LibriSpeech's length spread, as shards (or as a FLAC tree)."""
   import numpy as np
+
   from w2v2_jax.data import records
   rng = np.random.default_rng(seed)
   total, utts = 0, []

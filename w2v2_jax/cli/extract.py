@@ -75,9 +75,9 @@ def main(argv):
   del argv
   import numpy as np
 
+  from w2v2_jax import storage
   from w2v2_jax.interop import fairseq
   from w2v2_jax.interop.hf import wants_normalized_audio
-  from w2v2_jax import storage
   from w2v2_jax.interop.load import load_pretrained, localize
   for name, value in (("checkpoint", FLAGS.checkpoint), ("audio", FLAGS.audio), ("output", FLAGS.output)):
     if not value:

@@ -87,6 +87,7 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.init import build  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import checkpointing, loop  # pylint: disable=import-outside-toplevel

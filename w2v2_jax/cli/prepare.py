@@ -9,9 +9,9 @@ Every path may be a gs:// URL (input folder, manifest, the audio it lists, outpu
 Audio is decoded (soundfile, librosa as fallback), downmixed, resampled to 16 kHz and stored as
 int16. Bad files are skipped with their reason in report.json; the run goes on. Unlabeled audio
 longer than --max_seconds is split into near-equal chunks; labeled audio is kept whole (the input
-pipeline random-crops it). Re-running the same command resumes: finished shards are kept. N machines can share one input:
-each runs the command with --num_tasks=N --task_index=I, then one runs it with --merge, which writes
-report.json and each split's consolidated index.
+pipeline random-crops it). Re-running the same command resumes: finished shards are kept. N machines
+can share one input: each runs the command with --num_tasks=N --task_index=I, then one runs it with
+--merge, which writes report.json and each split's consolidated index.
 """
 from __future__ import annotations
 

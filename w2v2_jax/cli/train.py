@@ -42,6 +42,7 @@ def main(argv):
   initialize_distributed()
   failures.watch_processes()  # several processes: a lost one ends the job (--host_timeout)
   import jax  # pylint: disable=import-outside-toplevel
+
   from w2v2_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   quiet_libraries()
   use_compilation_cache()

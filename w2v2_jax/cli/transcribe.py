@@ -28,6 +28,7 @@ def transcribe(cfg, params, vocab, paths, normalize=False, decoder=None):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from w2v2_jax.data.audio import load_audio, normalize_waveform  # pylint: disable=import-outside-toplevel
   from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.init import build  # pylint: disable=import-outside-toplevel

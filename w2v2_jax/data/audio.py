@@ -50,7 +50,8 @@ def load_audio(path: str, target_rate: int = SAMPLE_RATE) -> np.ndarray:
         source.seek(0)
       audio, rate = librosa.load(source, sr=None, mono=True)
     except Exception as e:  # noqa: BLE001
-      raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
+      detail = str(e).splitlines()[0][:160] if str(e) else "no detail"
+      raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {detail})") from None
   audio = np.asarray(audio, np.float32)
   if audio.size == 0:
     raise AudioError(f"{path}: the file holds no samples")

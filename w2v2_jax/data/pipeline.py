@@ -435,6 +435,7 @@ def local_rows(sharding, global_batch: int) -> tuple[int, int]:
   """The contiguous rows of a batch-sharded global array that this process's devices hold (parallel.process_rows,
   which refuses a layout that gives any process other than one block of the common size)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from w2v2_jax.parallel import process_rows  # pylint: disable=import-outside-toplevel
   return process_rows(sharding, global_batch)[jax.process_index()]
 

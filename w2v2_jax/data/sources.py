@@ -10,7 +10,7 @@ import dataclasses
 import io
 import os
 import posixpath
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

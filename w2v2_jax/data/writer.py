@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from w2v2_jax import storage
-from w2v2_jax.data.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from w2v2_jax.data import records
+from w2v2_jax.data.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from w2v2_jax.data.sources import Item
 
 HIST_EDGES_S = (0, 1, 2, 4, 8, 16, 32, 64, float("inf"))

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import json
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np

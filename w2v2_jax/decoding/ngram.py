@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 

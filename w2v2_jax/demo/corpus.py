@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from w2v2_jax import storage
-from w2v2_jax.data.audio import SAMPLE_RATE
 from w2v2_jax.data import records, writer
+from w2v2_jax.data.audio import SAMPLE_RATE
 from w2v2_jax.demo import espeak, rooms, sentences
 
 SPLITS = ("unlabeled", "labeled", "test")

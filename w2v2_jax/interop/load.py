@@ -13,7 +13,6 @@ from w2v2_jax.interop.hf import CheckpointError
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import checkpointing
 
-
 _HF_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "model.safetensors",
              "model.safetensors.index.json", "pytorch_model.bin")
 

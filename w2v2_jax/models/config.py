@@ -91,14 +91,14 @@ class ModelConfig:
       num_samples = (num_samples - k) // s + 1
     return num_samples
 
-  def replace(self, **changes: Any) -> "ModelConfig":
+  def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:

@@ -81,7 +81,7 @@ def train_flops(cfg: ModelConfig, num_samples: int, batch: int, head: str = "pre
   return 3.0 * forward_flops(cfg, num_samples, batch, head)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_cpu_peak(n: int = 1024, repeats: int = 20) -> float:
   """This host's measured fp32 matmul FLOP/s over all its cores (the best of `repeats` n x n matmuls)."""
   import jax  # pylint: disable=import-outside-toplevel

@@ -234,6 +234,7 @@ def leave_together() -> None:
   that finished reads as failed to its scheduler.
   """
   import sys  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
   import jax.extend.backend  # pylint: disable=import-outside-toplevel
   if jax.process_count() == 1:

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.decoding import ctc
 from w2v2_jax.models import objectives
-from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import build, init_params
 

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 from absl import logging
 
 from w2v2_jax import parallel, storage
-from w2v2_jax.models import flops, objectives
 from w2v2_jax.data import pipeline, records
+from w2v2_jax.models import flops, objectives
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import init_params
-from w2v2_jax.train import checkpointing, events, optim, step as steps
+from w2v2_jax.train import checkpointing, events, optim
+from w2v2_jax.train import step as steps
 
 
 def model_config(config) -> ModelConfig:

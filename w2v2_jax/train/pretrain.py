@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from w2v2_jax.models import objectives
-from w2v2_jax.models.init import build
 from w2v2_jax.models.config import ModelConfig
+from w2v2_jax.models.init import build
 
 
 def make_loss_fn(cfg: ModelConfig, obj: objectives.ObjectiveConfig):
