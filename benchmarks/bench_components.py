@@ -6,6 +6,7 @@ Times the feature encoder, the positional conv and one transformer layer on thei
 with respect to parameters only, as in training), each against its analytic FLOPs. This is how
 the positional conv's slow weight gradient on CPU was found (docs/performance.md).
 """
+
 from __future__ import annotations
 
 from absl import app, flags
@@ -34,13 +35,16 @@ def _timed(module, x, steps, input_grad, **kwargs):
   fwd = jax.jit(lambda p: module.apply(p, x, rngs=rngs, **kwargs))
   loss = lambda p, y: jnp.sum(module.apply(p, y, rngs=rngs, **kwargs).astype(jnp.float32) ** 2)  # noqa: E731
   grad = jax.jit(jax.grad(loss, argnums=(0, 1) if input_grad else 0))
-  return (median_seconds(lambda: jax.block_until_ready(fwd(params)), steps),
-          median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps))
+  return (
+    median_seconds(lambda: jax.block_until_ready(fwd(params)), steps),
+    median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps),
+  )
 
 
 def main(argv):
   del argv
   from w2v2_jax.cli.common import keep_freed_host_memory  # pylint: disable=import-outside-toplevel
+
   keep_freed_host_memory()
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -58,16 +62,24 @@ def main(argv):
   audio = jax.random.normal(jax.random.key(0), (b, samples))
   hidden = jax.random.normal(jax.random.key(0), (b, t, h))
   parts = [
-      ("feature encoder", FeatureEncoder(cfg), audio, False, {}, b * flops.feature_encoder_flops(cfg, samples)),
-      ("positional conv", PositionalConvEmbedding(cfg), hidden, True, {}, b * flops.pos_conv_flops(cfg, t)),
-      (f"transformer layer (x{cfg.num_hidden_layers})", EncoderLayer(cfg, False), hidden, True, {"key_mask": None},
-       b * flops.layer_flops(cfg, t)),
+    ("feature encoder", FeatureEncoder(cfg), audio, False, {}, b * flops.feature_encoder_flops(cfg, samples)),
+    ("positional conv", PositionalConvEmbedding(cfg), hidden, True, {}, b * flops.pos_conv_flops(cfg, t)),
+    (
+      f"transformer layer (x{cfg.num_hidden_layers})",
+      EncoderLayer(cfg, False),
+      hidden,
+      True,
+      {"key_mask": None},
+      b * flops.layer_flops(cfg, t),
+    ),
   ]
   print(f"{cfg.num_hidden_layers}-layer x {h}, batch {b} x {FLAGS.seconds} s, peak {peak / 1e9:.0f} GFLOP/s")
   for name, module, x, input_grad, kwargs, fwd_flops in parts:
     fwd_s, both_s = _timed(module, x, FLAGS.steps, input_grad, **kwargs)
-    print(f"{name:26s} forward {fwd_s:7.3f} s ({100 * fwd_flops / fwd_s / peak:3.0f}% of peak)   "
-          f"forward+backward {both_s:7.3f} s ({100 * 3 * fwd_flops / both_s / peak:3.0f}%)")
+    print(
+      f"{name:26s} forward {fwd_s:7.3f} s ({100 * fwd_flops / fwd_s / peak:3.0f}% of peak)   "
+      f"forward+backward {both_s:7.3f} s ({100 * 3 * fwd_flops / both_s / peak:3.0f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ huge pages (cli.common.keep_freed_host_memory); the peers keep glibc's defaults 
 set for all (MALLOC_* / GLIBC_TUNABLES, or launch/cpu_jemalloc.sh, which then applies to all three).
 Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,18 @@ def define_flags():
   flags.DEFINE_integer("batch", 4, "Utterances per step.")
   flags.DEFINE_float("seconds", 4.0, "Crop length in seconds (16 kHz).")
   flags.DEFINE_integer("rounds", 5, "Timed steps per framework, alternating.")
-  flags.DEFINE_integer("warmup_rounds", 1, "Untimed alternating rounds once every peer is up (the first steps "
-                       "after the peers start and allocate run slow here).")
+  flags.DEFINE_integer(
+    "warmup_rounds",
+    1,
+    "Untimed alternating rounds once every peer is up (the first steps "
+    "after the peers start and allocate run slow here).",
+  )
   flags.DEFINE_string("peers", ",".join(PEERS), "Comma-separated peers to run: hf_flax, hf_torch.")
-  flags.DEFINE_string("venv", os.path.join(os.path.expanduser("~"), ".cache", "w2v2_jax", "peers-venv"),
-                      "Where the peers' virtual environment is built (once) and reused.")
+  flags.DEFINE_string(
+    "venv",
+    os.path.join(os.path.expanduser("~"), ".cache", "w2v2_jax", "peers-venv"),
+    "Where the peers' virtual environment is built (once) and reused.",
+  )
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 
 
@@ -73,12 +81,24 @@ def ensure_venv(path: str) -> str:
 def benchmark_config(batch: int, preset: str = "base"):
   """Stable-layer-norm BASE as a w2v2-train config, with the dropouts the peers get too."""
   from w2v2_jax.train.defaults import pretraining_config  # pylint: disable=import-outside-toplevel
+
   c = pretraining_config(preset)
   c.batch_size = batch
   c.data.min_sample_size = 16_000
-  c.model.update(do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True, feature_grad_mult=1.0,
-                 layerdrop=0.0, hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
-                 feat_proj_dropout=0.1, feat_quantizer_dropout=0.1, dtype="float32", remat=False)
+  c.model.update(
+    do_stable_layer_norm=True,
+    feat_extract_norm="layer",
+    conv_bias=True,
+    feature_grad_mult=1.0,
+    layerdrop=0.0,
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.1,
+    feat_quantizer_dropout=0.1,
+    dtype="float32",
+    remat=False,
+  )
   c.objective.feature_penalty_weight = 0.0  # HF computes none
   c.mesh.fsdp = -1
   return c
@@ -88,10 +108,16 @@ def hf_fields(config) -> dict:
   """The same model and objective as transformers' Wav2Vec2Config fields."""
   from w2v2_jax.interop.hf import config_to_hf  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train.loop import model_config, objective_config  # pylint: disable=import-outside-toplevel
+
   fields = config_to_hf(model_config(config), "pretraining")
   obj = objective_config(config)
-  fields.update(mask_time_prob=obj.mask_prob, mask_time_length=obj.mask_length, num_negatives=obj.num_negatives,
-                contrastive_logits_temperature=obj.logit_temp, diversity_loss_weight=obj.diversity_weight)
+  fields.update(
+    mask_time_prob=obj.mask_prob,
+    mask_time_length=obj.mask_length,
+    num_negatives=obj.num_negatives,
+    contrastive_logits_temperature=obj.logit_temp,
+    diversity_loss_weight=obj.diversity_weight,
+  )
   fields.pop("architectures", None)
   return fields
 
@@ -102,10 +128,19 @@ class Peer:
   def __init__(self, python: str, name: str, fields: dict, batch: int, samples: int):
     self.name = name
     self.proc = subprocess.Popen(
-        [python, WORKER, f"--framework={name}", f"--config={json.dumps(fields)}", f"--batch={batch}",
-         f"--samples={samples}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-             "TF_CPP_MIN_LOG_LEVEL": "3"})
+      [
+        python,
+        WORKER,
+        f"--framework={name}",
+        f"--config={json.dumps(fields)}",
+        f"--batch={batch}",
+        f"--samples={samples}",
+      ],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     self.info = self._read("ready ")
 
   def _read(self, prefix=""):
@@ -114,7 +149,7 @@ class Peer:
       line = self.proc.stdout.readline()  # skip library chatter on stdout
     if not line:
       raise RuntimeError(f"peer {self.name} exited (rc {self.proc.wait()}); its stderr is above")
-    return json.loads(line[len(prefix):])
+    return json.loads(line[len(prefix) :])
 
   def step(self) -> float:
     self.proc.stdin.write("step\n")
@@ -161,8 +196,12 @@ def main(argv):
       logging.info("starting %s (builds, compiles, warms up)", name)
       running[name] = Peer(python, name, hf_fields(config), batch, samples)
     for r in range(FLAGS.warmup_rounds):
-      logging.info("warm-up round %d/%d: %s", r + 1, FLAGS.warmup_rounds, " ".join(
-          [f"w2v2_jax {_timed(ours.train):.2f} s"] + [f"{n} {p.step():.2f} s" for n, p in running.items()]))
+      logging.info(
+        "warm-up round %d/%d: %s",
+        r + 1,
+        FLAGS.warmup_rounds,
+        " ".join([f"w2v2_jax {_timed(ours.train):.2f} s"] + [f"{n} {p.step():.2f} s" for n, p in running.items()]),
+      )
     times = {"w2v2_jax": [], **{name: [] for name in peers}}
     start = time.time()
     for r in range(FLAGS.rounds):
@@ -171,8 +210,13 @@ def main(argv):
         times[name].append(peer.step())
       done = r + 1
       eta = (time.time() - start) / done * (FLAGS.rounds - done)
-      logging.info("round %d/%d: %s | ETA %.0f s", done, FLAGS.rounds,
-                   " ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), eta)
+      logging.info(
+        "round %d/%d: %s | ETA %.0f s",
+        done,
+        FLAGS.rounds,
+        " ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+        eta,
+      )
   finally:
     for peer in running.values():
       peer.close()
@@ -183,18 +227,30 @@ def main(argv):
   results = {}
   for name, ts in times.items():
     med = statistics.median(ts)
-    results[name] = {"step_s_median": round(med, 4), "step_s_all": [round(t, 4) for t in ts],
-                     "audio_s_per_s": round(batch * seconds / med, 3), "mfu": round(train_flops / med / peak, 4)}
+    results[name] = {
+      "step_s_median": round(med, 4),
+      "step_s_all": [round(t, 4) for t in ts],
+      "audio_s_per_s": round(batch * seconds / med, 3),
+      "mfu": round(train_flops / med / peak, 4),
+    }
   results["w2v2_jax"]["compile_s"] = round(ours.compile_s, 1)
   for name, peer in running.items():
     results[name].update({k: v for k, v in peer.info.items() if k in ("compile_s", "version", "threads")})
-    results[name]["speedup_of_w2v2_jax"] = round(results[name]["step_s_median"] /
-                                                 results["w2v2_jax"]["step_s_median"], 3)
-  figures = {"model": f"{FLAGS.preset}, stable layer norm, fp32", "batch": batch, "seconds": seconds,
-             "device": str(jax.devices()[0].device_kind), "analytic_gflop_per_step": round(train_flops / 1e9, 1),
-             "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source, "rounds": FLAGS.rounds,
-             "warmup_rounds": FLAGS.warmup_rounds,
-             "results": results}
+    results[name]["speedup_of_w2v2_jax"] = round(
+      results[name]["step_s_median"] / results["w2v2_jax"]["step_s_median"], 3
+    )
+  figures = {
+    "model": f"{FLAGS.preset}, stable layer norm, fp32",
+    "batch": batch,
+    "seconds": seconds,
+    "device": str(jax.devices()[0].device_kind),
+    "analytic_gflop_per_step": round(train_flops / 1e9, 1),
+    "peak_tflops": round(peak / 1e12, 3),
+    "peak_source": peak_source,
+    "rounds": FLAGS.rounds,
+    "warmup_rounds": FLAGS.warmup_rounds,
+    "results": results,
+  }
   print(f"{'':10s} {'step s':>8s} {'audio-s/s':>10s} {'MFU':>6s} {'w2v2_jax is':>12s}")
   for name, r in results.items():
     ratio = f"{r['speedup_of_w2v2_jax']:.2f}x faster" if "speedup_of_w2v2_jax" in r else ""

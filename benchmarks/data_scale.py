@@ -11,6 +11,7 @@ training input: start-up until the first batch is planned (host 0 also describes
 logs it), peak resident memory, and the host work per step (local_plan + state) within an epoch and at
 epoch boundaries (the next epoch's whole plan), amortized over the epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ TARGETS = {"startup_s": 60.0, "peak_gib": 2.0, "step_ms": 2.0}
 def synthesize(data_dir: str, utterances: int, shards: int, seed: int = 0) -> None:
   """Shard indexes as write_shard writes them (LibriLight chunks of ~20 s), and an empty file per shard."""
   from w2v2_jax.data import records  # pylint: disable=import-outside-toplevel
+
   os.makedirs(data_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   bounds = np.linspace(0, utterances, shards + 1).astype(np.int64)
@@ -43,22 +45,35 @@ def synthesize(data_dir: str, utterances: int, shards: int, seed: int = 0) -> No
     ids = [f"large/{speaker}/book_{s:05d}/chapter_{k // 40:02d}_librivox_64kb_mp3#{k % 40:03d}" for k in range(n)]
     path = os.path.join(data_dir, records.shard_name("train", s))
     open(path, "wb").close()
-    index = {"split": "train", "seen": n, "written": n, "skipped": [], "items_sha": f"{s:016x}",
-             "file": os.path.basename(path), "ids": ids, "num_samples": lengths.tolist(),
-             "audio_offsets": offsets.tolist(), "speakers": [speaker] * n, "labeled": [False] * n,
-             "transcripts": [""] * n}
+    index = {
+      "split": "train",
+      "seen": n,
+      "written": n,
+      "skipped": [],
+      "items_sha": f"{s:016x}",
+      "file": os.path.basename(path),
+      "ids": ids,
+      "num_samples": lengths.tolist(),
+      "audio_offsets": offsets.tolist(),
+      "speakers": [speaker] * n,
+      "labeled": [False] * n,
+      "transcripts": [""] * n,
+    }
     with open(records.index_path(path), "w") as f:
       json.dump(index, f)
 
 
 def peak_memory() -> dict:
   status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-  return {"ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-          "vmhwm_gib": int(status["VmHWM"].split()[0]) / 2**20}
+  return {
+    "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    "vmhwm_gib": int(status["VmHWM"].split()[0]) / 2**20,
+  }
 
 
 def child_index(args) -> dict:
   from w2v2_jax.data import records  # pylint: disable=import-outside-toplevel
+
   start = time.perf_counter()
   path = records.write_split_index(args.data_dir, "train")
   return {"seconds": time.perf_counter() - start, "index_mib": os.path.getsize(path) / 2**20, **peak_memory()}
@@ -67,6 +82,7 @@ def child_index(args) -> dict:
 def child_merge(args) -> dict:
   """All of w2v2-prepare --merge but the check against the input: report.json and the split index."""
   from w2v2_jax.data import writer  # pylint: disable=import-outside-toplevel
+
   start = time.perf_counter()
   writer.merge(args.data_dir)
   return {"seconds": time.perf_counter() - start, **peak_memory()}
@@ -75,9 +91,15 @@ def child_merge(args) -> dict:
 def child_input(args) -> dict:
   start = time.perf_counter()
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
   imported = time.perf_counter()
-  cfg = pipeline.InputConfig(args.data_dir, "train", global_batch=args.hosts * args.rows_per_host,
-                             max_sample_size=args.max_sample_size, bucketing=args.bucketing)
+  cfg = pipeline.InputConfig(
+    args.data_dir,
+    "train",
+    global_batch=args.hosts * args.rows_per_host,
+    max_sample_size=args.max_sample_size,
+    bucketing=args.bucketing,
+  )
   host = args.host
   rows = (host * args.rows_per_host, (host + 1) * args.rows_per_host)
   data = pipeline.AudioInput(cfg, rows=rows)
@@ -104,20 +126,32 @@ def child_input(args) -> dict:
     boundaries.append(time.perf_counter() - t)
   boundary = max(boundaries)
   times = np.asarray(times) * 1e3
-  return {"import_s": imported - start, "construct_s": constructed - imported, "describe_s": described - constructed,
-          "first_plan_s": ready - described,
-          "startup_s": ready - imported, "startup_peak_gib": at_start["vmhwm_gib"],
-          "utterances": len(data.index.num_samples), "batches_per_epoch": per_epoch,
-          "buckets": data.batches.buckets.tolist(), "global_batch": cfg.global_batch, "rows": list(rows),
-          "steps": len(times), "step_ms_median": float(np.median(times)),
-          "step_ms_p99": float(np.percentile(times, 99)),
-          "step_ms_max": float(times.max()), "epoch_boundary_s": boundary,
-          "epoch_boundary_amortized_ms": boundary * 1e3 / per_epoch, **peak_memory()}
+  return {
+    "import_s": imported - start,
+    "construct_s": constructed - imported,
+    "describe_s": described - constructed,
+    "first_plan_s": ready - described,
+    "startup_s": ready - imported,
+    "startup_peak_gib": at_start["vmhwm_gib"],
+    "utterances": len(data.index.num_samples),
+    "batches_per_epoch": per_epoch,
+    "buckets": data.batches.buckets.tolist(),
+    "global_batch": cfg.global_batch,
+    "rows": list(rows),
+    "steps": len(times),
+    "step_ms_median": float(np.median(times)),
+    "step_ms_p99": float(np.percentile(times, 99)),
+    "step_ms_max": float(times.max()),
+    "epoch_boundary_s": boundary,
+    "epoch_boundary_amortized_ms": boundary * 1e3 / per_epoch,
+    **peak_memory(),
+  }
 
 
 def run_child(what: str, argv: list[str]) -> dict:
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={what}", *argv],
-                       check=True, capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), f"--child={what}", *argv], check=True, capture_output=True, text=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -148,32 +182,52 @@ def main():
     synthesize(args.data_dir, args.utterances, args.shards)
     with open(marker, "w") as f:
       json.dump(shape, f)
-    print(f"synthesized {args.utterances:,} utterance indexes in {args.shards:,} shards: "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    print(
+      f"synthesized {args.utterances:,} utterance indexes in {args.shards:,} shards: "
+      f"{time.perf_counter() - start:.0f} s",
+      flush=True,
+    )
   index = run_child("index", argv)
   merge = run_child("merge", argv)
   data = run_child("input", argv)
   figures = {"index": index, "merge": merge, "input": data}
-  print(f"{data['utterances']:,} utterances in {args.shards:,} shards; host {args.host} of {args.hosts}: "
-        f"rows {data['rows']} of a global batch of {data['global_batch']}, {data['batches_per_epoch']:,} batches "
-        f"per epoch, buckets {data['buckets']}")
+  print(
+    f"{data['utterances']:,} utterances in {args.shards:,} shards; host {args.host} of {args.hosts}: "
+    f"rows {data['rows']} of a global batch of {data['global_batch']}, {data['batches_per_epoch']:,} batches "
+    f"per epoch, buckets {data['buckets']}"
+  )
   table = [
-      ("merge: write_split_index", f"{index['seconds']:.1f} s", f"peak {index['vmhwm_gib']:.2f} GiB, "
-       f"index {index['index_mib']:.0f} MiB"),
-      ("merge: all (report + index)", f"{merge['seconds']:.1f} s", f"peak {merge['vmhwm_gib']:.2f} GiB"),
-      ("input: import", f"{data['import_s']:.2f} s", ""),
-      ("input: start-up to first plan", f"{data['startup_s']:.2f} s",
-       f"construct {data['construct_s']:.2f} s + describe {data['describe_s']:.2f} s + local_plan(0) and "
-       f"state() {data['first_plan_s']:.2f} s "
-       f"(target <= {TARGETS['startup_s']:.0f} s)"),
-      ("input: peak resident memory", f"{data['vmhwm_gib']:.2f} GiB",
-       f"ru_maxrss {data['ru_maxrss_gib']:.2f} GiB, at start-up {data['startup_peak_gib']:.2f} GiB "
-       f"(target <= {TARGETS['peak_gib']:.0f} GiB)"),
-      ("input: per step (median / p99)", f"{data['step_ms_median']:.3f} / {data['step_ms_p99']:.3f} ms",
-       f"local_plan + state over {data['steps']} steps, max {data['step_ms_max']:.2f} ms "
-       f"(target <= {TARGETS['step_ms']:.0f} ms)"),
-      ("input: epoch boundary (max)", f"{data['epoch_boundary_s']:.2f} s",
-       f"over {args.epochs} boundaries; {data['epoch_boundary_amortized_ms']:.3f} ms per step amortized"),
+    (
+      "merge: write_split_index",
+      f"{index['seconds']:.1f} s",
+      f"peak {index['vmhwm_gib']:.2f} GiB, index {index['index_mib']:.0f} MiB",
+    ),
+    ("merge: all (report + index)", f"{merge['seconds']:.1f} s", f"peak {merge['vmhwm_gib']:.2f} GiB"),
+    ("input: import", f"{data['import_s']:.2f} s", ""),
+    (
+      "input: start-up to first plan",
+      f"{data['startup_s']:.2f} s",
+      f"construct {data['construct_s']:.2f} s + describe {data['describe_s']:.2f} s + local_plan(0) and "
+      f"state() {data['first_plan_s']:.2f} s "
+      f"(target <= {TARGETS['startup_s']:.0f} s)",
+    ),
+    (
+      "input: peak resident memory",
+      f"{data['vmhwm_gib']:.2f} GiB",
+      f"ru_maxrss {data['ru_maxrss_gib']:.2f} GiB, at start-up {data['startup_peak_gib']:.2f} GiB "
+      f"(target <= {TARGETS['peak_gib']:.0f} GiB)",
+    ),
+    (
+      "input: per step (median / p99)",
+      f"{data['step_ms_median']:.3f} / {data['step_ms_p99']:.3f} ms",
+      f"local_plan + state over {data['steps']} steps, max {data['step_ms_max']:.2f} ms "
+      f"(target <= {TARGETS['step_ms']:.0f} ms)",
+    ),
+    (
+      "input: epoch boundary (max)",
+      f"{data['epoch_boundary_s']:.2f} s",
+      f"over {args.epochs} boundaries; {data['epoch_boundary_amortized_ms']:.3f} ms per step amortized",
+    ),
   ]
   for name, value, note in table:
     print(f"{name:<32} {value:>18}  {note}")

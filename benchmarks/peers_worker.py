@@ -9,6 +9,7 @@ seconds of one full train step (forward, contrastive + diversity loss, backward,
 `{"seconds": s}`. Masks and negatives are drawn on the host beforehand with transformers' own
 helpers, as both HF pre-training examples do in their data collators; they are not timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,8 @@ def hf_flax_step(config, audio, mask, negatives):
   def decay_mask(params):
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
-        {p: p[-1] != "bias" and p[-2:] not in (("layer_norm", "scale"), ("final_layer_norm", "scale"))
-         for p in flat})
+      {p: p[-1] != "bias" and p[-2:] not in (("layer_norm", "scale"), ("final_layer_norm", "scale")) for p in flat}
+    )
 
   tx = optax.adamw(5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, mask=decay_mask)
 
@@ -50,27 +51,40 @@ def hf_flax_step(config, audio, mask, negatives):
     logits = optax.cosine_similarity(context, targets) / config.contrastive_logits_temperature
     neg_is_pos = jnp.concatenate([jnp.zeros((1, b, t), bool), (quantized == negs).all(-1)], axis=0)
     logits = jnp.where(neg_is_pos, -1e9, logits)
-    per_frame = optax.softmax_cross_entropy_with_integer_labels(logits.transpose(1, 2, 0),
-                                                                jnp.zeros((b, t), jnp.int32))
+    per_frame = optax.softmax_cross_entropy_with_integer_labels(logits.transpose(1, 2, 0), jnp.zeros((b, t), jnp.int32))
     return (per_frame * mask_time).sum()
 
   def train_step(params, opt_state, batch, rng):
     dropout_rng, gumbel_rng = jax.random.split(rng)
 
     def loss_fn(p):
-      out = model(batch["input_values"], mask_time_indices=batch["mask_time_indices"], gumbel_temperature=2.0,
-                  params=p, dropout_rng=dropout_rng, gumbel_rng=gumbel_rng, train=True)
+      out = model(
+        batch["input_values"],
+        mask_time_indices=batch["mask_time_indices"],
+        gumbel_temperature=2.0,
+        params=p,
+        dropout_rng=dropout_rng,
+        gumbel_rng=gumbel_rng,
+        train=True,
+      )
       div = (num_codevectors - out.codevector_perplexity) / num_codevectors
-      return contrastive(out.projected_quantized_states, out.projected_states, batch["negatives"],
-                         batch["mask_time_indices"]) + config.diversity_loss_weight * div
+      return (
+        contrastive(
+          out.projected_quantized_states, out.projected_states, batch["negatives"], batch["mask_time_indices"]
+        )
+        + config.diversity_loss_weight * div
+      )
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   step = jax.jit(train_step, donate_argnums=(0, 1))
-  batch = {"input_values": jnp.asarray(audio), "mask_time_indices": jnp.asarray(mask),
-           "negatives": jnp.asarray(negatives)}
+  batch = {
+    "input_values": jnp.asarray(audio),
+    "mask_time_indices": jnp.asarray(mask),
+    "negatives": jnp.asarray(negatives),
+  }
   params, opt_state = model.params, tx.init(model.params)
   t0 = time.perf_counter()
   compiled = step.lower(params, opt_state, batch, jax.random.PRNGKey(0)).compile()
@@ -79,8 +93,7 @@ def hf_flax_step(config, audio, mask, negatives):
 
   def run():
     state["i"] += 1
-    state["params"], state["opt"], loss = compiled(state["params"], state["opt"], batch,
-                                                   jax.random.PRNGKey(state["i"]))
+    state["params"], state["opt"], loss = compiled(state["params"], state["opt"], batch, jax.random.PRNGKey(state["i"]))
     jax.block_until_ready((state["params"], loss))
 
   return run, {"compile_s": compile_s, "version": jax.__version__}
@@ -129,8 +142,12 @@ def main():
   for k, s in zip(config.conv_kernel, config.conv_stride):
     frames = (frames - k) // s + 1
   np.random.seed(0)  # transformers' helpers draw from numpy's global generator
-  mask = hf._compute_mask_indices((args.batch, frames), config.mask_time_prob, config.mask_time_length,  # noqa: SLF001
-                                  min_masks=2)
+  mask = hf._compute_mask_indices(
+    (args.batch, frames),
+    config.mask_time_prob,
+    config.mask_time_length,  # noqa: SLF001
+    min_masks=2,
+  )
   negatives = hf._sample_negative_indices((args.batch, frames), config.num_negatives, mask)  # noqa: SLF001
   build = hf_flax_step if args.framework == "hf_flax" else hf_torch_step
   step, info = build(config, audio, mask.astype(bool), negatives.astype(np.int32))

@@ -8,6 +8,7 @@ EXPECTED: 13_000 updates; the paper's WER without a language model (test-clean/t
           100 h 6.1/13.3, 960 h 3.4/8.5). Not yet run on real data by this project.
           Prepare shards with w2v2-prepare: splits train_1h (labeled) and dev_other.
 """
+
 from w2v2_jax.train.defaults import finetuning_config
 
 

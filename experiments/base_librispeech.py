@@ -12,6 +12,7 @@ HARDWARE: fairseq: 64 V100 x 1.6 days, max_tokens 1.4M samples per GPU, 400k upd
 EXPECTED: the loss falls from ~4.6 to ~2 within the first 20k updates; prob perplexity rises
           to several hundred of 640 codewords; accuracy of ~0.6 at the end (fairseq's logs).
 """
+
 from w2v2_jax.train.defaults import pretraining_config
 
 
@@ -19,14 +20,14 @@ def get_config(arg=None):
   del arg
   c = pretraining_config("base")
   c.num_train_steps = 400_000
-  c.batch_size = 384                # crops of <= 250k samples: ~1.6 h per update, as fairseq
+  c.batch_size = 384  # crops of <= 250k samples: ~1.6 h per update, as fairseq
   c.data.max_sample_size = 250_000
   c.data.min_sample_size = 32_000
   c.data.normalize = False
   c.optim.lr = 5e-4
   c.optim.warmup_steps = 32_000
   c.objective.latent_temp = (2.0, 0.5, 0.999995)
-  c.model["layerdrop"] = 0.05       # encoder_layerdrop
+  c.model["layerdrop"] = 0.05  # encoder_layerdrop
   c.model["dtype"] = "bfloat16"
   c.mesh.fsdp = -1
   return c

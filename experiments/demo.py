@@ -13,6 +13,7 @@ The recipe departs from BASE where a few minutes of CPU demand it: the tiny mode
 fairseq's 0.1 and penalty 10 the loss stays at chance for thousands of updates here, see
 docs/faq.md), a higher lr and a short warm-up.
 """
+
 from w2v2_jax.train.defaults import pretraining_config
 
 

@@ -10,6 +10,7 @@ EXPECTED: see docs/finetuning.md (the miniature) (valid CER / WER on held-out vo
           kenlm (CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install kenlm==0.2.0), or
           --config.decode.kenlm= --config.decode.beam=0 for greedy only.
 """
+
 from w2v2_jax.train.defaults import finetuning_config
 
 
@@ -28,13 +29,13 @@ def get_config(arg=None):
   c.data.max_sample_size = 128_000
   c.data.num_buckets = 4
   c.model["layerdrop"] = 0.0
-  c.model["feature_grad_mult"] = 1.0    # the tiny CNN learns too (fairseq freezes BASE's); see docs/finetuning.md
+  c.model["feature_grad_mult"] = 1.0  # the tiny CNN learns too (fairseq freezes BASE's); see docs/finetuning.md
   c.finetune.freeze_steps = 100
   c.finetune.mask_prob = 0.5
-  c.finetune.mask_channel_length = 8    # the tiny model has 64 channels
+  c.finetune.mask_channel_length = 8  # the tiny model has 64 channels
   c.finetune.mask_channel_prob = 0.25
   c.decode.beam = 50
-  c.decode.kenlm = "corpus"             # a 4-gram on the corpus's LM text (test sentences held out)
+  c.decode.kenlm = "corpus"  # a 4-gram on the corpus's LM text (test sentences held out)
   c.optim.lr = 2e-3
   c.mesh.fsdp = -1
   return c

@@ -7,6 +7,7 @@ HARDWARE: fairseq: 128 V100, 1.2M samples per GPU (~2.7 h per update). Here: 512
 EXPECTED: like BASE, but lower final loss; prob perplexity stays well above 100 (collapse shows
           as perplexity falling toward 2 -- see the docs/faq.md).
 """
+
 from w2v2_jax.train.defaults import pretraining_config
 
 

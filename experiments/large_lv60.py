@@ -8,6 +8,7 @@ HARDWARE: fairseq: 128 V100 x 5.2 days, 1.2M samples per GPU (~2.7 h per update)
 EXPECTED: loss falls below 2.5 in the first 50k updates; waveform normalisation on, no feature
           penalty, latent_temp (2, 0.1, 0.999995).
 """
+
 from w2v2_jax.train.defaults import stable_layer_norm_recipe
 
 

@@ -7,6 +7,7 @@ HARDWARE: as large_lv60 (same shape, 317M parameters): 512 crops of at most 320k
           treat lr and updates as a starting point to tune.
 EXPECTED: as large_lv60 in the first 50k updates; watch prob perplexity (docs/faq.md).
 """
+
 from w2v2_jax.train.defaults import stable_layer_norm_recipe
 
 

@@ -1,4 +1,5 @@
 """Test setup: 8 CPU devices (set before jax is imported) and shared tiny fixtures."""
+
 import os
 import tempfile
 
@@ -7,7 +8,9 @@ import tempfile
 # test_demo's 800 updates keep the default). Subprocesses and the notebook kernel get FAST_COMPILE
 # too, and must, where their results are compared bitwise with this process's.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One XLA compilation cache per test session, shared with the w2v2-train subprocesses the tests start:

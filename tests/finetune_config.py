@@ -1,4 +1,5 @@
 """A tiny CTC fine-tuning config for the tests: get_config("DATA_DIR,STEPS,FREEZE_STEPS[,INIT]")."""
+
 from w2v2_jax.train import defaults
 
 

@@ -1,5 +1,6 @@
 """A GCS JSON API on localhost for tests and benchmarks: gcp-storage-emulator, an HTTP stub that refuses
 access, and a proxy that adds latency to every request."""
+
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +56,22 @@ def emulator(bucket: str = "bkt", threaded: bool = False):
   """gcp-storage-emulator, in memory, on a free 127.0.0.1 port, with `bucket`; yields its URL. `threaded`
   serves requests concurrently (its store is not made for concurrent writes: for read benchmarks)."""
   port = free_port()
-  proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, "start", "--host=127.0.0.1", f"--port={port}",
-                           "--in-memory", f"--default-bucket={bucket}", "--quiet"] + ["--threaded"] * threaded,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      _LAUNCH,
+      "start",
+      "--host=127.0.0.1",
+      f"--port={port}",
+      "--in-memory",
+      f"--default-bucket={bucket}",
+      "--quiet",
+    ]
+    + ["--threaded"] * threaded,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + 30
@@ -83,9 +97,11 @@ def client_env(url: str) -> dict:
 @contextlib.contextmanager
 def refusing_server(status: int):
   """An HTTP server answering every request with `status` (401 or 403) and a GCS-style error body."""
-  body = (b'{"error": {"code": %d, "message": "%s", "errors": [{"message": "%s", "reason": "%s"}]}}'
-          % (status, *(b"Anonymous caller does not have storage.objects.get access",) * 2,
-             b"forbidden" if status == 403 else b"required"))
+  body = b'{"error": {"code": %d, "message": "%s", "errors": [{"message": "%s", "reason": "%s"}]}}' % (
+    status,
+    *(b"Anonymous caller does not have storage.objects.get access",) * 2,
+    b"forbidden" if status == 403 else b"required",
+  )
 
   class Handler(http.server.BaseHTTPRequestHandler):
     def _refuse(self):

@@ -1,4 +1,5 @@
 """Helpers to build transformers' PyTorch reference models with our tiny configs."""
+
 import numpy as np
 import torch
 from transformers import Wav2Vec2Config

@@ -1,4 +1,5 @@
 """Subprocess body for the input tests: `resume` and `distributed` modes (see test_input.py)."""
+
 import json
 import os
 import sys
@@ -9,8 +10,10 @@ def main():
   import numpy as np
 
   from w2v2_jax.data.pipeline import AudioInput, InputConfig
-  cfg = InputConfig(data_dir, "train", global_batch=8, max_sample_size=24000, min_sample_size=8000,
-                    num_buckets=3, seed=5)
+
+  cfg = InputConfig(
+    data_dir, "train", global_batch=8, max_sample_size=24000, min_sample_size=8000, num_buckets=3, seed=5
+  )
   if mode == "resume":  # argv: first | second
     it = AudioInput(cfg)
     if sys.argv[4] == "first":
@@ -25,11 +28,13 @@ def main():
   # distributed: argv: port process_id
   port, pid = int(sys.argv[4]), int(sys.argv[5])
   import jax
+
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
 
   from w2v2_jax.data.pipeline import local_rows, to_global
+
   mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
   sharding = NamedSharding(mesh, P("data"))
   cfg = InputConfig(**{**cfg.__dict__, "num_epochs": 1})
@@ -43,13 +48,15 @@ def main():
     assert g["audio"].shape[0] == cfg.global_batch and g["audio"].dtype == np.int16
     s_audio, s_len = total(g["audio"], g["lengths"])
     sums.append([int(s_audio), int(s_len)])
-  json.dump({"ids": ids, "sums": sums, "rows": list(it.rows), "batches": it.batches_per_epoch},
-            open(out + f".{pid}.json", "w"))
+  json.dump(
+    {"ids": ids, "sums": sums, "rows": list(it.rows), "batches": it.batches_per_epoch}, open(out + f".{pid}.json", "w")
+  )
   jax.distributed.shutdown()
 
 
 def jnp_sum(a):
   import jax.numpy as jnp
+
   return jnp.abs(a.astype(jnp.int32)).sum()
 
 

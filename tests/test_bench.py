@@ -1,4 +1,5 @@
 """w2v2-bench and the peer comparison: the figures are consistent and the peers train our architecture."""
+
 import os
 import sys
 
@@ -48,6 +49,7 @@ def test_torch_peer_worker_times_full_steps():
 
 def test_bench_measures_the_real_train_step(tmp_path):
   from w2v2_jax.train.defaults import pretraining_config
+
   config = pretraining_config("tiny")
   config.data.min_sample_size = 16_000
   figures = bench.measure(config, batch=8, samples=16_000, steps=1, profile_dir=str(tmp_path))

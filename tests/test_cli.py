@@ -1,4 +1,5 @@
 """w2v2-extract and w2v2-export end to end, including one-line errors for bad input."""
+
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ from w2v2_jax.train import checkpointing
 
 def _cli(module, *args):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", f"w2v2_jax.{module}", *args], capture_output=True, text=True,
-                        env=env, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", f"w2v2_jax.{module}", *args], capture_output=True, text=True, env=env, timeout=600
+  )
 
 
 def _one_line_error(result, *words):
@@ -52,14 +54,19 @@ def audio_files(tmp_path_factory):
   stereo = (0.1 * rng.standard_normal((2 * 44100 // 2, 2))).astype(np.float32)
   sf.write(path / "utt_b.flac", stereo, 44100)
   (path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEgarbage")
-  return {"a": str(path / "utt_a.wav"), "b": str(path / "utt_b.flac"), "broken": str(path / "broken.wav"),
-          "mono16": mono16}
+  return {
+    "a": str(path / "utt_a.wav"),
+    "b": str(path / "utt_b.flac"),
+    "broken": str(path / "broken.wav"),
+    "mono16": mono16,
+  }
 
 
 def test_extract_equals_transformers_last_hidden_state(hf_dir, audio_files, tmp_path):
   out = tmp_path / "feats.npz"
-  result = _cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']},{audio_files['b']}",
-                f"--output={out}")
+  result = _cli(
+    "extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']},{audio_files['b']}", f"--output={out}"
+  )
   assert result.returncode == 0, result.stderr
   feats = np.load(out)
   assert sorted(feats.files) == ["utt_a", "utt_b"]
@@ -90,19 +97,26 @@ def test_export_our_workdir_to_each_transformers_class(audio_files, tmp_path):
   # Extraction from our own workdir equals extraction through the exported HF directory.
   a, b = tmp_path / "a.npz", tmp_path / "b.npz"
   assert _cli("extract", f"--checkpoint={workdir}", f"--audio={audio_files['a']}", f"--output={a}").returncode == 0
-  assert _cli("extract", f"--checkpoint={tmp_path / 'hf_model'}", f"--audio={audio_files['a']}",
-              f"--output={b}").returncode == 0
+  assert (
+    _cli("extract", f"--checkpoint={tmp_path / 'hf_model'}", f"--audio={audio_files['a']}", f"--output={b}").returncode
+    == 0
+  )
   np.testing.assert_array_equal(np.load(a)["utt_a"], np.load(b)["utt_a"])
 
 
 def test_bad_input_gives_one_line_errors(hf_dir, audio_files, tmp_path):
   out = f"--output={tmp_path / 'x.npz'}"
-  _one_line_error(_cli("extract", f"--checkpoint={hf_dir}", f"--audio={tmp_path / 'nope.wav'}", out),
-                  "nope.wav", "no such file")
-  _one_line_error(_cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['broken']}", out),
-                  "broken.wav", "unreadable audio")
-  _one_line_error(_cli("extract", f"--checkpoint={tmp_path / 'missing'}", f"--audio={audio_files['a']}", out),
-                  "missing", "no such checkpoint")
+  _one_line_error(
+    _cli("extract", f"--checkpoint={hf_dir}", f"--audio={tmp_path / 'nope.wav'}", out), "nope.wav", "no such file"
+  )
+  _one_line_error(
+    _cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['broken']}", out), "broken.wav", "unreadable audio"
+  )
+  _one_line_error(
+    _cli("extract", f"--checkpoint={tmp_path / 'missing'}", f"--audio={audio_files['a']}", out),
+    "missing",
+    "no such checkpoint",
+  )
   # A checkpoint of another architecture.
   other = tmp_path / "hubert"
   other.mkdir()
@@ -116,13 +130,14 @@ def test_bad_input_gives_one_line_errors(hf_dir, audio_files, tmp_path):
   bad.mkdir()
   (bad / "model.safetensors").write_bytes(open(os.path.join(hf_dir, "model.safetensors"), "rb").read())
   json.dump(dict(config, hidden_size=96, intermediate_size=128), open(bad / "config.json", "w"))
-  _one_line_error(_cli("extract", f"--checkpoint={bad}", f"--audio={audio_files['a']}", out), "shape",
-                  "disagree")
+  _one_line_error(_cli("extract", f"--checkpoint={bad}", f"--audio={audio_files['a']}", out), "shape", "disagree")
   json.dump(dict(config, hidden_size=65), open(bad / "config.json", "w"))
-  _one_line_error(_cli("extract", f"--checkpoint={bad}", f"--audio={audio_files['a']}", out),
-                  "inconsistent config.json")
-  _one_line_error(_cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']}", out, "--layer=9"),
-                  "--layer=9")
+  _one_line_error(
+    _cli("extract", f"--checkpoint={bad}", f"--audio={audio_files['a']}", out), "inconsistent config.json"
+  )
+  _one_line_error(
+    _cli("extract", f"--checkpoint={hf_dir}", f"--audio={audio_files['a']}", out, "--layer=9"), "--layer=9"
+  )
 
 
 _FAULTS_PROBE = """
@@ -156,10 +171,17 @@ def test_freed_host_memory_is_reused_without_page_faults():
   """cli.common.keep_freed_host_memory: a freed 256 MiB buffer comes back without faulting its pages in again
   (with glibc's defaults a worker thread faults all 65536 in on every allocation); MALLOC_* is respected."""
   env = _cpu_env_with_default_allocator()
+
   def probe(mode, extra=None):
-    out = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], env={**env, **(extra or {})},
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+      [sys.executable, "-c", _FAULTS_PROBE, mode],
+      env={**env, **(extra or {})},
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.split()
     return out[0] == "True", int(out[1])
+
   applied, faults = probe("on")
   assert applied and faults < 2000
   assert probe("off")[1] > 60000
@@ -199,11 +221,14 @@ def test_the_kept_heap_is_reserved_on_huge_pages():
     pytest.skip("huge pages other than 2 MiB, or disabled for this process tree")
   env = _cpu_env_with_default_allocator()
   total_mib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:")) // 1024
+
   def probe(extra=None):
-    lines = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env={**env, **(extra or {})},
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = subprocess.run(
+      [sys.executable, "-c", _HEAP_PROBE], env={**env, **(extra or {})}, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     size_mib, rss_mib, huge_mib, flags = lines[1].split(" ", 3)
     return lines[0] == "True", int(size_mib), int(rss_mib), int(huge_mib), "'hg'" in flags
+
   applied, size_mib, rss_mib, huge_mib, hg = probe()
   assert applied and hg and size_mib >= total_mib // 2 and rss_mib < 256 and huge_mib >= 32
   applied, size_mib, _, _, hg = probe({"MALLOC_ARENA_MAX": "1"})
@@ -214,34 +239,43 @@ def test_cpu_jemalloc_launcher_loads_jemalloc_or_says_what_to_install(tmp_path):
   """launch/cpu_jemalloc.sh: the command runs with libjemalloc.so.2 mapped and MALLOC_CONF set (when the
   host has it; JEMALLOC overrides the lookup), and a missing library is one line naming the package."""
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "cpu_jemalloc.sh")
-  show = [sys.executable, "-c", "import os; print('libjemalloc' in open('/proc/self/maps').read(), "
-          "os.environ.get('MALLOC_CONF', '').startswith('thp:always'))"]
-  missing = subprocess.run([script, *show], env={**os.environ, "JEMALLOC": str(tmp_path / "libjemalloc.so.2")},
-                           capture_output=True, text=True)
+  show = [
+    sys.executable,
+    "-c",
+    "import os; print('libjemalloc' in open('/proc/self/maps').read(), "
+    "os.environ.get('MALLOC_CONF', '').startswith('thp:always'))",
+  ]
+  missing = subprocess.run(
+    [script, *show], env={**os.environ, "JEMALLOC": str(tmp_path / "libjemalloc.so.2")}, capture_output=True, text=True
+  )
   assert missing.returncode == 1 and missing.stdout == ""
   assert len(missing.stderr.strip().splitlines()) == 1 and "apt-get install libjemalloc2" in missing.stderr
   # The preload itself, with a stand-in library (a copy of libm) where the host has no jemalloc.
   stand_in = tmp_path / "libjemalloc.so.2"
   shutil.copy(_loaded_path("libm.so"), stand_in)
   env = {k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}
-  assert subprocess.run([script, *show], env={**env, "JEMALLOC": str(stand_in)}, capture_output=True, text=True,
-                        check=True).stdout.split() == ["True", "True"]
+  assert subprocess.run(
+    [script, *show], env={**env, "JEMALLOC": str(stand_in)}, capture_output=True, text=True, check=True
+  ).stdout.split() == ["True", "True"]
   # The lookup: a long library cache (the pipe must not die of SIGPIPE) listing jemalloc for another
   # architecture first, then this one's; and no ldconfig at all.
   arch = {"x86_64": "x86-64", "aarch64": "AArch64"}.get(os.uname().machine, os.uname().machine)
   fake = tmp_path / "bin"
   fake.mkdir()
   cache = tmp_path / "cache.txt"
-  cache.write_text("".join(f"\tlibz{i}.so.1 (libc6,{arch}) => /usr/lib/libz{i}.so.1\n" for i in range(5000))
-                   + "\tlibjemalloc.so.2 (libc6,OtherArch) => /nonexistent/libjemalloc.so.2\n"
-                   + f"\tlibjemalloc.so.2 (libc6,{arch}) => {stand_in}\n"
-                   + "".join(f"\tliba{i}.so.1 (libc6,{arch}) => /usr/lib/liba{i}.so.1\n" for i in range(5000)))
+  cache.write_text(
+    "".join(f"\tlibz{i}.so.1 (libc6,{arch}) => /usr/lib/libz{i}.so.1\n" for i in range(5000))
+    + "\tlibjemalloc.so.2 (libc6,OtherArch) => /nonexistent/libjemalloc.so.2\n"
+    + f"\tlibjemalloc.so.2 (libc6,{arch}) => {stand_in}\n"
+    + "".join(f"\tliba{i}.so.1 (libc6,{arch}) => /usr/lib/liba{i}.so.1\n" for i in range(5000))
+  )
   (fake / "ldconfig").write_text(f"#!/bin/sh\ncat {cache}\n")
   (fake / "ldconfig").chmod(0o755)
   env.pop("JEMALLOC", None)
   path = f"{fake}:{os.environ['PATH']}"
-  assert subprocess.run([script, *show], env={**env, "PATH": path}, capture_output=True, text=True,
-                        check=True).stdout.split() == ["True", "True"]
+  assert subprocess.run(
+    [script, *show], env={**env, "PATH": path}, capture_output=True, text=True, check=True
+  ).stdout.split() == ["True", "True"]
   (fake / "ldconfig").write_text("#!/bin/sh\nexit 127\n")
   none = subprocess.run([script, *show], env={**env, "PATH": path}, capture_output=True, text=True)
   assert none.returncode == 1 and "not found by ldconfig" in none.stderr

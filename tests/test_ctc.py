@@ -1,4 +1,5 @@
 """CTC pieces: vocabulary order and files, loss and gradient against torch, zero_infinity, decoding, WER/CER."""
+
 import json
 
 import jax
@@ -44,11 +45,14 @@ def test_save_load_round_trip(tmp_path):
   assert ctc.Vocabulary.load(path) == vocab
 
 
-@pytest.mark.parametrize("mapping", [
+@pytest.mark.parametrize(
+  "mapping",
+  [
     {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "A": 5},  # a gap in the ids
     {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "A": 4},  # specials out of place
     {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "A": "4"},  # not an integer id
-])
+  ],
+)
 def test_load_rejects_corrupt_file(tmp_path, mapping):
   path = tmp_path / "bad_vocab.json"
   path.write_text(json.dumps(mapping))
@@ -83,18 +87,26 @@ def _torch_loss_and_grad(logits, frame_lengths, label_ids, zero_infinity):
   x = torch.tensor(logits, requires_grad=True)
   log_probs = torch.log_softmax(x, dim=-1).transpose(0, 1)  # (T, B, V)
   targets = torch.tensor([i for ids in label_ids for i in ids], dtype=torch.long)
-  loss = torch.nn.functional.ctc_loss(log_probs, targets, torch.tensor(frame_lengths),
-                                      torch.tensor([len(ids) for ids in label_ids]), blank=0,
-                                      reduction="none", zero_infinity=zero_infinity)
+  loss = torch.nn.functional.ctc_loss(
+    log_probs,
+    targets,
+    torch.tensor(frame_lengths),
+    torch.tensor([len(ids) for ids in label_ids]),
+    blank=0,
+    reduction="none",
+    zero_infinity=zero_infinity,
+  )
   loss.sum().backward()
   return loss.detach().numpy(), x.grad.numpy()
 
 
 def _jax_loss_and_grad(logits, logit_paddings, labels, label_paddings, zero_infinity):
   """Per-utterance losses and the gradient of their sum w.r.t. the logits, jitted (eager is slow)."""
+
   def total(x):
     per_utt = ctc.ctc_loss(x, logit_paddings, labels, label_paddings, zero_infinity=zero_infinity)
     return per_utt.sum(), per_utt
+
   (_, loss), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(jnp.asarray(logits))
   return np.asarray(loss), np.asarray(grad)
 
@@ -125,15 +137,18 @@ def test_zero_infinity_zeroes_infeasible_rows_only():
   label_ids = list(label_ids)
   label_ids[2] = [1, 1, 1]
   frame_lengths[2] = 3
-  logit_paddings[2] = (np.arange(logits.shape[1]) >= 3)
+  logit_paddings[2] = np.arange(logits.shape[1]) >= 3
   # Row 3: [3, 1, 3, 6, 6, 2] needs 7 frames and gets exactly 7: feasible.
   frame_lengths[3] = 7
-  logit_paddings[3] = (np.arange(logits.shape[1]) >= 7)
+  logit_paddings[3] = np.arange(logits.shape[1]) >= 7
   labels, label_paddings = ctc.labels_to_padded(label_ids)
 
   loss, grad = _jax_loss_and_grad(logits, logit_paddings, labels, label_paddings, zero_infinity=True)
-  raw = np.asarray(jax.jit(ctc.ctc_loss, static_argnames="zero_infinity")(
-      logits, logit_paddings, labels, label_paddings, zero_infinity=False))
+  raw = np.asarray(
+    jax.jit(ctc.ctc_loss, static_argnames="zero_infinity")(
+      logits, logit_paddings, labels, label_paddings, zero_infinity=False
+    )
+  )
   ref_loss, ref_grad = _torch_loss_and_grad(logits, frame_lengths, label_ids, zero_infinity=True)
   ref_inf, _ = _torch_loss_and_grad(logits, frame_lengths, label_ids, zero_infinity=False)
 

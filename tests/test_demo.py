@@ -1,4 +1,5 @@
 """The README's main command learns: the demo pre-training leaves chance level without collapsing."""
+
 import math
 import os
 import subprocess
@@ -19,15 +20,28 @@ def test_demo_pretraining_learns(tmp_path):
   perplexity near 1 of the 64 codewords (2 groups x 32).
   """
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.train", "--config=experiments/demo.py",
-                        "--config.num_train_steps=400", "--config.optim.total_steps=800",
-                        f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "w2v2_jax.cli.train",
+      "--config=experiments/demo.py",
+      "--config.num_train_steps=400",
+      "--config.optim.total_steps=800",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   s = {tag: np.array([v for _, v in points]) for tag, points in events.read_scalars(str(tmp_path)).items()}
   chance = math.log(101)
   first, last = s["train/contrastive"][:4].mean(), s["train/contrastive"][-4:].mean()
   assert first > chance - 0.05, first
-  assert last < chance - 0.35, (first, last)                 # clearly below chance, not noise
+  assert last < chance - 0.35, (first, last)  # clearly below chance, not noise
   assert s["valid/loss"][-1] < chance - 0.3, s["valid/loss"]  # held-out voices and sentences too
   assert s["valid/accuracy"][-1] > 5 / 101, s["valid/accuracy"]
   assert s["train/prob_perplexity"].min() > 32, s["train/prob_perplexity"].min()  # far from collapse

@@ -1,5 +1,6 @@
 """fairseq .pt import: checkpoints built here in fairseq's layout (module names, cfg or legacy args,
 optimizer history) load bitwise into our tree; the CLIs accept them; a hostile pickle is refused."""
+
 import argparse
 import os
 import re
@@ -18,22 +19,22 @@ from w2v2_jax.models.init import build, init_params
 
 # HF names -> the fairseq modules they come from (fairseq/models/wav2vec/wav2vec2.py and wav2vec2_asr.py).
 _TO_FAIRSEQ = (
-    (r"^wav2vec2\.feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
-    (r"^wav2vec2\.feature_projection\.layer_norm\.", "layer_norm."),
-    (r"^wav2vec2\.feature_projection\.projection\.", "post_extract_proj."),
-    (r"^wav2vec2\.masked_spec_embed$", "mask_emb"),
-    (r"^wav2vec2\.encoder\.pos_conv_embed\.conv\.", "encoder.pos_conv.0."),
-    (r"^wav2vec2\.encoder\.layers\.(\d+)\.attention\.", r"encoder.layers.\1.self_attn."),
-    (r"^wav2vec2\.encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
-    (r"^wav2vec2\.encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.fc1."),
-    (r"^wav2vec2\.encoder\.layers\.(\d+)\.feed_forward\.output_dense\.", r"encoder.layers.\1.fc2."),
-    (r"^wav2vec2\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
-    (r"^wav2vec2\.encoder\.layer_norm\.", "encoder.layer_norm."),
-    (r"^quantizer\.codevectors$", "quantizer.vars"),
-    (r"^quantizer\.weight_proj\.", "quantizer.weight_proj."),
-    (r"^project_q\.", "project_q."),
-    (r"^project_hid\.", "final_proj."),
-    (r"^lm_head\.", "proj."),
+  (r"^wav2vec2\.feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
+  (r"^wav2vec2\.feature_projection\.layer_norm\.", "layer_norm."),
+  (r"^wav2vec2\.feature_projection\.projection\.", "post_extract_proj."),
+  (r"^wav2vec2\.masked_spec_embed$", "mask_emb"),
+  (r"^wav2vec2\.encoder\.pos_conv_embed\.conv\.", "encoder.pos_conv.0."),
+  (r"^wav2vec2\.encoder\.layers\.(\d+)\.attention\.", r"encoder.layers.\1.self_attn."),
+  (r"^wav2vec2\.encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
+  (r"^wav2vec2\.encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.fc1."),
+  (r"^wav2vec2\.encoder\.layers\.(\d+)\.feed_forward\.output_dense\.", r"encoder.layers.\1.fc2."),
+  (r"^wav2vec2\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
+  (r"^wav2vec2\.encoder\.layer_norm\.", "encoder.layer_norm."),
+  (r"^quantizer\.codevectors$", "quantizer.vars"),
+  (r"^quantizer\.weight_proj\.", "quantizer.weight_proj."),
+  (r"^project_q\.", "project_q."),
+  (r"^project_hid\.", "final_proj."),
+  (r"^lm_head\.", "proj."),
 )
 
 
@@ -42,12 +43,16 @@ def fairseq_state(params, kind, cfg):
   out = {}
   for key, value in hf.params_to_hf(params, kind).items():
     key = key.replace("parametrizations.weight.original0", "weight_g").replace(
-        "parametrizations.weight.original1", "weight_v")
+      "parametrizations.weight.original1", "weight_v"
+    )
     norm = re.match(r"^wav2vec2\.feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(.*)$", key)
     if norm:  # group norm: Sequential(conv, dropout, GroupNorm, GELU); layer norm: (..., Sequential(T, LN, T), ...)
       i, leaf = norm.groups()
-      key = (f"feature_extractor.conv_layers.{i}.2.{leaf}" if cfg.feat_extract_norm == "group"
-             else f"feature_extractor.conv_layers.{i}.2.1.{leaf}")
+      key = (
+        f"feature_extractor.conv_layers.{i}.2.{leaf}"
+        if cfg.feat_extract_norm == "group"
+        else f"feature_extractor.conv_layers.{i}.2.1.{leaf}"
+      )
     else:
       for pattern, repl in _TO_FAIRSEQ:
         if re.match(pattern, key):
@@ -66,33 +71,73 @@ def fairseq_state(params, kind, cfg):
 def fairseq_model_cfg(cfg):
   """A fairseq Wav2Vec2Config dict for `cfg` (conv_feature_layers as fairseq writes it)."""
   layers = " + ".join(f"[({d}, {k}, {s})]" for d, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride))
-  return {"_name": "wav2vec2", "extractor_mode": "default" if cfg.feat_extract_norm == "group" else "layer_norm",
-          "encoder_layers": cfg.num_hidden_layers, "encoder_embed_dim": cfg.hidden_size,
-          "encoder_ffn_embed_dim": cfg.intermediate_size, "encoder_attention_heads": cfg.num_attention_heads,
-          "activation_fn": "gelu", "layer_type": "transformer", "dropout": 0.1, "attention_dropout": 0.1,
-          "activation_dropout": 0.0, "encoder_layerdrop": 0.05, "dropout_input": 0.1, "dropout_features": 0.1,
-          "final_dim": cfg.proj_codevector_dim, "layer_norm_first": cfg.do_stable_layer_norm,
-          "conv_feature_layers": layers, "conv_bias": cfg.conv_bias, "logit_temp": 0.1, "quantize_targets": True,
-          "quantize_input": False, "same_quantizer": False, "target_glu": False, "feature_grad_mult": 0.1,
-          "quantizer_depth": 1, "quantizer_factor": 3, "latent_vars": cfg.num_codevectors_per_group,
-          "latent_groups": cfg.num_codevector_groups, "latent_dim": 0, "mask_length": 10, "mask_prob": 0.65,
-          "num_negatives": 100, "conv_pos": cfg.num_conv_pos_embeddings,
-          "conv_pos_groups": cfg.num_conv_pos_embedding_groups, "pos_conv_depth": 1,
-          "latent_temp": [2.0, 0.5, 0.999995]}
+  return {
+    "_name": "wav2vec2",
+    "extractor_mode": "default" if cfg.feat_extract_norm == "group" else "layer_norm",
+    "encoder_layers": cfg.num_hidden_layers,
+    "encoder_embed_dim": cfg.hidden_size,
+    "encoder_ffn_embed_dim": cfg.intermediate_size,
+    "encoder_attention_heads": cfg.num_attention_heads,
+    "activation_fn": "gelu",
+    "layer_type": "transformer",
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.05,
+    "dropout_input": 0.1,
+    "dropout_features": 0.1,
+    "final_dim": cfg.proj_codevector_dim,
+    "layer_norm_first": cfg.do_stable_layer_norm,
+    "conv_feature_layers": layers,
+    "conv_bias": cfg.conv_bias,
+    "logit_temp": 0.1,
+    "quantize_targets": True,
+    "quantize_input": False,
+    "same_quantizer": False,
+    "target_glu": False,
+    "feature_grad_mult": 0.1,
+    "quantizer_depth": 1,
+    "quantizer_factor": 3,
+    "latent_vars": cfg.num_codevectors_per_group,
+    "latent_groups": cfg.num_codevector_groups,
+    "latent_dim": 0,
+    "mask_length": 10,
+    "mask_prob": 0.65,
+    "num_negatives": 100,
+    "conv_pos": cfg.num_conv_pos_embeddings,
+    "conv_pos_groups": cfg.num_conv_pos_embedding_groups,
+    "pos_conv_depth": 1,
+    "latent_temp": [2.0, 0.5, 0.999995],
+  }
 
 
 def save_checkpoint(path, state, model_cfg, normalize=False, legacy_args=False):
-  ckpt = {"model": state,
-          "optimizer_history": [{"criterion_name": "Wav2vecCriterion", "optimizer_name": "FairseqAdam",
-                                 "lr_scheduler_state": {"best": np.float64(3.25)}, "num_updates": 400000}],
-          "extra_state": {"epoch": 12, "previous_best": np.float64(3.25), "train_iterator": {"epoch": 12}},
-          "last_optimizer_state": {"state": {}, "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.98)}]}}
+  ckpt = {
+    "model": state,
+    "optimizer_history": [
+      {
+        "criterion_name": "Wav2vecCriterion",
+        "optimizer_name": "FairseqAdam",
+        "lr_scheduler_state": {"best": np.float64(3.25)},
+        "num_updates": 400000,
+      }
+    ],
+    "extra_state": {"epoch": 12, "previous_best": np.float64(3.25), "train_iterator": {"epoch": 12}},
+    "last_optimizer_state": {"state": {}, "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.98)}]},
+  }
   if legacy_args:
-    ckpt["args"] = argparse.Namespace(arch="wav2vec2", task="audio_pretraining", normalize=normalize,
-                                      **{k: v for k, v in model_cfg.items() if k != "_name"})
+    ckpt["args"] = argparse.Namespace(
+      arch="wav2vec2",
+      task="audio_pretraining",
+      normalize=normalize,
+      **{k: v for k, v in model_cfg.items() if k != "_name"},
+    )
   else:
-    ckpt["cfg"] = {"common": {"seed": 1}, "model": model_cfg,
-                   "task": {"_name": "audio_pretraining", "normalize": normalize, "sample_rate": 16000}}
+    ckpt["cfg"] = {
+      "common": {"seed": 1},
+      "model": model_cfg,
+      "task": {"_name": "audio_pretraining", "normalize": normalize, "sample_rate": 16000},
+    }
   torch.save(ckpt, path)
 
 
@@ -108,13 +153,24 @@ def test_pretrained_checkpoint_loads_bitwise(tmp_path, stable_layer_norm, legacy
   cfg = model_config.tiny(stable_layer_norm)
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(3)))
   path = str(tmp_path / "checkpoint_best.pt")
-  save_checkpoint(path, fairseq_state(params, "pretraining", cfg), fairseq_model_cfg(cfg),
-                  normalize=stable_layer_norm, legacy_args=legacy_args)
+  save_checkpoint(
+    path,
+    fairseq_state(params, "pretraining", cfg),
+    fairseq_model_cfg(cfg),
+    normalize=stable_layer_norm,
+    legacy_args=legacy_args,
+  )
   loaded_cfg, loaded, kind = fairseq.load(path)
   assert kind == "pretraining"
-  assert loaded_cfg.replace(feature_grad_mult=cfg.feature_grad_mult, layerdrop=cfg.layerdrop,
-                            feat_proj_dropout=cfg.feat_proj_dropout,
-                            feat_quantizer_dropout=cfg.feat_quantizer_dropout) == cfg
+  assert (
+    loaded_cfg.replace(
+      feature_grad_mult=cfg.feature_grad_mult,
+      layerdrop=cfg.layerdrop,
+      feat_proj_dropout=cfg.feat_proj_dropout,
+      feat_quantizer_dropout=cfg.feat_quantizer_dropout,
+    )
+    == cfg
+  )
   assert_trees_equal(loaded, params)
   assert fairseq.normalize(path, loaded_cfg) is stable_layer_norm
 
@@ -124,10 +180,20 @@ def test_finetuned_checkpoint_transcribes_extracts_and_exports(tmp_path):
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(4), "ctc"))
   path = str(tmp_path / "ft.pt")
   w2v = fairseq_model_cfg(cfg)
-  ctc_cfg = {"_name": "wav2vec_ctc", "w2v_path": "/data/base.pt", "dropout": 0.0, "attention_dropout": 0.0,
-             "activation_dropout": 0.1, "layerdrop": 0.1, "final_dropout": 0.0, "apply_mask": True,
-             "mask_prob": 0.5, "freeze_finetune_updates": 10000, "feature_grad_mult": 0.0,
-             "w2v_args": {"model": w2v, "task": {"_name": "audio_pretraining", "normalize": False}}}
+  ctc_cfg = {
+    "_name": "wav2vec_ctc",
+    "w2v_path": "/data/base.pt",
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.1,
+    "layerdrop": 0.1,
+    "final_dropout": 0.0,
+    "apply_mask": True,
+    "mask_prob": 0.5,
+    "freeze_finetune_updates": 10000,
+    "feature_grad_mult": 0.0,
+    "w2v_args": {"model": w2v, "task": {"_name": "audio_pretraining", "normalize": False}},
+  }
   save_checkpoint(path, fairseq_state(params, "ctc", cfg), ctc_cfg)
   with open(tmp_path / "dict.ltr.txt", "w") as f:
     f.write("| 9000\nE 500\nT 400\nA 300\nO 200\n")
@@ -137,12 +203,18 @@ def test_finetuned_checkpoint_transcribes_extracts_and_exports(tmp_path):
   assert fairseq.vocabulary(path).tokens == ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O")
 
   import soundfile as sf
+
   wav = str(tmp_path / "a.wav")
   audio = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
   sf.write(wav, audio, 16000, subtype="FLOAT")  # lossless: features compare to the array
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,  # noqa: E731
-                                     timeout=300)
+  run = lambda *args: subprocess.run(
+    [sys.executable, "-m", *args],
+    capture_output=True,
+    text=True,
+    env=env,  # noqa: E731
+    timeout=300,
+  )
   out = run("w2v2_jax.cli.transcribe", f"--checkpoint={path}", f"--audio={wav}")
   assert out.returncode == 0 and out.stdout.startswith(wav + "\t"), out.stderr[-2000:]
   out = run("w2v2_jax.cli.extract", f"--checkpoint={path}", f"--audio={wav}", f"--output={tmp_path / 'f.npz'}")
@@ -154,6 +226,7 @@ def test_finetuned_checkpoint_transcribes_extracts_and_exports(tmp_path):
   out = run("w2v2_jax.cli.export", f"--checkpoint={path}", f"--output={tmp_path / 'hf'}")
   assert out.returncode == 0, out.stderr[-2000:]
   from transformers import Wav2Vec2ForCTC
+
   model = Wav2Vec2ForCTC.from_pretrained(str(tmp_path / "hf")).eval()
   with torch.no_grad():
     theirs = model(torch.from_numpy(audio[None])).logits.numpy()

@@ -1,5 +1,6 @@
 """CTC fine-tuning through w2v2-train: the loss falls, the freeze schedule holds, the checkpoint
 transcribes, and its export loads in transformers' Wav2Vec2ForCTC with the same logits."""
+
 import json
 import os
 import subprocess
@@ -50,7 +51,7 @@ def test_tri_stage_schedule():
   lr = optim.tri_stage(1.0, 100, (0.1, 0.4, 0.5), 0.01, 0.05)
   assert float(lr(0)) == pytest.approx(0.01)
   assert float(lr(10)) == pytest.approx(1.0) and float(lr(49)) == pytest.approx(1.0)
-  assert float(lr(75)) == pytest.approx(0.05 ** 0.5, rel=1e-3)  # exponential: halfway in log space
+  assert float(lr(75)) == pytest.approx(0.05**0.5, rel=1e-3)  # exponential: halfway in log space
   assert float(lr(100)) == pytest.approx(0.05, rel=1e-3) and float(lr(1000)) == pytest.approx(0.05, rel=1e-3)
 
 
@@ -59,8 +60,9 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
   first = loop.train_and_evaluate(finetune_config.get_config(f"{labeled_shards},1,0"), str(tmp_path / "one"))
   config = finetune_config.get_config(f"{labeled_shards},60,0")
   config.decode.beam = 8  # the last evaluation also beam-searches with a word 3-gram of the train transcripts
-  config.decode.kenlm = ngram.build_arpa(map(ctc.normalize, records.load_split(labeled_shards, "train").transcripts()),
-                                         str(tmp_path / "lm.arpa"), order=3)
+  config.decode.kenlm = ngram.build_arpa(
+    map(ctc.normalize, records.load_split(labeled_shards, "train").transcripts()), str(tmp_path / "lm.arpa"), order=3
+  )
   result = loop.train_and_evaluate(config, workdir)
   assert result["step"] == 60 and result["ctc_loss"] < 0.5 * first["ctc_loss"], (first["ctc_loss"], result["ctc_loss"])
   assert result["valid_loss"] < first["valid_loss"]
@@ -78,15 +80,25 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
     wavs.append(str(tmp_path / f"{i}.wav"))
     sf.write(wavs[-1], _spoken(text, np.random.default_rng(i)), 16000)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.transcribe", f"--checkpoint={workdir}",
-                        f"--audio={','.join(wavs)}"], capture_output=True, text=True, env=env, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "w2v2_jax.cli.transcribe", f"--checkpoint={workdir}", f"--audio={','.join(wavs)}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [l.split("\t") for l in out.stdout.splitlines()]
   assert [r[0] for r in rows] == wavs and all(len(r) == 2 for r in rows)
 
   # w2v2-plot on a CTC run: the curves only (no codebook).
-  out = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.plot", f"--workdir={workdir}"], capture_output=True,
-                       text=True, env=env, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "w2v2_jax.cli.plot", f"--workdir={workdir}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert out.returncode == 0 and out.stdout.split() == [os.path.join(workdir, "curves.png")], out.stderr[-2000:]
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
 
@@ -96,9 +108,15 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
 
   from w2v2_jax.interop.load import load_ctc
   from w2v2_jax.models.init import build
+
   export_dir = str(tmp_path / "hf")
-  out = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.export", f"--checkpoint={workdir}",
-                        f"--output={export_dir}"], capture_output=True, text=True, env=env, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "w2v2_jax.cli.export", f"--checkpoint={workdir}", f"--output={export_dir}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.load(open(os.path.join(export_dir, "vocab.json"))) == vocab
   cfg, params, _, _ = load_ctc(workdir)
@@ -116,6 +134,7 @@ def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
   feature encoder (feature_grad_mult 0) never does."""
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import checkpointing
+
   c = finetune_config.get_config(f"{labeled_shards},3,3")
   pretrained = init_params(loop.model_config(c), jax.random.key(123), "pretraining")
   source = checkpointing.save_params(str(tmp_path / "pretrained"), pretrained, loop.model_config(c), "pretraining")
@@ -129,6 +148,7 @@ def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
 
   def same(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
   assert same(start["wav2vec2"], after3["wav2vec2"])
   assert not same(start["lm_head"], after3["lm_head"])
   assert not same(after3["wav2vec2"]["encoder"], after5["wav2vec2"]["encoder"])
@@ -139,8 +159,10 @@ def test_miniature_scratch_baseline_differs_only_in_init_and_freezing():
   import importlib.util
 
   from w2v2_jax.demo import miniature
-  spec = importlib.util.spec_from_file_location("demo_finetune", os.path.join(
-      os.path.dirname(__file__), "..", "experiments", "demo_finetune.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    "demo_finetune", os.path.join(os.path.dirname(__file__), "..", "experiments", "demo_finetune.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   pretrained = module.get_config()

@@ -1,4 +1,5 @@
 """The fused attention kernels (Pallas, run in interpret mode on CPU) against XLA's attention core."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,8 @@ def _attention_run(attention_impl, batch=4, frames=21):
   x = jax.random.normal(jax.random.key(0), (batch, frames, cfg.hidden_size))
   key_mask = jnp.arange(frames)[None] < jnp.array([[frames], [15], [frames], [9]])
   params = transformer.Attention(cfg.replace(attention_impl="xla"), deterministic=False).init(
-      {"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, key_mask)
+    {"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, key_mask
+  )
   rngs = {"dropout": jax.random.key(3)}
   loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, key_mask, rngs=rngs)))  # noqa: E731
   jaxpr = str(jax.make_jaxpr(loss)(params, x))
@@ -72,24 +74,25 @@ def _core(q, k, v, valid, key, rate):
   return jnp.einsum("bhqk,bhkd->bhqd", p, v)
 
 
-@pytest.mark.parametrize("counter_limit", [2 ** 32, 2 ** 12])
+@pytest.mark.parametrize("counter_limit", [2**32, 2**12])
 def test_flash_attention_over_many_blocks(monkeypatch, counter_limit):
   """45 frames in blocks of 16 (queries and keys in three blocks, the last one padded), one utterance
   with valid keys in the first two blocks only: the online softmax, every block's offsets and the
   dropout bits. With a lower counter limit keep_mask counts within each utterance (the utterance as
   the hash's high word, as it does past 2^32 elements) and the kernels follow."""
   monkeypatch.setattr(layers, "COUNTER_LIMIT", counter_limit)
-  b, h, t, d, rate = 2, 3, 45, 16, 0.5   # Triton dots need dims of 16 or more
+  b, h, t, d, rate = 2, 3, 45, 16, 0.5  # Triton dots need dims of 16 or more
   q, k, v, w = (jax.random.normal(jax.random.key(i), (b, h, t, d)) for i in range(4))
   valid = jnp.arange(t)[None] < jnp.array([[t], [27]])
   key = jax.random.key(7)
   seed = dropout_seed_from(jax.random.key_data(key), 0, 0)
-  interpret = jax.default_backend() == "cpu"   # compiled where the GPU script runs this file
+  interpret = jax.default_backend() == "cpu"  # compiled where the GPU script runs this file
   flash = lambda q, k, v: flash_attention(q, k, v, valid, seed, rate, (b, h), 16, interpret)  # noqa: E731
   xla = lambda q, k, v: _core(q, k, v, valid, key, rate)  # noqa: E731
-  runs = [jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)
-          for f in (flash, xla)]
-  _assert_close(*runs, atol=5e-5)   # gradients of size ~10 here
+  runs = [
+    jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v) for f in (flash, xla)
+  ]
+  _assert_close(*runs, atol=5e-5)  # gradients of size ~10 here
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="what a CPU host runs")
@@ -110,8 +113,9 @@ def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
     audio = jax.random.normal(jax.random.key(1), (2, 8000))
     lengths = jnp.array([8000, 5000])
     frames = cfg.num_frames(8000)
-    mask = objectives.compute_span_mask(jax.random.key(2), jnp.array([frames, cfg.num_frames(5000)]), frames,
-                                        0.65, 10, 2)
+    mask = objectives.compute_span_mask(
+      jax.random.key(2), jnp.array([frames, cfg.num_frames(5000)]), frames, 0.65, 10, 2
+    )
     negatives = objectives.sample_negatives(jax.random.key(3), mask, 10)
     model = build(cfg)
 
@@ -119,6 +123,7 @@ def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
       rngs = {k: jax.random.key(4 + i) for i, k in enumerate(("dropout", "gumbel", "layerdrop"))}
       out = model.apply({"params": params}, audio, lengths, mask, 2.0, False, rngs=rngs)
       return objectives.pretraining_loss(out, mask, negatives, objectives.ObjectiveConfig(num_negatives=10))[0]
+
     runs.append(jax.jit(jax.value_and_grad(loss))(params))
     assert ("pallas_call" in str(jax.make_jaxpr(loss)(params))) == (impl == "flash")
   _assert_close(*runs)
@@ -135,6 +140,6 @@ def test_flash_attention_refuses_what_it_cannot_run(monkeypatch):
   seed = jnp.zeros((4,), jnp.uint32)
   with pytest.raises(ValueError, match="power of two"):
     flash_attention(q, q, q, jnp.ones((1, 37), bool), seed, 0.1, (1, 2), 12, True)
-  monkeypatch.setattr(layers, "COUNTER_LIMIT", 2 ** 9)   # 2 heads x 37 frames x 10 groups >= 2^9
+  monkeypatch.setattr(layers, "COUNTER_LIMIT", 2**9)  # 2 heads x 37 frames x 10 groups >= 2^9
   with pytest.raises(ValueError, match="bernoulli"):
     flash_attention(q, q, q, jnp.ones((1, 37), bool), seed, 0.1, (1, 2), 16, True)

@@ -1,4 +1,5 @@
 """Analytic FLOPs (w2v2_jax/models/flops.py) against XLA's own count, and the MFU inputs."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -14,8 +15,9 @@ def _xla_flops(fn, args):
   return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 
-@pytest.mark.parametrize("name,train,low,high", [("base", True, 0.99, 1.02), ("base", False, 0.99, 1.03),
-                                                 ("small", True, 1.0, 1.10)])
+@pytest.mark.parametrize(
+  "name,train,low,high", [("base", True, 0.99, 1.02), ("base", False, 0.99, 1.03), ("small", True, 1.0, 1.10)]
+)
 def test_analytic_flops_match_xla(name, train, low, high, monkeypatch):
   """XLA counts matmuls plus elementwise work, so it is about the analytic (matmul-only) figure or a little
   more: for BASE within a few percent, so the formula misses no matmul and double-counts none. The BASE
@@ -25,13 +27,19 @@ def test_analytic_flops_match_xla(name, train, low, high, monkeypatch):
   The positional conv is counted as the plain conv: on CPU it runs as DFT-domain matmuls
   (models/dft_conv.py), which do less arithmetic for the same result."""
   from w2v2_jax.models import transformer  # pylint: disable=import-outside-toplevel
+
   monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
   cfg = preset(name)
   n, batch = 32000, 2
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   loss_fn = make_loss_fn(cfg, objectives.ObjectiveConfig())
-  args = (params, jax.ShapeDtypeStruct((batch, n), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32),
-          jax.random.key(0), jnp.float32(2.0))
+  args = (
+    params,
+    jax.ShapeDtypeStruct((batch, n), jnp.float32),
+    jax.ShapeDtypeStruct((batch,), jnp.int32),
+    jax.random.key(0),
+    jnp.float32(2.0),
+  )
   if train:
     xla, analytic = _xla_flops(jax.grad(lambda *a: loss_fn(*a)[0]), args), flops.train_flops(cfg, n, batch)
   else:
@@ -53,6 +61,7 @@ def test_peak_flops():
 
   class Fake:
     platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
   assert flops.peak_flops(Fake(), "bfloat16")[0] == 989e12
   Fake.device_kind = "Some Future Chip"
   peak, source = flops.peak_flops(Fake(), "bfloat16")

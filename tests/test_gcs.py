@@ -1,4 +1,5 @@
 """Every CLI on gs:// paths, against a GCS emulator on localhost; bad buckets, objects and credentials."""
+
 import io
 import json
 import os
@@ -37,13 +38,25 @@ def gcs():
 
 
 def _env(url, **extra):
-  return {**os.environ, **gcs_emulator.client_env(url), "JAX_PLATFORMS": "cpu", "PYTHONPATH": TESTS,
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {conftest.FAST_COMPILE}", **extra}
+  return {
+    **os.environ,
+    **gcs_emulator.client_env(url),
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": TESTS,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {conftest.FAST_COMPILE}",
+    **extra,
+  }
 
 
 def _cli(url, module, *args, cwd, timeout=600, **env):
-  return subprocess.run([sys.executable, "-m", f"w2v2_jax.{module}", *args], capture_output=True, text=True,
-                        env=_env(url, **env), cwd=cwd, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", f"w2v2_jax.{module}", *args],
+    capture_output=True,
+    text=True,
+    env=_env(url, **env),
+    cwd=cwd,
+    timeout=timeout,
+  )
 
 
 def _ok(result):
@@ -89,27 +102,43 @@ def test_pretraining_in_a_bucket_resumes_and_equals_local_disk(gcs, tmp_path):
   (tmp_path / "shards").mkdir()
   for name in storage.listdir("gs://bkt/shards"):  # the same data on local disk
     (tmp_path / "shards" / name).write_bytes(storage.read_bytes(f"gs://bkt/shards/{name}"))
-  in_bucket, on_disk = records.load_split("gs://bkt/shards", "train"), records.load_split(str(tmp_path / "shards"), "train")
+  in_bucket, on_disk = (
+    records.load_split("gs://bkt/shards", "train"),
+    records.load_split(str(tmp_path / "shards"), "train"),
+  )
   assert len(in_bucket.files) > 1 and in_bucket.ids == on_disk.ids
   np.testing.assert_array_equal(in_bucket.audio_offsets, on_disk.audio_offsets)
   assert storage.exists("gs://bkt/shards/train.index.npz") and storage.exists("gs://bkt/shards/report.json")
 
   steps = 6
+
   def train(data_dir, workdir, *extra):
-    return [sys.executable, "-m", "w2v2_jax.cli.train", f"--config={TESTS}/train_config.py:{data_dir},{steps}",
-            f"--workdir={workdir}", "--config.checkpoint_every_steps=2", "--config.data.valid_split=valid",
-            f"--config.eval_every_steps={steps}", *extra]
+    return [
+      sys.executable,
+      "-m",
+      "w2v2_jax.cli.train",
+      f"--config={TESTS}/train_config.py:{data_dir},{steps}",
+      f"--workdir={workdir}",
+      "--config.checkpoint_every_steps=2",
+      "--config.data.valid_split=valid",
+      f"--config.eval_every_steps={steps}",
+      *extra,
+    ]
+
   bucket_run = train("gs://bkt/shards", "gs://bkt/run")
   env = _env(gcs, JAX_COMPILATION_CACHE_DIR="gs://bkt/xla-cache")  # every host of a pod would share it
   ckpt = "gs://bkt/run/checkpoints"
 
-  first = subprocess.Popen(bucket_run, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  first = subprocess.Popen(
+    bucket_run, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   _wait_for(lambda: storage.exists(f"{ckpt}/4/commit_success.txt"), first, "committed step 4")
   first.kill()
   first.wait()
 
-  second = subprocess.Popen(bucket_run, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+  second = subprocess.Popen(
+    bucket_run, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   _wait_for(lambda: storage.exists(f"{ckpt}/6"), second, "the step-6 save")
   second.kill()  # its async save is under way: the step folder exists, its commit marker not yet
   second.wait()
@@ -146,8 +175,15 @@ def test_fine_tuning_in_a_bucket_then_every_cli_reads_it(gcs, tmp_path):
       buffer = io.BytesIO()
       sf.write(buffer, utts[0].audio, 16000, format="FLAC", subtype="PCM_16")
       storage.write_bytes("gs://bkt/audio/one.flac", buffer.getvalue())
-  tune = [sys.executable, "-m", "w2v2_jax.cli.train", f"--config={TESTS}/finetune_config.py:gs://bkt/ctc_shards,3,1",
-          "--workdir=gs://bkt/ctc", "--config.eval_every_steps=3", "--config.data.max_sample_size=80000"]
+  tune = [
+    sys.executable,
+    "-m",
+    "w2v2_jax.cli.train",
+    f"--config={TESTS}/finetune_config.py:gs://bkt/ctc_shards,3,1",
+    "--workdir=gs://bkt/ctc",
+    "--config.eval_every_steps=3",
+    "--config.data.max_sample_size=80000",
+  ]
   _ok(subprocess.run(tune, env=_env(gcs), cwd=tmp_path, capture_output=True, text=True, timeout=600))
   assert [json.loads(line)["step"] for line in storage.read_text("gs://bkt/ctc/eval_results.json").splitlines()] == [3]
   assert "<pad>" in storage.read_json("gs://bkt/ctc/vocab.json")
@@ -184,8 +220,9 @@ def test_a_missing_bucket_is_one_line_before_any_work(gcs, tmp_path):
 
 
 def test_a_missing_object_or_data_dir_is_one_line(gcs, tmp_path):
-  result = _cli(gcs, "export", "--checkpoint=gs://bkt/no/such/run", f"--output={tmp_path / 'out'}", cwd=tmp_path,
-                timeout=120)
+  result = _cli(
+    gcs, "export", "--checkpoint=gs://bkt/no/such/run", f"--output={tmp_path / 'out'}", cwd=tmp_path, timeout=120
+  )
   _one_line(result, "w2v2-export", "gs://bkt/no/such/run", "no such checkpoint")
   cfg = f"--config={TESTS}/train_config.py:gs://bkt/empty,1"
   result = _cli(gcs, "train.main", cfg, f"--workdir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
@@ -201,9 +238,10 @@ def test_a_scheme_no_backend_serves_is_refused(gcs, tmp_path):
 @pytest.mark.parametrize("status,words", [(401, ("not authenticated", "401")), (403, ("permission denied", "403"))])
 def test_refused_access_is_one_line_within_seconds(tmp_path, status, words, monkeypatch):
   with gcs_emulator.refusing_server(status) as url:
-    for cli, args, named in (("prepare", ("--input=gs://bkt/audio/manifest.tsv", "--output=gs://bkt/out"), "gs://bkt/out:"),
-                             ("extract", ("--checkpoint=gs://bkt/run", "--audio=gs://bkt/a.flac", "--output=x.npz"),
-                              "gs://bkt/run")):
+    for cli, args, named in (
+      ("prepare", ("--input=gs://bkt/audio/manifest.tsv", "--output=gs://bkt/out"), "gs://bkt/out:"),
+      ("extract", ("--checkpoint=gs://bkt/run", "--audio=gs://bkt/a.flac", "--output=x.npz"), "gs://bkt/run"),
+    ):
       _one_line(_cli(url, cli, *args, cwd=tmp_path, timeout=120), f"w2v2-{cli}", named, *words)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)  # the time to the error, without the interpreter's start
     storage.configure_emulator()
@@ -216,8 +254,15 @@ def test_refused_access_is_one_line_within_seconds(tmp_path, status, words, monk
 
 def test_missing_credentials_are_one_line_within_seconds(gcs, tmp_path, monkeypatch):
   key = str(tmp_path / "missing-key.json")
-  result = _cli(gcs, "prepare", "--input=gs://bkt/audio", "--output=gs://bkt/out", cwd=tmp_path, timeout=120,
-                GOOGLE_APPLICATION_CREDENTIALS=key)
+  result = _cli(
+    gcs,
+    "prepare",
+    "--input=gs://bkt/audio",
+    "--output=gs://bkt/out",
+    cwd=tmp_path,
+    timeout=120,
+    GOOGLE_APPLICATION_CREDENTIALS=key,
+  )
   _one_line(result, "w2v2-prepare", "GOOGLE_APPLICATION_CREDENTIALS", "missing-key.json")
   monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", key)
   storage._filesystem.cache_clear()  # pylint: disable=protected-access

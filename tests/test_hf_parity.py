@@ -1,4 +1,5 @@
 """Our Flax model equals transformers' PyTorch Wav2Vec2 on the same weights (BASE- and LV60-style)."""
+
 import json
 
 import jax
@@ -43,11 +44,19 @@ def _run_both(cfg, params, ref, padded):
   ours = build(cfg).apply({"params": params}, audio, lengths, mask)
   flat_negatives = np.asarray(negatives) + (np.arange(len(LENGTHS)) * num_frames)[:, None, None]
   with torch.no_grad():
-    theirs = ref(torch_tensor(audio), attention_mask=torch_tensor(attention, torch.long) if padded else None,
-                 mask_time_indices=torch_tensor(mask), sampled_negative_indices=torch_tensor(flat_negatives),
-                 output_hidden_states=True)
-    base = ref.wav2vec2(torch_tensor(audio), attention_mask=torch_tensor(attention, torch.long) if padded else None,
-                        mask_time_indices=torch_tensor(mask), output_hidden_states=True)
+    theirs = ref(
+      torch_tensor(audio),
+      attention_mask=torch_tensor(attention, torch.long) if padded else None,
+      mask_time_indices=torch_tensor(mask),
+      sampled_negative_indices=torch_tensor(flat_negatives),
+      output_hidden_states=True,
+    )
+    base = ref.wav2vec2(
+      torch_tensor(audio),
+      attention_mask=torch_tensor(attention, torch.long) if padded else None,
+      mask_time_indices=torch_tensor(mask),
+      output_hidden_states=True,
+    )
   return ours, theirs, base, mask, negatives
 
 
@@ -62,8 +71,9 @@ def test_hidden_states_match(pair, padded):
   assert real.sum() == sum(int(cfg.num_frames(n)) for n in LENGTHS) if padded else real.all()
   pairs = [(ours.encoder.last_hidden_state, base.last_hidden_state, "last_hidden_state")]
   assert len(ours.encoder.hidden_states) == len(base.hidden_states) == cfg.num_hidden_layers + 1
-  pairs += [(a, b, f"hidden_states[{i}]") for i, (a, b) in enumerate(zip(ours.encoder.hidden_states,
-                                                                            base.hidden_states))]
+  pairs += [
+    (a, b, f"hidden_states[{i}]") for i, (a, b) in enumerate(zip(ours.encoder.hidden_states, base.hidden_states))
+  ]
   for a, b, name in pairs:
     a, b = np.asarray(a), b.numpy()
     np.testing.assert_allclose(a[real], b[real], atol=1e-4, rtol=0, err_msg=name)
@@ -78,15 +88,17 @@ def test_quantized_targets_equal_in_eval(pair):
     logits = ref.quantizer.weight_proj(base.extract_features)
     ref_idx = logits.view(*logits.shape[:2], cfg.num_codevector_groups, -1).argmax(-1).numpy()
   np.testing.assert_array_equal(np.asarray(ours.quantizer.code_idx), ref_idx)
-  np.testing.assert_allclose(np.asarray(ours.projected_quantized_states),
-                             theirs.projected_quantized_states.numpy(), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(ours.projected_quantized_states), theirs.projected_quantized_states.numpy(), atol=1e-5, rtol=0
+  )
 
 
 def test_losses_match_given_mask_and_negatives(pair):
   cfg, params, ref = pair
   ours, theirs, _, mask, negatives = _run_both(cfg, params, ref, padded=True)
-  _, metrics = objectives.pretraining_loss(ours, mask, negatives, objectives.ObjectiveConfig(
-      num_negatives=NUM_NEGATIVES))
+  _, metrics = objectives.pretraining_loss(
+    ours, mask, negatives, objectives.ObjectiveConfig(num_negatives=NUM_NEGATIVES)
+  )
   num_masked = float(metrics["num_masked"])
   assert num_masked == float(np.asarray(mask).sum()) > 0
   contrastive_sum = float(metrics["contrastive"]) * num_masked
@@ -112,8 +124,9 @@ def test_export_loads_in_transformers_bitwise(tmp_path, kind, hf_class):
   # And back: the directory loads into our tree bitwise.
   cfg2, params2, kind2 = hf.load_hf_dir(str(tmp_path))
   assert kind2 == kind and cfg2.replace(vocab_size=cfg.vocab_size) == cfg
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params2["wav2vec2"]),
-                                                  jax.tree.leaves(params["wav2vec2"])))
+  assert all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params2["wav2vec2"]), jax.tree.leaves(params["wav2vec2"]))
+  )
 
 
 def test_loads_transformers_save_pretrained(tmp_path):

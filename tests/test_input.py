@@ -1,4 +1,5 @@
 """The tf.data input: batch plans (buckets, crops, coverage), exact resume, multi-process reads."""
+
 import dataclasses
 import hashlib
 import itertools
@@ -34,8 +35,11 @@ def shards(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-  return InputConfig(data_dir, "train", **{"global_batch": 8, "max_sample_size": 24000,
-                                           "min_sample_size": 8000, "num_buckets": 3, "seed": 5, **kw})
+  return InputConfig(
+    data_dir,
+    "train",
+    **{"global_batch": 8, "max_sample_size": 24000, "min_sample_size": 8000, "num_buckets": 3, "seed": 5, **kw},
+  )
 
 
 def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
@@ -50,7 +54,7 @@ def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
       for row, (r, s, n) in enumerate(zip(recs, starts, lengths)):
         src = utts[r].audio
         assert src.size >= 8000 and n == batch["lengths"][row]
-        np.testing.assert_array_equal(batch["audio"][row, :n], src[s:s + n])  # the planned crop
+        np.testing.assert_array_equal(batch["audio"][row, :n], src[s : s + n])  # the planned crop
         assert not batch["audio"][row, n:].any()
         if mode == "crop":
           assert n == width and src.size >= width
@@ -78,17 +82,15 @@ def test_fitted_buckets_waste_least_of_all_choices(mode):
   """bucketing="fit" equals an exhaustive search over every set of num_buckets lengths (multiples of
   STRIDE in range), and beats the geometric lengths on a skewed split."""
   rng = np.random.default_rng(3)
-  cfg = InputConfig("", "train", 8, max_sample_size=64 * STRIDE, min_sample_size=8 * STRIDE, num_buckets=3,
-                    mode=mode, bucketing="fit")
+  cfg = InputConfig(
+    "", "train", 8, max_sample_size=64 * STRIDE, min_sample_size=8 * STRIDE, num_buckets=3, mode=mode, bucketing="fit"
+  )
   candidates = np.arange(8, 65) * STRIDE
   for trial in range(4):
-    lengths = np.clip((rng.lognormal(3.2, 0.5, 40) * STRIDE).astype(np.int64), cfg.min_sample_size,
-                      cfg.max_sample_size)
+    lengths = np.clip((rng.lognormal(3.2, 0.5, 40) * STRIDE).astype(np.int64), cfg.min_sample_size, cfg.max_sample_size)
     fitted = bucket_lengths(cfg, lengths)
-    assert len(fitted) <= 3 and all(b % STRIDE == 0 and cfg.min_sample_size <= b <= cfg.max_sample_size
-                                    for b in fitted)
-    best = min(w for combo in itertools.combinations(candidates, 3)
-               if (w := _waste(lengths, combo, mode)) is not None)
+    assert len(fitted) <= 3 and all(b % STRIDE == 0 and cfg.min_sample_size <= b <= cfg.max_sample_size for b in fitted)
+    best = min(w for combo in itertools.combinations(candidates, 3) if (w := _waste(lengths, combo, mode)) is not None)
     assert _waste(lengths, fitted, mode) == best, (trial, fitted)
     geometric = bucket_lengths(dataclasses.replace(cfg, bucketing="geometric"))
     assert best < _waste(np.minimum(lengths, geometric[-1]) if mode == "crop" else lengths, geometric, mode)
@@ -113,20 +115,34 @@ def test_fitted_buckets_plan_whole_utterances_and_keep_old_iterator_states_valid
     np.testing.assert_array_equal(lengths, sizes[recs])  # whole utterances, never cut
     assert batch["audio"].shape[1] == width >= lengths.max()
   # The fingerprint of a geometric plan is the one computed before `bucketing` existed.
-  old_fields = ("split", "global_batch", "max_sample_size", "min_sample_size", "num_buckets", "buckets", "mode",
-                "crop_long", "shuffle", "seed", "num_epochs", "prefetch", "threads")
+  old_fields = (
+    "split",
+    "global_batch",
+    "max_sample_size",
+    "min_sample_size",
+    "num_buckets",
+    "buckets",
+    "mode",
+    "crop_long",
+    "shuffle",
+    "seed",
+    "num_epochs",
+    "prefetch",
+    "threads",
+  )
   blob = repr((tuple(getattr(geometric.cfg, f) for f in old_fields), geometric.num_samples.tobytes()))
   assert geometric.fingerprint() == hashlib.sha256(blob.encode()).hexdigest()[:16]
-  assert it.batches.fingerprint() != Batches(dataclasses.replace(cfg, bucketing="geometric"),
-                                             it.index.num_samples).fingerprint()
+  assert (
+    it.batches.fingerprint()
+    != Batches(dataclasses.replace(cfg, bucketing="geometric"), it.index.num_samples).fingerprint()
+  )
 
 
 def test_complete_evaluation_reads_every_utterance_once_and_fills_with_empty_rows(shards):
   """CTC evaluation (complete=True) scores the whole split: no bucket remainder is left out."""
   data_dir, utts = shards
   labels = (np.arange(60 * 3, dtype=np.int32).reshape(60, 3) + 10, np.full(60, 3, np.int32))
-  cfg = _cfg(data_dir, mode="pad", shuffle=False, num_epochs=1, max_sample_size=48000, crop_long=False,
-             complete=True)
+  cfg = _cfg(data_dir, mode="pad", shuffle=False, num_epochs=1, max_sample_size=48000, crop_long=False, complete=True)
   it = AudioInput(cfg, labels=labels)
   seen, empty = [], 0
   for position, batch in enumerate(it):
@@ -139,7 +155,7 @@ def test_complete_evaluation_reads_every_utterance_once_and_fills_with_empty_row
       else:
         seen.append(int(r))
         np.testing.assert_array_equal(batch["labels"][row], labels[0][r])
-        np.testing.assert_array_equal(batch["audio"][row, :lengths[row]], utts[r].audio)
+        np.testing.assert_array_equal(batch["audio"][row, : lengths[row]], utts[r].audio)
   usable = [i for i, u in enumerate(utts) if u.audio.size >= 8000]
   assert sorted(seen) == usable  # every usable utterance exactly once
   assert 0 < empty < 8 * len(bucket_lengths(cfg))  # only the fill of each bucket's last batch
@@ -161,7 +177,7 @@ def test_plan_is_seeded_crops_uniform_and_epochs_differ():
   rel = (e0.starts[room > 1000] / room[room > 1000]).ravel()
   counts = np.histogram(rel, bins=10, range=(0, 1))[0]
   assert stats.chisquare(counts).pvalue > 1e-3
-  biased = np.histogram(rel ** 1.2, bins=10, range=(0, 1))[0]  # a control the test must catch
+  biased = np.histogram(rel**1.2, bins=10, range=(0, 1))[0]  # a control the test must catch
   assert stats.chisquare(biased).pvalue < 1e-3
   with pytest.raises(ValueError, match="fill no global batch"):
     Batches(InputConfig("d", "train", global_batch=10_000), lengths)
@@ -182,8 +198,13 @@ def test_waveform_scales_normalises_and_zeroes_padding():
 
 def _run(*args, env=None):
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE, **(env or {})}
-  return subprocess.Popen([sys.executable, os.path.join(HERE, "input_worker.py"), *map(str, args)],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, os.path.join(HERE, "input_worker.py"), *map(str, args)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, tmp_path):
@@ -206,6 +227,7 @@ def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, tmp_
 
 class _CountedInput(AudioInput):
   """Counts `load` calls (slowed, so that the reading threads are busy when the consumer stops)."""
+
   calls = 0
 
   def load(self, position):

@@ -3,6 +3,7 @@
 The fakes record their arguments and environment; fake gcloud plays the slice's workers in local
 folders (its ssh runs the command there), fake sbatch/srun start the tasks a SLURM job would.
 """
+
 import contextlib
 import http.server
 import json
@@ -27,9 +28,11 @@ from w2v2_jax.train import distributed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 FAKES = ("gcloud", "srun", "sbatch", "scontrol", "ssh", "rsync", "uv", "curl", "w2v2-train")
-CLUSTER_VARS = re.compile(r"(SLURM_|SLURMD_|OMPI_|PMI_|TPU_|MEGASCALE_|KUBERNETES_|JAX_COORDINATOR|"
-                          r"JAX_LOCAL_DEVICE_IDS|GCE_METADATA|CUDA_VISIBLE_DEVICES|ROCR_VISIBLE_DEVICES|"
-                          r"HIP_VISIBLE_DEVICES)")
+CLUSTER_VARS = re.compile(
+  r"(SLURM_|SLURMD_|OMPI_|PMI_|TPU_|MEGASCALE_|KUBERNETES_|JAX_COORDINATOR|"
+  r"JAX_LOCAL_DEVICE_IDS|GCE_METADATA|CUDA_VISIBLE_DEVICES|ROCR_VISIBLE_DEVICES|"
+  r"HIP_VISIBLE_DEVICES)"
+)
 PREEMPTED = "preempted: saved step 3; re-run the same command to resume"
 
 FAKE = r'''#!%(python)s -S
@@ -241,8 +244,9 @@ class Fakes:
     return out
 
   def run(self, *argv, env=None, **kw):
-    return subprocess.run(list(argv), env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=60,
-                          **kw)
+    return subprocess.run(
+      list(argv), env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=60, **kw
+    )
 
   def close(self):
     self.server.close()
@@ -288,6 +292,7 @@ def jax_init(monkeypatch):
 
 # -- --distributed: detection --------------------------------------------------------------------------------------
 
+
 def test_auto_on_a_host_in_no_cluster_is_quick_and_one_process(monkeypatch, jax_init):
   with cluster_env(monkeypatch, {}):
     t = time.time()
@@ -320,8 +325,12 @@ def test_auto_gives_up_on_a_silent_metadata_server(monkeypatch, jax_init):
 
 class _Metadata(http.server.BaseHTTPRequestHandler):
   """A Cloud TPU VM's metadata server: worker 1 of a two-worker slice."""
-  values = {"agent-worker-number": "1", "worker-network-endpoints": "w0:x:10.0.0.2,w1:x:10.0.0.3",
-            "tpu-env": "ACCELERATOR_TYPE: 'v5p-16'\nWORKER_ID: '1'\n"}
+
+  values = {
+    "agent-worker-number": "1",
+    "worker-network-endpoints": "w0:x:10.0.0.2,w1:x:10.0.0.3",
+    "tpu-env": "ACCELERATOR_TYPE: 'v5p-16'\nWORKER_ID: '1'\n",
+  }
 
   def do_GET(self):  # noqa: N802
     value = self.values.get(self.path.rsplit("/", 1)[-1])
@@ -347,32 +356,52 @@ def test_detects_a_cloud_tpu_vm_through_its_metadata_server(monkeypatch, jax_ini
 
 
 def test_detects_tpu_on_gke_and_megascale_slices(monkeypatch, jax_init):
-  env = {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3", "TPU_WORKER_ID": "2", "MEGASCALE_NUM_SLICES": "2",
-         "MEGASCALE_SLICE_ID": "1", "MEGASCALE_COORDINATOR_ADDRESS": "w0:8080"}
+  env = {
+    "TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3",
+    "TPU_WORKER_ID": "2",
+    "MEGASCALE_NUM_SLICES": "2",
+    "MEGASCALE_SLICE_ID": "1",
+    "MEGASCALE_COORDINATOR_ADDRESS": "w0:8080",
+  }
   with cluster_env(monkeypatch, env) as m:
     m.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
     assert distributed.initialize("auto") == "distributed: TPU on GKE, 8 processes"
     assert cloud_tpu_cluster.GkeTpuCluster.get_process_id() == 6  # what JAX then derives itself
   assert jax_init == [((), {"cluster_detection_method": "gketpu"})]
-  with cluster_env(monkeypatch, {"MEGASCALE_COORDINATOR_ADDRESS": "w0:8080"}), \
-      pytest.raises(ValueError, match="MEGASCALE_COORDINATOR_ADDRESS is set but no TPU VM"):
+  with (
+    cluster_env(monkeypatch, {"MEGASCALE_COORDINATOR_ADDRESS": "w0:8080"}),
+    pytest.raises(ValueError, match="MEGASCALE_COORDINATOR_ADDRESS is set but no TPU VM"),
+  ):
     distributed.initialize("auto")
 
 
 def test_detects_open_mpi_and_shares_the_node_gpus(monkeypatch, jax_init):
-  env = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911", "OMPI_COMM_WORLD_SIZE": "4",
-         "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
-         "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+  env = {
+    "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911",
+    "OMPI_COMM_WORLD_SIZE": "4",
+    "OMPI_COMM_WORLD_RANK": "3",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+  }
   with cluster_env(monkeypatch, env):
     line = distributed.initialize("auto", heartbeat_timeout_seconds=120)
   assert line == "distributed: Open MPI, 4 processes, local devices [4, 5, 6, 7]"
-  assert jax_init == [((), {"cluster_detection_method": "ompi", "local_device_ids": [4, 5, 6, 7],
-                            "heartbeat_timeout_seconds": 120})]
+  assert jax_init == [
+    ((), {"cluster_detection_method": "ompi", "local_device_ids": [4, 5, 6, 7], "heartbeat_timeout_seconds": 120})
+  ]
 
 
 def test_slurm_single_task_runs_alone_unless_forced(monkeypatch, jax_init):
-  env = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu07", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
-         "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+  env = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "gpu07",
+    "SLURM_NTASKS": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_STEP_TASKS_PER_NODE": "1",
+    "CUDA_VISIBLE_DEVICES": "0,1,2,3",
+  }
   with cluster_env(monkeypatch, env):
     assert distributed.initialize("auto") == "distributed: SLURM, one process"
     assert jax_init == []
@@ -384,14 +413,17 @@ def test_explicit_flags_and_their_errors(monkeypatch, jax_init):
   with cluster_env(monkeypatch, {"SLURM_JOB_ID": "7"}):
     line = distributed.initialize("auto", "10.0.0.1:1234", 2, 1, heartbeat_timeout_seconds=120)
   assert line == "distributed: --coordinator=10.0.0.1:1234, 2 processes, this is process 1"
-  assert jax_init == [(("10.0.0.1:1234", 2, 1), {"cluster_detection_method": "deactivate",
-                                                 "heartbeat_timeout_seconds": 120})]
-  for args, message in [(("auto", "10.0.0.1:1234", 2, None), "missing --process_id"),
-                        (("auto", None, 2, 0), "missing --coordinator"),
-                        (("off", "10.0.0.1:1234", 2, 0), "--distributed=off contradicts"),
-                        (("auto", "10.0.0.1", 2, 0), "--coordinator=10.0.0.1: expected HOST:PORT"),
-                        (("auto", "10.0.0.1:1234", 2, 2), r"--process_id=2 must be in \[0, --num_processes=2\)"),
-                        (("maybe",), "--distributed=maybe: expected one of auto, on, off")]:
+  assert jax_init == [
+    (("10.0.0.1:1234", 2, 1), {"cluster_detection_method": "deactivate", "heartbeat_timeout_seconds": 120})
+  ]
+  for args, message in [
+    (("auto", "10.0.0.1:1234", 2, None), "missing --process_id"),
+    (("auto", None, 2, 0), "missing --coordinator"),
+    (("off", "10.0.0.1:1234", 2, 0), "--distributed=off contradicts"),
+    (("auto", "10.0.0.1", 2, 0), "--coordinator=10.0.0.1: expected HOST:PORT"),
+    (("auto", "10.0.0.1:1234", 2, 2), r"--process_id=2 must be in \[0, --num_processes=2\)"),
+    (("maybe",), "--distributed=maybe: expected one of auto, on, off"),
+  ]:
     with cluster_env(monkeypatch, {}), pytest.raises(ValueError, match=message):
       distributed.initialize(*args)
   with cluster_env(monkeypatch, {}), pytest.raises(ValueError, match="--distributed=on found no cluster"):
@@ -412,30 +444,61 @@ def test_local_device_ids_rule():
 
 def test_w2v2_train_reports_bad_distributed_flags_in_one_line(tmp_path):
   env = {k: v for k, v in os.environ.items() if not CLUSTER_VARS.match(k)}
-  r = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.train", "--config=experiments/demo.py",
-                      f"--workdir={tmp_path}", "--num_processes=2"], cwd=REPO, env=env, capture_output=True,
-                     text=True, timeout=120)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "w2v2_jax.cli.train",
+      "--config=experiments/demo.py",
+      f"--workdir={tmp_path}",
+      "--num_processes=2",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 1, r.stderr
-  assert r.stderr.strip().splitlines()[-1] == ("w2v2-train: error: --coordinator, --num_processes and --process_id "
-                                               "go together; missing --coordinator, --process_id")
+  assert r.stderr.strip().splitlines()[-1] == (
+    "w2v2-train: error: --coordinator, --num_processes and --process_id "
+    "go together; missing --coordinator, --process_id"
+  )
 
 
 # -- SLURM ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, tasks, ids", [
-    ([], 1, lambda local: list(range(8))),                                   # the script: one task per node, 8 GPUs
-    (["--ntasks-per-node=8"], 8, lambda local: [local]),                     # one per GPU, each sees all 8
-    (["--ntasks-per-node=8", "--gpus-per-task=1"], 8, lambda local: [0]),   # one per GPU, each sees its own
-])
+
+@pytest.mark.parametrize(
+  "options, tasks, ids",
+  [
+    ([], 1, lambda local: list(range(8))),  # the script: one task per node, 8 GPUs
+    (["--ntasks-per-node=8"], 8, lambda local: [local]),  # one per GPU, each sees all 8
+    (["--ntasks-per-node=8", "--gpus-per-task=1"], 8, lambda local: [0]),  # one per GPU, each sees its own
+  ],
+)
 def test_slurm_sbatch_uses_every_gpu(fakes, monkeypatch, jax_init, options, tasks, ids):
-  r = fakes.run("sbatch", "--nodes=2", *options, os.path.join(LAUNCH, "slurm_gpu.sbatch"), "experiments/demo.py",
-                "/shared/run", "--config.batch_size=64")
+  r = fakes.run(
+    "sbatch",
+    "--nodes=2",
+    *options,
+    os.path.join(LAUNCH, "slurm_gpu.sbatch"),
+    "experiments/demo.py",
+    "/shared/run",
+    "--config.batch_size=64",
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   [sbatch] = fakes.calls("sbatch")
-  assert sbatch["args"][:len(options) + 1] == ["--nodes=2", *options]
+  assert sbatch["args"][: len(options) + 1] == ["--nodes=2", *options]
   [srun] = fakes.calls("srun")
-  assert srun["args"] == ["--kill-on-bad-exit=1", "w2v2-train", "--config=experiments/demo.py",
-                          "--workdir=/shared/run", "--distributed=on", "--config.batch_size=64"]
+  assert srun["args"] == [
+    "--kill-on-bad-exit=1",
+    "w2v2-train",
+    "--config=experiments/demo.py",
+    "--workdir=/shared/run",
+    "--distributed=on",
+    "--config.batch_size=64",
+  ]
   assert srun["env"]["SRUN_CPUS_PER_TASK"] == "32" and srun["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.92"
   trains = sorted(fakes.calls("w2v2-train"), key=lambda c: int(c["env"]["SLURM_PROCID"]))
   assert [int(c["env"]["SLURM_PROCID"]) for c in trains] == list(range(2 * tasks))
@@ -451,16 +514,21 @@ def test_slurm_sbatch_uses_every_gpu(fakes, monkeypatch, jax_init, options, task
       assert jax_init == [((), {"cluster_detection_method": "slurm", "local_device_ids": ids(local)})]
       # JAX fills in the rest from SLURM's variables and keeps these devices.
       coordinator, n, i, kept = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-          None, None, None, ids(local), "slurm", 300)
+        None, None, None, ids(local), "slurm", 300
+      )
       assert (coordinator.split(":")[0], n, i, kept) == ("node001", 2 * tasks, int(env["SLURM_PROCID"]), ids(local))
       if tasks == 1:  # JAX's own default would give a lone task one GPU of eight
         assert clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, "slurm", 300)[3] == [0]
 
 
 def _sbatch_waiting(fakes, tasks):
-  proc = subprocess.Popen(["sbatch", "--nodes=2", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "experiments/demo.py",
-                           "/shared/run"], env=dict(fakes.env, FAKE_TRAIN="wait"), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    ["sbatch", "--nodes=2", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "experiments/demo.py", "/shared/run"],
+    env=dict(fakes.env, FAKE_TRAIN="wait"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   pids = [int(m.split()[1]) for m in fakes.messages(tasks)]
   return proc, pids
 
@@ -489,8 +557,14 @@ def test_slurm_does_not_requeue_when_cancelled(fakes):
 
 
 def test_slurm_failure_is_not_requeued(fakes):
-  r = fakes.run("sbatch", "--nodes=2", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "experiments/demo.py",
-                "/shared/run", env={"FAKE_TRAIN": "fail"})
+  r = fakes.run(
+    "sbatch",
+    "--nodes=2",
+    os.path.join(LAUNCH, "slurm_gpu.sbatch"),
+    "experiments/demo.py",
+    "/shared/run",
+    env={"FAKE_TRAIN": "fail"},
+  )
   assert r.returncode == 3
   assert fakes.calls("scontrol") == []
   r = fakes.run("bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "experiments/demo.py")
@@ -506,37 +580,60 @@ def test_preemption_message_is_what_the_loop_logs():
 
 # -- multi-node GPU and local multi-process -------------------------------------------------------------------------
 
+
 def test_multinode_gpu(fakes, monkeypatch, jax_init):
   env = {"COORDINATOR_ADDRESS": "10.0.0.1:12345", "NUM_PROCESSES": "4", "PROCESS_ID": "2"}
-  r = fakes.run(os.path.join(LAUNCH, "multinode_gpu.sh"), "experiments/demo.py", "gs://b/run", "--config.seed=3",
-                env=env)
+  r = fakes.run(
+    os.path.join(LAUNCH, "multinode_gpu.sh"), "experiments/demo.py", "gs://b/run", "--config.seed=3", env=env
+  )
   assert r.returncode == 0, r.stderr
   [train] = fakes.calls("w2v2-train")
-  assert train["args"] == ["--config=experiments/demo.py", "--workdir=gs://b/run", "--coordinator=10.0.0.1:12345",
-                           "--num_processes=4", "--process_id=2", "--config.seed=3"]
+  assert train["args"] == [
+    "--config=experiments/demo.py",
+    "--workdir=gs://b/run",
+    "--coordinator=10.0.0.1:12345",
+    "--num_processes=4",
+    "--process_id=2",
+    "--config.seed=3",
+  ]
   assert train["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.92"
   flags = _train_flags(train)
   with cluster_env(monkeypatch, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}):
     distributed.initialize("auto", flags["coordinator"], int(flags["num_processes"]), int(flags["process_id"]))
   assert jax_init == [(("10.0.0.1:12345", 4, 2), {"cluster_detection_method": "deactivate"})]  # all local GPUs
-  for bad, name in [({"PROCESS_ID": "4"}, "PROCESS_ID"), ({"NUM_PROCESSES": "x"}, "NUM_PROCESSES"),
-                    ({"COORDINATOR_ADDRESS": "10.0.0.1"}, "COORDINATOR_ADDRESS")]:
+  for bad, name in [
+    ({"PROCESS_ID": "4"}, "PROCESS_ID"),
+    ({"NUM_PROCESSES": "x"}, "NUM_PROCESSES"),
+    ({"COORDINATOR_ADDRESS": "10.0.0.1"}, "COORDINATOR_ADDRESS"),
+  ]:
     r = fakes.run(os.path.join(LAUNCH, "multinode_gpu.sh"), "experiments/demo.py", "gs://b/run", env=dict(env, **bad))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("multinode_gpu.sh: error: set " + name)
 
 
 def test_local_multiprocess(fakes):
-  r = fakes.run(os.path.join(LAUNCH, "local_multiprocess.sh"), "2", "experiments/demo.py", "/tmp/demo_mp",
-                "--config.seed=1", env={"XLA_FLAGS": "--xla_cpu_foo=1"})
+  r = fakes.run(
+    os.path.join(LAUNCH, "local_multiprocess.sh"),
+    "2",
+    "experiments/demo.py",
+    "/tmp/demo_mp",
+    "--config.seed=1",
+    env={"XLA_FLAGS": "--xla_cpu_foo=1"},
+  )
   assert r.returncode == 0, r.stderr
   trains = sorted(fakes.calls("w2v2-train"), key=lambda c: _train_flags(c)["process_id"])
   assert len(trains) == 2
   port = _train_flags(trains[0])["coordinator"]
   assert re.fullmatch(r"127\.0\.0\.1:\d+", port)
   for i, call in enumerate(trains):
-    assert call["args"] == ["--config=experiments/demo.py", "--workdir=/tmp/demo_mp", f"--coordinator={port}",
-                            "--num_processes=2", f"--process_id={i}", "--config.seed=1"]
+    assert call["args"] == [
+      "--config=experiments/demo.py",
+      "--workdir=/tmp/demo_mp",
+      f"--coordinator={port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      "--config.seed=1",
+    ]
     assert call["env"]["JAX_PLATFORMS"] == "cpu"
     assert call["env"]["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"
     assert f"[p{i}] fake w2v2-train {call['pid']} started" in r.stdout
@@ -546,9 +643,13 @@ def test_local_multiprocess(fakes):
 
 
 def test_local_multiprocess_sigterm_reaches_every_process(fakes):
-  proc = subprocess.Popen([os.path.join(LAUNCH, "local_multiprocess.sh"), "2", "experiments/demo.py", "/tmp/x"],
-                          env=dict(fakes.env, FAKE_TRAIN="wait"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  proc = subprocess.Popen(
+    [os.path.join(LAUNCH, "local_multiprocess.sh"), "2", "experiments/demo.py", "/tmp/x"],
+    env=dict(fakes.env, FAKE_TRAIN="wait"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   fakes.messages(2)
   proc.send_signal(signal.SIGTERM)
   assert sorted(m.split()[0] for m in fakes.messages(2)) == ["stopped", "stopped"]
@@ -559,6 +660,7 @@ def test_local_multiprocess_sigterm_reaches_every_process(fakes):
 
 
 # -- TPU VM slices -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def checkout(tmp_path):
@@ -574,9 +676,9 @@ def checkout(tmp_path):
   subprocess.run([*git, "init", "-q"], check=True)
   subprocess.run([*git, "add", "."], check=True)
   subprocess.run([*git, "commit", "-qm", "files"], check=True)
-  (src / "w2v2_jax" / "gone.py").unlink()                  # deleted but still tracked
-  (src / "w2v2_jax" / "new.py").write_text("")             # untracked, not ignored
-  (src / ".venv" / "bin").mkdir(parents=True)              # ignored
+  (src / "w2v2_jax" / "gone.py").unlink()  # deleted but still tracked
+  (src / "w2v2_jax" / "new.py").write_text("")  # untracked, not ignored
+  (src / ".venv" / "bin").mkdir(parents=True)  # ignored
   (src / "w2v2_jax.egg-info").mkdir()
   return str(src / "launch" / "tpu_pod.sh")
 
@@ -591,8 +693,20 @@ def test_tpu_pod_lifecycle(fakes, checkout, tmp_path):
 
   r = tpu("queue", SPOT="1")
   assert r.returncode == 0, r.stderr
-  assert _gcloud(fakes) == [["compute", "tpus", "queued-resources", "create", "t1", "--node-id=t1", *where,
-                             "--accelerator-type=v5p-128", "--runtime-version=v2-alpha-tpuv5", "--spot"]]
+  assert _gcloud(fakes) == [
+    [
+      "compute",
+      "tpus",
+      "queued-resources",
+      "create",
+      "t1",
+      "--node-id=t1",
+      *where,
+      "--accelerator-type=v5p-128",
+      "--runtime-version=v2-alpha-tpuv5",
+      "--spot",
+    ]
+  ]
 
   # setup: the checkout's files on every worker, Python 3.11 from uv, an editable install.
   for again in (False, True):
@@ -613,22 +727,34 @@ def test_tpu_pod_lifecycle(fakes, checkout, tmp_path):
         assert (repo / ".venv" / "kept").exists()
     uv = [(c["args"], os.path.relpath(c["cwd"], str(tmp_path))) for c in fakes.calls("uv")]
     venv = [(["venv", "--python", "3.11", ".venv"], f"worker{i}/w2v2_jax") for i in range(2)]
-    install = [(["pip", "install", "--python", ".venv/bin/python", "-e", ".[tpu]"], f"worker{i}/w2v2_jax")
-               for i in range(2)]
+    install = [
+      (["pip", "install", "--python", ".venv/bin/python", "-e", ".[tpu]"], f"worker{i}/w2v2_jax") for i in range(2)
+    ]
     assert uv == [venv[0], install[0], venv[1], install[1]] + ([install[0], install[1]] if again else [])
   assert fakes.calls("curl") == []
 
   # run: every worker, in the background, with --distributed=on; quoted arguments stay whole.
-  r = tpu("run", "experiments/base_librispeech.py", "gs://b/run", "--config.batch_size=64", "--config.note=a b",
-          FAKE_TRAIN="wait")
+  r = tpu(
+    "run",
+    "experiments/base_librispeech.py",
+    "gs://b/run",
+    "--config.batch_size=64",
+    "--config.note=a b",
+    FAKE_TRAIN="wait",
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   pids = sorted(int(m.split()[1]) for m in fakes.messages(2))
   trains = sorted(fakes.calls("w2v2-train"), key=lambda c: c["cwd"])
   assert [os.path.relpath(c["cwd"], str(tmp_path)) for c in trains] == ["worker0/w2v2_jax", "worker1/w2v2_jax"]
   assert sorted(c["pid"] for c in trains) == pids
   for i, call in enumerate(trains):
-    assert call["args"] == ["--config=experiments/base_librispeech.py", "--workdir=gs://b/run", "--distributed=on",
-                            "--config.batch_size=64", "--config.note=a b"]
+    assert call["args"] == [
+      "--config=experiments/base_librispeech.py",
+      "--workdir=gs://b/run",
+      "--distributed=on",
+      "--config.batch_size=64",
+      "--config.note=a b",
+    ]
     assert call["env"]["VIRTUAL_ENV"] == str(tmp_path / f"worker{i}" / "w2v2_jax" / ".venv")
     assert int((tmp_path / f"worker{i}" / "w2v2.pid").read_text()) == call["pid"]
   r = tpu("run", "experiments/base_librispeech.py", "gs://b/run")
@@ -666,13 +792,21 @@ def test_tpu_pod_recreate_resumes_a_preempted_slice(fakes, checkout, tmp_path):
   assert r.returncode == 0, r.stdout + r.stderr
   fakes.messages(2)
   verbs = [" ".join(a[2:4]) for a in _gcloud(fakes) if "describe" not in a]
-  assert verbs == ["queued-resources delete", "queued-resources create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",
-                   "tpu-vm ssh"]
+  assert verbs == [
+    "queued-resources delete",
+    "queued-resources create",
+    "tpu-vm scp",
+    "tpu-vm ssh",
+    "tpu-vm ssh",
+    "tpu-vm ssh",
+  ]
   assert "--spot" in _gcloud(fakes)[[" ".join(a[2:4]) for a in _gcloud(fakes)].index("queued-resources create")]
   trains = fakes.calls("w2v2-train")
   assert len(trains) == 2
-  assert all(c["args"] == ["--config=experiments/base_librispeech.py", "--workdir=gs://b/run", "--distributed=on"]
-             for c in trains)
+  assert all(
+    c["args"] == ["--config=experiments/base_librispeech.py", "--workdir=gs://b/run", "--distributed=on"]
+    for c in trains
+  )
   assert len([c for c in fakes.calls("uv") if c["args"][0] == "venv"]) == 2  # fresh VMs: a new .venv on each
   assert fakes.run(checkout, "stop", env=env).returncode == 0
   fakes.messages(2)
@@ -689,6 +823,7 @@ def test_tpu_pod_errors(fakes, checkout):
 
 
 # -- shellcheck ----------------------------------------------------------------------------------------------------
+
 
 def test_shellcheck_is_clean_on_every_launch_script():
   shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))

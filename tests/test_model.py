@@ -1,4 +1,5 @@
 """Model properties: parameter counts, straight-through Gumbel, feature_grad_mult, LayerDrop, remat, bf16."""
+
 import jax
 import jax.extend.random
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ def _batch(cfg, batch=2, samples=8000, seed=0):
   audio = jax.random.normal(jax.random.key(seed), (batch, samples))
   num_frames = cfg.num_frames(samples)
   mask = jax.jit(objectives.compute_span_mask, static_argnums=(2, 3, 4, 5))(
-      jax.random.key(seed + 1), jnp.full((batch,), num_frames), num_frames, 0.65, 10, 2)
+    jax.random.key(seed + 1), jnp.full((batch,), num_frames), num_frames, 0.65, 10, 2
+  )
   negatives = jax.jit(objectives.sample_negatives, static_argnums=2)(jax.random.key(seed + 2), mask, 10)
   return audio, mask, negatives
 
@@ -38,6 +40,7 @@ def _loss_fn(cfg, audio, mask, negatives, deterministic=False, temperature=2.0):
     rngs = {k: jax.random.fold_in(key, i) for i, k in enumerate(("dropout", "gumbel", "layerdrop"))}
     out = model.apply({"params": params}, audio, None, mask, temperature, deterministic, rngs=rngs)
     return objectives.pretraining_loss(out, mask, negatives, objectives.ObjectiveConfig(num_negatives=10))[0]
+
   return jax.jit(loss)
 
 
@@ -64,27 +67,42 @@ def test_eval_quantizer_is_argmax():
   params = init_params(cfg, jax.random.key(0))
   audio, _, _ = _batch(cfg)
   out = jax.jit(build(cfg).apply)({"params": params}, audio)
-  logits = out.encoder.extract_features @ params["quantizer"]["weight_proj"]["kernel"] + \
-      params["quantizer"]["weight_proj"]["bias"]
+  logits = (
+    out.encoder.extract_features @ params["quantizer"]["weight_proj"]["kernel"]
+    + params["quantizer"]["weight_proj"]["bias"]
+  )
   logits = np.asarray(logits).reshape(*logits.shape[:2], cfg.num_codevector_groups, -1)
   assert np.array_equal(np.asarray(out.quantizer.code_idx), logits.argmax(-1))
   # In training the sampled codes differ, but code_perplexity's argmax_idx is still the raw-logit argmax.
-  trained = jax.jit(lambda p: build(cfg.replace(feat_quantizer_dropout=0.0)).apply(
-      {"params": p}, audio, None, None, 2.0, False,
-      rngs={"gumbel": jax.random.key(1), "dropout": jax.random.key(2), "layerdrop": jax.random.key(3)}))(params)
+  trained = jax.jit(
+    lambda p: build(cfg.replace(feat_quantizer_dropout=0.0)).apply(
+      {"params": p},
+      audio,
+      None,
+      None,
+      2.0,
+      False,
+      rngs={"gumbel": jax.random.key(1), "dropout": jax.random.key(2), "layerdrop": jax.random.key(3)},
+    )
+  )(params)
   assert not np.array_equal(np.asarray(trained.quantizer.code_idx), logits.argmax(-1))
   assert np.array_equal(np.asarray(trained.quantizer.argmax_idx), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("mult", [0.25, 0.1, 0.0])
 def test_feature_grad_mult_scales_encoder_gradients_exactly(mult):
-  base_cfg = presets.tiny().replace(feature_grad_mult=1.0, hidden_dropout=0.0, attention_dropout=0.0,
-                                    feat_proj_dropout=0.0, feat_quantizer_dropout=0.0, layerdrop=0.0)
+  base_cfg = presets.tiny().replace(
+    feature_grad_mult=1.0,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    feat_proj_dropout=0.0,
+    feat_quantizer_dropout=0.0,
+    layerdrop=0.0,
+  )
   params = init_params(base_cfg, jax.random.key(0))
   audio, mask, negatives = _batch(base_cfg)
   g1 = jax.grad(_loss_fn(base_cfg, audio, mask, negatives))(params, jax.random.key(1))
-  gm = jax.grad(_loss_fn(base_cfg.replace(feature_grad_mult=mult), audio, mask, negatives))(params,
-                                                                                              jax.random.key(1))
+  gm = jax.grad(_loss_fn(base_cfg.replace(feature_grad_mult=mult), audio, mask, negatives))(params, jax.random.key(1))
   fe1, fem = g1["wav2vec2"]["feature_extractor"], gm["wav2vec2"]["feature_extractor"]
   for a, b in zip(jax.tree.leaves(fe1), jax.tree.leaves(fem)):
     a, b = np.asarray(a), np.asarray(b)
@@ -104,8 +122,11 @@ def test_layerdrop_drops_whole_layers():
   params = init_params(cfg, jax.random.key(0))
   audio, _, _ = _batch(cfg)
   model = build(cfg, "model")
-  out = jax.jit(lambda p: model.apply({"params": p}, audio, deterministic=False,
-                                      rngs={"dropout": jax.random.key(1), "layerdrop": jax.random.key(2)}))(params)
+  out = jax.jit(
+    lambda p: model.apply(
+      {"params": p}, audio, deterministic=False, rngs={"dropout": jax.random.key(1), "layerdrop": jax.random.key(2)}
+    )
+  )(params)
   # Every layer dropped: the output is the transformer input (post-LN: after the first LayerNorm).
   np.testing.assert_array_equal(np.asarray(out.last_hidden_state), np.asarray(out.hidden_states[0]))
   kept = jax.jit(lambda p: model.apply({"params": p}, audio, deterministic=True))(params)
@@ -113,14 +134,17 @@ def test_layerdrop_drops_whole_layers():
 
 
 def test_layerdrop_rate_and_gradients():
-  cfg = presets.tiny().replace(layerdrop=0.5, num_hidden_layers=1, hidden_dropout=0.0, attention_dropout=0.0,
-                               feat_proj_dropout=0.0)
+  cfg = presets.tiny().replace(
+    layerdrop=0.5, num_hidden_layers=1, hidden_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0
+  )
   params = init_params(cfg, jax.random.key(0))
   audio, _, _ = _batch(cfg, batch=1, samples=2000)
   model = build(cfg, "model")
   fwd = jax.jit(lambda k: model.apply({"params": params}, audio, deterministic=False, rngs={"layerdrop": k}))
-  dropped = [bool(np.array_equal(*(np.asarray(x) for x in (o.last_hidden_state, o.hidden_states[0]))))
-             for o in (fwd(k) for k in jax.random.split(jax.random.key(1), 200))]
+  dropped = [
+    bool(np.array_equal(*(np.asarray(x) for x in (o.last_hidden_state, o.hidden_states[0]))))
+    for o in (fwd(k) for k in jax.random.split(jax.random.key(1), 200))
+  ]
   assert 0.38 < np.mean(dropped) < 0.62
 
 
@@ -154,20 +178,22 @@ def test_config_rejects_inconsistent_values():
     presets.tiny().replace(feat_extract_norm="batch")
 
 
-@pytest.mark.parametrize("frames,kernel,groups,channels", [(37, 8, 4, 6), (29, 7, 2, 5), (5, 16, 3, 4),
-                                                         (99, 128, 16, 3)])
+@pytest.mark.parametrize(
+  "frames,kernel,groups,channels", [(37, 8, 4, 6), (29, 7, 2, 5), (5, 16, 3, 4), (99, 128, 16, 3)]
+)
 def test_dft_positional_conv_has_the_plain_convs_values_and_gradients(frames, kernel, groups, channels):
   """The positional conv's CPU form (models/dft_conv.py) is the plain grouped conv, gradients included,
   for even and odd kernels, a kernel longer than the input and BASE's kernel; one DFT bin less aliases."""
   from w2v2_jax.models.dft_conv import dft_length, grouped_conv_dft
   from w2v2_jax.models.transformer import _conv
+
   h, pad = groups * channels, kernel // 2
   x = jax.random.normal(jax.random.key(0), (3, frames, h))
   w = jax.random.normal(jax.random.key(1), (kernel, channels, h)) * 0.1
   dy = jax.random.normal(jax.random.key(2), (3, frames + 2 * pad - kernel + 1, h))
   y_ref, vjp_ref = jax.vjp(lambda a, b: _conv(a, b, groups, pad), x, w)
   y, vjp = jax.vjp(lambda a, b: grouped_conv_dft(a, b, groups, pad), x, w)
-  for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):   # float32 rounding of sums over frames
+  for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):  # float32 rounding of sums over frames
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(want)).max())
   aliased = grouped_conv_dft(x, w, groups, pad, length=dft_length(frames, kernel, pad) - 1)
   assert np.abs(np.asarray(aliased - y_ref)).max() > 1e-3
@@ -176,14 +202,16 @@ def test_dft_positional_conv_has_the_plain_convs_values_and_gradients(frames, ke
 def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):
   """The pre-LN residual-gradient barrier (models/layers.py) changes no value, and XLA:CPU keeps it."""
   from w2v2_jax.models import layers, transformer
+
   x = jax.random.normal(jax.random.key(0), (2, 5, 3))
   y, vjp = jax.vjp(layers.materialize_grad, x)
   np.testing.assert_array_equal(y, x)
   np.testing.assert_array_equal(vjp(x * 3)[0], x * 3)
-  assert np.isnan(np.asarray(vjp(x.at[0, 0, 0].set(jnp.inf))[0])).all()   # non-finite stays non-finite
+  assert np.isnan(np.asarray(vjp(x.at[0, 0, 0].set(jnp.inf))[0])).all()  # non-finite stays non-finite
 
-  cfg = presets.tiny().replace(do_stable_layer_norm=True, feat_extract_norm="layer", hidden_dropout=0.0,
-                               attention_dropout=0.0, layerdrop=0.0)
+  cfg = presets.tiny().replace(
+    do_stable_layer_norm=True, feat_extract_norm="layer", hidden_dropout=0.0, attention_dropout=0.0, layerdrop=0.0
+  )
   params = init_params(cfg, jax.random.key(0))
   audio, mask, negatives = _batch(cfg)
   grad = jax.jit(jax.grad(_loss_fn(cfg, audio, mask, negatives)))
@@ -200,12 +228,17 @@ def test_gelu_is_torchs_exact_gelu():
   import torch
 
   from w2v2_jax.models.layers import gelu
+
   x = np.linspace(-12, 12, 20001, dtype=np.float32)
-  np.testing.assert_allclose(gelu(jnp.asarray(x)), torch.nn.functional.gelu(torch.from_numpy(x)).numpy(),
-                             rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(jnp.asarray(x)),
-                             jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x)),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    gelu(jnp.asarray(x)), torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    jax.vmap(jax.grad(gelu))(jnp.asarray(x)),
+    jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("axis", [-1, -2])
@@ -215,6 +248,7 @@ def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset, axis)
   backward) against autodiff of the plain composition: values, and the gradients of input, scale and
   bias, on odd sizes, offset inputs and groups whose variance is below eps."""
   from w2v2_jax.models.layers import gelu, layer_norm_gelu
+
   keys = jax.random.split(jax.random.key(5), 4)
   x = jax.random.normal(keys[0], shape) * 2.0 + offset
   # groups whose variance (~4e-6) eps (1e-5) dominates
@@ -243,6 +277,7 @@ def test_layer_norm_then_gelu_is_the_same_on_every_platform(monkeypatch, reduce_
   """LayerNorm(then_gelu=True) on CPU (the fused function) and as GPU/TPU compile it (LayerNorm, then
   GELU) give the same values and parameter gradients, over channels and (BASE's GroupNorm) over time."""
   from w2v2_jax.models import layers
+
   module = layers.LayerNorm(1e-5, jnp.float32, reduce_axis=reduce_axis, then_gelu=True)
   x = jax.random.normal(jax.random.key(0), (2, 23, 24)) + 1.0
   params = module.init(jax.random.key(1), x)
@@ -260,6 +295,7 @@ def test_layer_norm_then_gelu_is_the_same_on_every_platform(monkeypatch, reduce_
 def test_threefry_written_out_is_jaxs_threefry():
   """layers.threefry2x32 gives jax's bits exactly: Random123's known answer, and random keys and counters."""
   from w2v2_jax.models.layers import threefry2x32
+
   kat = threefry2x32(jnp.uint32(0x13198A2E), jnp.uint32(0x03707344), jnp.uint32(0x243F6A88), jnp.uint32(0x85A308D3))
   assert [int(v) for v in kat] == [0xC4923A9C, 0x483DF7A0]
   k1, k2, x1, x2 = (jax.random.bits(k, (1000,), jnp.uint32) for k in jax.random.split(jax.random.key(3), 4))
@@ -274,7 +310,8 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   from scipy import stats
 
   from w2v2_jax.models.layers import Dropout, keep_mask
-  shape, keep = (3, 5, 211, 199), 0.9          # last axis not a multiple of 4: the padding is cut off
+
+  shape, keep = (3, 5, 211, 199), 0.9  # last axis not a multiple of 4: the padding is cut off
   mask = np.asarray(jax.jit(lambda k: keep_mask(k, shape, keep))(jax.random.key(7)))
   assert mask.shape == shape and mask.dtype == bool
   n = mask.size
@@ -299,7 +336,7 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.9], rtol=1e-6)
   np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)
-  np.testing.assert_array_equal(Dropout(1.0).apply({}, x, deterministic=False), 0 * x)   # needs no rng
+  np.testing.assert_array_equal(Dropout(1.0).apply({}, x, deterministic=False), 0 * x)  # needs no rng
   # exactly the four 16-bit halves of the hash of each group's index (not a silent fallback)
   small = np.asarray(keep_mask(jax.random.key(7), (2, 6), 0.5))
   k1, k2 = jax.random.key_data(jax.random.key(7))
@@ -311,8 +348,9 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   assert np.asarray(keep_mask(jax.random.key(7), (3, 7), 1 - 1e-6)).all()
   assert not np.asarray(keep_mask(jax.random.key(7), (3, 7), 0.0)).any()
   assert keep_mask(jax.random.key(7), (), 0.5).shape == ()
-  zero_grad = jax.grad(lambda v: Dropout(1.0).apply({}, v, deterministic=False,
-                                                    rngs={"dropout": jax.random.key(0)}).sum())(x)
+  zero_grad = jax.grad(
+    lambda v: Dropout(1.0).apply({}, v, deterministic=False, rngs={"dropout": jax.random.key(0)}).sum()
+  )(x)
   np.testing.assert_array_equal(zero_grad, np.zeros_like(x))
 
 
@@ -321,6 +359,7 @@ def test_attention_in_two_halves_on_cpu_is_the_whole_batch_attention(monkeypatch
   gradients as the whole batch at once (as GPU/TPU compile it), with the same dropout mask (rate 0.5,
   so a different mask would change most outputs) and padded keys."""
   from w2v2_jax.models import transformer
+
   cfg = presets.preset("tiny").replace(attention_dropout=0.5)
   module = transformer.Attention(cfg, deterministic=False)
   x = jax.random.normal(jax.random.key(0), (4, 21, cfg.hidden_size))
@@ -329,8 +368,10 @@ def test_attention_in_two_halves_on_cpu_is_the_whole_batch_attention(monkeypatch
   loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, key_mask, rngs={"dropout": jax.random.key(3)})))  # noqa: E731
   run = lambda: jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)  # noqa: E731
   halves = run()
-  assert str(jax.make_jaxpr(module.apply)(params, x, key_mask, rngs={"dropout": jax.random.key(3)})).count(
-      "dot_general") == 2 * 2 + 4   # q, k, v, out projections + two batched matmuls per half
+  assert (
+    str(jax.make_jaxpr(module.apply)(params, x, key_mask, rngs={"dropout": jax.random.key(3)})).count("dot_general")
+    == 2 * 2 + 4
+  )  # q, k, v, out projections + two batched matmuls per half
   monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
   whole = run()
   for a, b in zip(jax.tree.leaves(halves), jax.tree.leaves(whole)):
@@ -341,6 +382,7 @@ def test_dense_weight_gradient_from_matrices_is_autodiffs(monkeypatch):
   """On CPU dense layers take their weight gradient from [rows, in] x [rows, out] matrices (a custom
   VJP, faster on XLA:CPU): values and gradients equal autodiff's of the plain dot_general."""
   from w2v2_jax.models import layers
+
   module = layers.dense(48, ("embed", "mlp"), jnp.float32, name="d")
   x = jax.random.normal(jax.random.key(0), (3, 7, 32))
   params = module.init(jax.random.key(1), x)

@@ -1,5 +1,6 @@
 """w2v2-train on several processes (2 x 4 CPU devices, gloo on localhost): the end of a run, preemption,
 a lost process, and resuming on another process layout."""
+
 import fcntl
 import json
 import os
@@ -34,22 +35,36 @@ class _Run:
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
       port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "w2v2_jax.cli.train",
-           f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{data},{steps}",
-           f"--workdir={workdir}", "--config.checkpoint_every_steps=3",
-           f"--config.optim.total_steps={STEPS}", f"--host_timeout={HOST_TIMEOUT}", *extra]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(__file__),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {conftest.FAST_COMPILE}",
-           # every program into the session's cache, even the many small ones of a checkpoint save: each
-           # run compiles them again otherwise, a quarter of its CPU time
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cmd = [
+      sys.executable,
+      "-m",
+      "w2v2_jax.cli.train",
+      f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{data},{steps}",
+      f"--workdir={workdir}",
+      "--config.checkpoint_every_steps=3",
+      f"--config.optim.total_steps={STEPS}",
+      f"--host_timeout={HOST_TIMEOUT}",
+      *extra,
+    ]
+    env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": os.path.dirname(__file__),
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {conftest.FAST_COMPILE}",
+      # every program into the session's cache, even the many small ones of a checkpoint save: each
+      # run compiles them again otherwise, a quarter of its CPU time
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     if processes > 1:
-      cmds = [cmd + [f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
-              for i in range(processes)]
+      cmds = [
+        cmd + [f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
+        for i in range(processes)
+      ]
     else:
       cmds = [cmd]
-    self.procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                  for c in cmds]
+    self.procs = [
+      subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds
+    ]
     self.lines = [[] for _ in self.procs]
     self.exited = [None] * len(self.procs)  # time.monotonic() at each process's exit
     self._triggers = []
@@ -92,8 +107,12 @@ class _Run:
 
   def saved_steps(self):
     """The step each process logged as saved on preemption."""
-    return [int(line.split("saved step ")[1].split(";")[0]) for lines in self.lines for line in lines
-            if "preempted: saved step" in line]
+    return [
+      int(line.split("saved step ")[1].split(";")[0])
+      for lines in self.lines
+      for line in lines
+      if "preempted: saved step" in line
+    ]
 
 
 def _checkpoint(workdir, step=None):
@@ -150,8 +169,7 @@ def _preempted(data, workdir, targets):
   return saved[0]
 
 
-def test_preempted_processes_save_the_same_step_and_resume_bitwise(
-    speech_like_shards, straight, tmp_path):  # noqa: F811
+def test_preempted_processes_save_the_same_step_and_resume_bitwise(speech_like_shards, straight, tmp_path):  # noqa: F811
   """SIGTERM to both processes; the same command then ends bitwise equal to the uninterrupted run."""
   workdir = str(tmp_path / "preempted")
   stopped = _preempted(speech_like_shards, workdir, (0, 1))
@@ -164,8 +182,7 @@ def test_preempted_processes_save_the_same_step_and_resume_bitwise(
   _assert_params(params, straight_params)
 
 
-def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(
-    speech_like_shards, straight, tmp_path):  # noqa: F811
+def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(speech_like_shards, straight, tmp_path):  # noqa: F811
   """SIGTERM to process 1 alone (one preempted VM) stops both at the same step; the run goes on as
   1 process x 8 devices for two steps, then as 2 x 4 again to the end, with the same global batch:
   the data position continues exactly, and the parameters equal the uninterrupted run's within

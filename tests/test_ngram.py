@@ -1,5 +1,6 @@
 """The ARPA n-gram estimator: a normalised interpolated Kneser-Ney model that KenLM reads and scores
 exactly as we do, and the corpus's LM text, which holds no test sentence."""
+
 import itertools
 
 import kenlm
@@ -9,13 +10,19 @@ import pytest
 from w2v2_jax.decoding import ngram
 from w2v2_jax.demo import corpus
 
-SENTENCES = ["the cat saw the dog", "the dog saw a cat", "a cat and a dog", "the red cat saw the blue dog today",
-             "we saw two cats", "the dog and the cat saw two birds"]
+SENTENCES = [
+  "the cat saw the dog",
+  "the dog saw a cat",
+  "a cat and a dog",
+  "the red cat saw the blue dog today",
+  "we saw two cats",
+  "the dog and the cat saw two birds",
+]
 
 
 def _log10p(tables, history, word):
   """Backoff scoring of the ARPA tables, written out: the seen n-gram, else backoff weight x lower order."""
-  history = tuple(history)[-(len(tables) - 1):] if len(tables) > 1 else ()
+  history = tuple(history)[-(len(tables) - 1) :] if len(tables) > 1 else ()
   gram = history + (word,)
   if gram in tables[len(gram) - 1]:
     return tables[len(gram) - 1][gram][0]
@@ -44,7 +51,7 @@ def test_kenlm_reads_the_arpa_and_scores_like_the_tables(tmp_path):
   assert model.order == 3
   for text in ["the cat saw a dog", "a zebra saw the cat", "cats and dogs", "the dog"]:
     words = [ngram.BOS] + text.split() + [ngram.EOS]
-    ours = sum(_log10p(tables, words[max(0, i - 2):i], words[i]) for i in range(1, len(words)))
+    ours = sum(_log10p(tables, words[max(0, i - 2) : i], words[i]) for i in range(1, len(words)))
     assert model.score(text, bos=True, eos=True) == pytest.approx(ours, abs=1e-4), text
   # A sentence seen in training scores higher than the same words shuffled.
   assert model.score("the cat saw the dog") > model.score("dog the saw cat the")
@@ -57,6 +64,7 @@ def test_corpus_lm_text_leaves_out_the_test_sentences():
   assert len(lines) == 3000 and not any(held_out)
   # The control: the same generator without the filter draws held-out sentences ~15% of the time.
   from w2v2_jax.demo import sentences
+
   rng = np.random.default_rng(0)
   drawn = [sentences.sentence(rng) for _ in range(3000)]
   rate = np.mean([corpus._held_out("sentence:" + s, cfg.test_sentence_fraction, cfg.seed) for s in drawn])

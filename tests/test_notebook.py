@@ -1,4 +1,5 @@
 """The Colab notebook runs top to bottom, headless, at tiny sizes on CPU (nbclient)."""
+
 import os
 import re
 
@@ -14,8 +15,9 @@ def test_colab_notebook_runs_headless(tmp_path, monkeypatch):
   monkeypatch.setenv("W2V2_NOTEBOOK_WORKDIR", str(tmp_path))
   monkeypatch.setenv("XLA_FLAGS", conftest.FAST_COMPILE)  # one CPU device, as a CPU Colab runtime has
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  NotebookClient(nb, timeout=900, kernel_name="python3",
-                 resources={"metadata": {"path": os.path.dirname(NOTEBOOK) + "/.."}}).execute()
+  NotebookClient(
+    nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(NOTEBOOK) + "/.."}}
+  ).execute()
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]

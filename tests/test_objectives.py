@@ -1,4 +1,5 @@
 """Statistical and exact properties of span masking, negative sampling and the loss."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +31,17 @@ def test_equal_counts_and_never_in_padding():
 def test_mask_matches_fairseq_span_count_distribution():
   """Without the same-count subsampling, the number of span starts per utterance is
   int(mask_prob * T / mask_length + U)."""
-  mask = np.asarray(objectives.compute_span_mask(jax.random.key(5), jnp.full((2000,), 40), 40, mask_prob=0.065,
-                                                 mask_length=1, min_masks=2, require_same_masks=False))
+  mask = np.asarray(
+    objectives.compute_span_mask(
+      jax.random.key(5),
+      jnp.full((2000,), 40),
+      40,
+      mask_prob=0.065,
+      mask_length=1,
+      min_masks=2,
+      require_same_masks=False,
+    )
+  )
   counts = mask.sum(axis=1)  # spans of length 1 never overlap: count = number of starts
   assert set(np.unique(counts)) <= {2, 3}
   assert abs((counts == 3).mean() - 0.6) < 0.05  # int(0.065 * 40 + U) = int(2.6 + U) is 3 with probability 0.6

@@ -4,6 +4,7 @@ under every recipe's mesh; layouts that cannot work are refused, naming the conf
 The slices are libtpu's compile-only topology descriptions (pip install -e '.[tpu]'): their devices carry
 the process_index of their TPU host, so every process's rows are computed on this one CPU host.
 """
+
 import functools
 import glob
 import importlib.util
@@ -23,8 +24,9 @@ from w2v2_jax.data import pipeline
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(EXPERIMENTS, "*.py")))
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="compile-only TPU topologies need libtpu (pip install -e '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="compile-only TPU topologies need libtpu (pip install -e '.[tpu]')"
+)
 
 
 @functools.cache
@@ -106,20 +108,25 @@ def test_layouts_that_cannot_feed_every_process_are_refused():
   one_host = Mesh(np.array(by_process[0]).reshape(1, 4, 1), parallel.AXES, axis_types=(AxisType.Auto,) * 3)
   with pytest.raises(ValueError, match=r"^config.mesh=.*process\(es\) \[1\] of 2 hold no batch rows"):
     parallel.process_rows(parallel.batch_sharding(one_host), 8, process_count=2)
-  lopsided = Mesh(np.array(by_process[0] + by_process[1][:2]).reshape(1, 6, 1), parallel.AXES,
-                  axis_types=(AxisType.Auto,) * 3)
+  lopsided = Mesh(
+    np.array(by_process[0] + by_process[1][:2]).reshape(1, 6, 1), parallel.AXES, axis_types=(AxisType.Auto,) * 3
+  )
   with pytest.raises(ValueError, match=r"^config.mesh=.*different numbers of batch rows \[4, 8\]"):
     parallel.process_rows(parallel.batch_sharding(lopsided), 12)
-  interleaved = Mesh(np.array([by_process[i % 2][i // 2] for i in range(8)]).reshape(1, 8, 1), parallel.AXES,
-                     axis_types=(AxisType.Auto,) * 3)
+  interleaved = Mesh(
+    np.array([by_process[i % 2][i // 2] for i in range(8)]).reshape(1, 8, 1),
+    parallel.AXES,
+    axis_types=(AxisType.Auto,) * 3,
+  )
   with pytest.raises(ValueError, match=r"not one contiguous block"):
     parallel.process_rows(NamedSharding(interleaved, P(parallel.BATCH_AXES)), 8)
 
 
 def _aot(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "w2v2_jax.cli.aot", *args], capture_output=True, text=True, env=env,
-                        timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "w2v2_jax.cli.aot", *args], capture_output=True, text=True, env=env, timeout=300
+  )
 
 
 @needs_libtpu

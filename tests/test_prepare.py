@@ -1,4 +1,5 @@
 """w2v2-prepare on every kind of bad input, splits, sources (dir, TSV, fairseq TSV, TFDS), resume."""
+
 import json
 import os
 import subprocess
@@ -46,20 +47,29 @@ def messy_dir(tmp_path_factory):
   (spk / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + os.urandom(200))
   (spk / "notaudio.mp3").write_text("this is a text file with an audio extension\n" * 20)
   full = (spk / "long.flac").read_bytes()
-  (spk / "truncated.flac").write_bytes(full[:len(full) // 3])
+  (spk / "truncated.flac").write_bytes(full[: len(full) // 3])
   os.symlink(root / "nowhere.wav", spk / "dangling.wav")  # an unreadable file
   return root
 
 
-EXPECTED_SKIPS = {"short.wav": "too short", "silence.wav": "silent", "nan.wav": "non-finite",
-                  "inf.wav": "non-finite", "zero_samples.wav": "empty", "zero_bytes.wav": "undecodable",
-                  "corrupt.wav": "undecodable", "notaudio.mp3": "undecodable", "dangling.wav": "missing"}
+EXPECTED_SKIPS = {
+  "short.wav": "too short",
+  "silence.wav": "silent",
+  "nan.wav": "non-finite",
+  "inf.wav": "non-finite",
+  "zero_samples.wav": "empty",
+  "zero_bytes.wav": "undecodable",
+  "corrupt.wav": "undecodable",
+  "notaudio.mp3": "undecodable",
+  "dangling.wav": "missing",
+}
 
 
 def _prepare_cli(*args):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "w2v2_jax.cli.prepare", *args], capture_output=True, text=True,
-                        env=env, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "w2v2_jax.cli.prepare", *args], capture_output=True, text=True, env=env, timeout=600
+  )
 
 
 def test_bad_inputs_are_converted_or_skipped_with_reasons_and_resume(messy_dir, tmp_path):
@@ -86,16 +96,15 @@ def test_bad_inputs_are_converted_or_skipped_with_reasons_and_resume(messy_dir, 
   assert by_id["spk1/ch1/good"] == 2 * RATE
   assert abs(by_id["spk1/ch1/stereo44k"] - 2 * RATE) <= 2  # downmixed, resampled
   assert abs(by_id["spk1/ch1/eightbit"] - 2 * RATE) <= 2
-  assert [by_id[f"spk1/ch1/long#{k:03d}"] for k in range(3)] == [70 * RATE // 3 + 1, 70 * RATE // 3,
-                                                                   70 * RATE // 3]
+  assert [by_id[f"spk1/ch1/long#{k:03d}"] for k in range(3)] == [70 * RATE // 3 + 1, 70 * RATE // 3, 70 * RATE // 3]
   assert by_id["spk1/ch1/longlabeled"] == 40 * RATE  # labeled audio is kept whole
   if truncated is None:
     assert 0 < by_id["spk1/ch1/truncated"] < 70 * RATE
 
   # The stored samples are the decoded audio; the stereo file was averaged over channels.
   import tensorflow as tf
-  utts = {u.id: u for u in (records.decode(b) for b in
-                            tf.data.TFRecordDataset(list(index.files)).as_numpy_iterator())}
+
+  utts = {u.id: u for u in (records.decode(b) for b in tf.data.TFRecordDataset(list(index.files)).as_numpy_iterator())}
   np.testing.assert_allclose(utts["spk1/ch1/good"].audio / 32767, _tone(2.0), atol=1e-4)
   assert utts["spk1/ch1/good"].transcript == "hello there" and utts["spk1/ch1/good"].speaker == "spk1"
   assert 0.15 < np.abs(utts["spk1/ch1/stereo44k"].audio / 32767).max() < 0.25  # mean of 0.3 and 0.15
@@ -107,8 +116,11 @@ def test_bad_inputs_are_converted_or_skipped_with_reasons_and_resume(messy_dir, 
   assert {p: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")} == mtimes
   assert json.load(open(out / "report.json"))["total"] == total
   changed = _prepare_cli(*args, "--min_seconds=3")
-  assert changed.returncode == 1 and changed.stderr.strip().splitlines()[-1].startswith(
-      "w2v2-prepare: error:") and "--min_seconds=3.0" in changed.stderr
+  assert (
+    changed.returncode == 1
+    and changed.stderr.strip().splitlines()[-1].startswith("w2v2-prepare: error:")
+    and "--min_seconds=3.0" in changed.stderr
+  )
 
 
 def test_unfinished_shard_is_redone(tmp_path):
@@ -161,9 +173,17 @@ def test_tfds_dataset_source(tmp_path):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "speech": tfds.features.Audio(sample_rate=8000, dtype=np.int16),
-          "text": tfds.features.Text(), "speaker_id": np.int64, "id": tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "speech": tfds.features.Audio(sample_rate=8000, dtype=np.int16),
+            "text": tfds.features.Text(),
+            "speaker_id": np.int64,
+            "id": tfds.features.Text(),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -186,8 +206,10 @@ def test_tfds_dataset_source(tmp_path):
 
 def test_espeak_corpus_splits_voices_and_cache(tmp_path):
   from w2v2_jax.demo import corpus, espeak
+
   def say(synth):  # eSpeak's output depends on what it said before: same history, same bytes
     return [synth.synth(t, v) for t, v in (("something else first", "en+f3"), ("hello world", "en-us+m1"))]
+
   with espeak.Synthesizer() as a, espeak.Synthesizer() as b:
     first = say(a)
     b.synth("a different history", "en+klatt")
@@ -236,22 +258,24 @@ def test_rooms_add_noise_at_the_drawn_snr_and_reverb():
   """Tone bursts with long silent gaps: the gaps hold only noise (the reverb tail has died), so the
   SNR can be read back; over 40 rooms it stays in rooms.SNR_DB and spreads over it."""
   from w2v2_jax.demo import rooms
+
   t = np.arange(16000) / 16000
   burst = np.sin(2 * np.pi * 440 * t[:8000]) * np.hanning(8000)
   clean = np.concatenate([np.concatenate([burst, np.zeros(16000)]) for _ in range(3)]).astype(np.float32)
   gaps = np.zeros(clean.size, bool)
   for k in range(3):
-    gaps[k * 24000 + 8000 + 14000:(k + 1) * 24000] = True  # 0.875 s after each burst: past RT60
+    gaps[k * 24000 + 8000 + 14000 : (k + 1) * 24000] = True  # 0.875 s after each burst: past RT60
   snrs, tails = [], []
   for seed in range(40):
     out = rooms.in_a_room(clean, np.random.default_rng(seed))
     assert out.shape == clean.shape and out.dtype == np.float32 and np.abs(out).max() <= 0.9 + 1e-6
     noise = np.mean(out[gaps] ** 2)
-    snrs.append(10 * np.log10((np.mean(out ** 2) - noise) / noise))
+    snrs.append(10 * np.log10((np.mean(out**2) - noise) / noise))
     just_after = slice(8000 + 400, 8000 + 1600)  # 25-100 ms after the first burst: reverb over noise
     tails.append(np.mean(out[just_after] ** 2) / noise)
-  np.testing.assert_array_equal(rooms.in_a_room(clean, np.random.default_rng(3)),
-                                rooms.in_a_room(clean, np.random.default_rng(3)))
+  np.testing.assert_array_equal(
+    rooms.in_a_room(clean, np.random.default_rng(3)), rooms.in_a_room(clean, np.random.default_rng(3))
+  )
   lo, hi = rooms.SNR_DB
   assert lo - 1.5 < min(snrs) and max(snrs) < hi + 1.5, (min(snrs), max(snrs))
   assert min(snrs) < lo + 5 and max(snrs) > hi - 5  # the whole range is drawn

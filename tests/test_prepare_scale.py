@@ -1,4 +1,5 @@
 """w2v2-prepare across machines and inputs: N tasks + merge equal one run; several TFDS inputs in one folder."""
+
 import json
 import multiprocessing.pool
 import os
@@ -19,9 +20,12 @@ RATE = 16000
 def threads(monkeypatch):
   """prepare's workers as threads of this process: the same tasks, without starting TensorFlow in a new
   process per run (the first run of a test keeps real processes)."""
+
   def use_threads():
-    monkeypatch.setattr(writer.multiprocessing, "get_context",
-                        lambda _: types.SimpleNamespace(Pool=multiprocessing.pool.ThreadPool))
+    monkeypatch.setattr(
+      writer.multiprocessing, "get_context", lambda _: types.SimpleNamespace(Pool=multiprocessing.pool.ThreadPool)
+    )
+
   return use_threads
 
 
@@ -33,9 +37,13 @@ def _tone(seconds, freq=220.0, amp=0.3):
 def _split(data_dir, split):
   """What a split holds: ids, shard names, and each utterance's shard, audio offset and length."""
   index = records.load_split(str(data_dir), split)
-  return {"ids": list(index.ids), "files": [os.path.basename(f) for f in index.files],
-          "file_index": index.file_index.tolist(), "audio_offsets": index.audio_offsets.tolist(),
-          "num_samples": index.num_samples.tolist()}
+  return {
+    "ids": list(index.ids),
+    "files": [os.path.basename(f) for f in index.files],
+    "file_index": index.file_index.tolist(),
+    "audio_offsets": index.audio_offsets.tolist(),
+    "num_samples": index.num_samples.tolist(),
+  }
 
 
 def _report(data_dir):
@@ -70,9 +78,23 @@ def test_tasks_and_merge_equal_one_run(tmp_path, threads):
   shared = tmp_path / "shared"
   assert writer.prepare(items, cfg(shared, num_tasks=3, task_index=0), log=lambda _: None) is None
   # A merge before every task is done is refused, naming the task to run (the CLI: in one line).
-  merge = subprocess.run([sys.executable, "-m", "w2v2_jax.cli.prepare", f"--input={root}", f"--output={shared}",
-                          "--valid_fraction=0.3", "--shard_size=3", "--num_tasks=3", "--merge"],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  merge = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "w2v2_jax.cli.prepare",
+      f"--input={root}",
+      f"--output={shared}",
+      "--valid_fraction=0.3",
+      "--shard_size=3",
+      "--num_tasks=3",
+      "--merge",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert merge.returncode == 1
   [line] = [l for l in merge.stderr.splitlines() if l.startswith("w2v2-prepare:")]
   assert "--task_index=1 of --num_tasks=3" in line and "shards missing" in line, merge.stderr
@@ -91,8 +113,14 @@ def test_tasks_and_merge_equal_one_run(tmp_path, threads):
     assert (shared / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
-LIBRISPEECH_SPLITS = {"train_clean100": 3, "train_clean360": 2, "train_other500": 2, "dev_clean": 2, "dev_other": 2,
-                      "test_clean": 2}
+LIBRISPEECH_SPLITS = {
+  "train_clean100": 3,
+  "train_clean360": 2,
+  "train_other500": 2,
+  "dev_clean": 2,
+  "dev_other": 2,
+  "test_clean": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +132,18 @@ def tiny_librispeech(tmp_path_factory):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "speech": tfds.features.Audio(sample_rate=RATE, dtype=np.int16), "text": tfds.features.Text(),
-          "speaker_id": np.int64, "chapter_id": np.int64, "id": tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "speech": tfds.features.Audio(sample_rate=RATE, dtype=np.int16),
+            "text": tfds.features.Text(),
+            "speaker_id": np.int64,
+            "chapter_id": np.int64,
+            "id": tfds.features.Text(),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {split: self._generate_examples(k, n) for k, (split, n) in enumerate(LIBRISPEECH_SPLITS.items())}
@@ -115,8 +152,16 @@ def tiny_librispeech(tmp_path_factory):
       for i in range(n):
         speaker, chapter = 100 + k, 1000 + k
         uid = f"{speaker}-{chapter}-{i:04d}"
-        yield uid, {"speech": (_tone(1.0 + 0.1 * i, 150 + 30 * k) * 32767).astype(np.int16),
-                    "text": f"utterance {i} of split {k}", "speaker_id": speaker, "chapter_id": chapter, "id": uid}
+        yield (
+          uid,
+          {
+            "speech": (_tone(1.0 + 0.1 * i, 150 + 30 * k) * 32767).astype(np.int16),
+            "text": f"utterance {i} of split {k}",
+            "speaker_id": speaker,
+            "chapter_id": chapter,
+            "id": uid,
+          },
+        )
 
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   TinyLibrispeech(data_dir=data_dir).download_and_prepare()
@@ -131,8 +176,11 @@ def test_tfds_split_expressions_into_one_folder(tiny_librispeech, tmp_path, thre
     cfg = writer.PrepareConfig(out_dir=out, shard_size=2, workers=1, train_name=split_name)
     return writer.prepare(items, cfg, log=lambda _: None)
 
-  inputs = {"train": "train_clean100+train_clean360+train_other500", "valid": "dev_clean+dev_other",
-            "test": "test_clean"}
+  inputs = {
+    "train": "train_clean100+train_clean360+train_other500",
+    "valid": "dev_clean+dev_other",
+    "test": "test_clean",
+  }
   run(inputs["train"], "train")  # worker processes, as the CLI runs it
   threads()
   for split in ("valid", "test"):
@@ -141,8 +189,9 @@ def test_tfds_split_expressions_into_one_folder(tiny_librispeech, tmp_path, thre
   ids = {}
   for split, expression in inputs.items():
     ids[split] = set(records.load_split(out, split).ids)
-    assert len(ids[split]) == report["splits"][split]["records"] == sum(LIBRISPEECH_SPLITS[s]
-                                                                        for s in expression.split("+"))
+    assert (
+      len(ids[split]) == report["splits"][split]["records"] == sum(LIBRISPEECH_SPLITS[s] for s in expression.split("+"))
+    )
     assert report["splits"][split]["labeled"] == len(ids[split])
   assert not ids["train"] & ids["valid"] and not ids["train"] & ids["test"] and not ids["valid"] & ids["test"]
   assert {i.split("-")[0] for i in ids["test"]} == {"105"}  # test_clean's speaker only

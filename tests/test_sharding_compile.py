@@ -5,6 +5,7 @@ replicating it first: on a pod, a silent all-gather of an activation. Each case 
 jitted steps in a subprocess, so the log is on a stderr the test can read, and with the compilation
 cache off, so that every program is really partitioned.
 """
+
 import os
 import subprocess
 import sys
@@ -55,15 +56,25 @@ with jax.set_mesh(layout.mesh):
 """
 
 
-def compile_logs(mesh: str, task: str = "pretrain", pinned: bool = True, names=("train", "eval"),
-                 microbatches: int = 1) -> dict:
+def compile_logs(
+  mesh: str, task: str = "pretrain", pinned: bool = True, names=("train", "eval"), microbatches: int = 1
+) -> dict:
   """{step name: its stderr} of compiling w2v2-train's steps on a (data, fsdp, tensor) mesh of 8 CPU devices."""
   tests = os.path.dirname(os.path.abspath(__file__))
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "JAX_ENABLE_COMPILATION_CACHE": "false",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-  proc = subprocess.run([sys.executable, "-c", _PROBE, mesh, task, "pinned" if pinned else "unpinned",
-                         ",".join(names), str(microbatches)], env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = {
+    **os.environ,
+    "TF_CPP_MIN_LOG_LEVEL": "0",
+    "JAX_ENABLE_COMPILATION_CACHE": "false",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", _PROBE, mesh, task, "pinned" if pinned else "unpinned", ",".join(names), str(microbatches)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   logs = {}
   for name in names:

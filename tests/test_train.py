@@ -1,4 +1,5 @@
 """w2v2-train: config checks, FSDP-sharded parameters, and exact resume after an interruption."""
+
 import os
 import signal
 import subprocess
@@ -37,14 +38,19 @@ def _config(data_dir, steps):
 
 def test_learning_rate_follows_fairseq_polynomial_decay():
   from w2v2_jax.train.optim import learning_rate
+
   lr = learning_rate(1e-3, warmup_steps=4, total_steps=12)
-  np.testing.assert_allclose([float(lr(k)) for k in range(13)],
-                             [2.5e-4, 5e-4, 7.5e-4, 1e-3] + [1e-3 * (1 - (k - 4) / 8) for k in range(4, 13)],
-                             rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(
+    [float(lr(k)) for k in range(13)],
+    [2.5e-4, 5e-4, 7.5e-4, 1e-3] + [1e-3 * (1 - (k - 4) / 8) for k in range(4, 13)],
+    rtol=1e-6,
+    atol=1e-12,
+  )
 
 
 def test_config_errors_name_the_key(speech_like_shards):
   from w2v2_jax import parallel
+
   mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
   c = _config(speech_like_shards, 1)
   c.batch_size = 6
@@ -70,12 +76,21 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
   """w2v2-train gets SIGTERM mid-run (saves, exits 0) or SIGKILL (no save); the same command then
   resumes from the latest complete checkpoint and ends bitwise equal to an uninterrupted run."""
   workdir = str(tmp_path / "resumed")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS as in this process: bitwise comparable
-         "PYTHONPATH": os.path.dirname(__file__)}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",  # XLA_FLAGS as in this process: bitwise comparable
+    "PYTHONPATH": os.path.dirname(__file__),
+  }
+
   def cmd(workdir):
-    return [sys.executable, "-m", "w2v2_jax.cli.train",
-            f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{speech_like_shards},6",
-            f"--workdir={workdir}"]
+    return [
+      sys.executable,
+      "-m",
+      "w2v2_jax.cli.train",
+      f"--config={os.path.join(os.path.dirname(__file__), 'train_config.py')}:{speech_like_shards},6",
+      f"--workdir={workdir}",
+    ]
+
   proc = subprocess.Popen(cmd(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:
@@ -90,8 +105,9 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
 
   # SIGKILL (no chance to save) once the step-2 checkpoint is complete: the rerun restarts from it.
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(cmd(killed) + ["--config.checkpoint_every_steps=2"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd(killed) + ["--config.checkpoint_every_steps=2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 300
   while not os.path.isdir(os.path.join(killed, "checkpoints", "2")) and time.time() < deadline:
     time.sleep(0.05)
@@ -118,8 +134,10 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
 def test_compiled_programs_are_kept_under_the_cache_folder_unless_jax_names_one(tmp_path):
   """w2v2-train and w2v2-miniature call cli.common.use_compilation_cache(): XLA's programs go to
   $W2V2_JAX_CACHE/xla, or to JAX_COMPILATION_CACHE_DIR when the user sets it."""
-  code = ("from w2v2_jax.cli.common import use_compilation_cache; folder = use_compilation_cache(); import jax; "
-          "jax.jit(lambda x: jax.numpy.sin(x) @ x)(jax.numpy.ones((64, 64))).block_until_ready(); print(folder)")
+  code = (
+    "from w2v2_jax.cli.common import use_compilation_cache; folder = use_compilation_cache(); import jax; "
+    "jax.jit(lambda x: jax.numpy.sin(x) @ x)(jax.numpy.ones((64, 64))).block_until_ready(); print(folder)"
+  )
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env.update(W2V2_JAX_CACHE=str(tmp_path / "w2v2"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   for own in (None, str(tmp_path / "own")):
@@ -151,6 +169,7 @@ def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monke
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import optim
   from w2v2_jax.train import step as steps
+
   monkeypatch.setattr(steps, "compile_platform", lambda: platform)
   c = _config(speech_like_shards, 1)
   c.optim.warmup_steps = 0
@@ -158,8 +177,10 @@ def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monke
   tx = optim.optimizer(c.optim)
   params = init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
-  batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)), jnp.int16),
-           "lengths": jnp.full((8,), 16000, jnp.int32)}
+  batch = {
+    "audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)), jnp.int16),
+    "lengths": jnp.full((8,), 16000, jnp.int32),
+  }
   train_step = jax.jit(steps.make_train_step(cfg, obj, tx, c))
   bad = jax.tree.map(lambda x: x, params)
   bad["quantizer"]["codevectors"] = bad["quantizer"]["codevectors"].at[0, 0, 0].set(jnp.nan)
@@ -187,10 +208,19 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import optim
   from w2v2_jax.train import step as steps
+
   c = finetune_config.get_config(f"{speech_like_shards},1,0")
   c.finetune.mask_prob = 0.0
-  c.model.update(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                 final_dropout=0.0, layerdrop=0.0, feature_grad_mult=1.0, vocab_size=20)
+  c.model.update(
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    final_dropout=0.0,
+    layerdrop=0.0,
+    feature_grad_mult=1.0,
+    vocab_size=20,
+  )
   c.optim.lr, c.optim.eps, c.optim.warmup_steps, c.optim.schedule, c.optim.end_lr = 1.0, 1.0, 0, "polynomial", 1.0
   assert float(optim.schedule(c.optim)(0)) == 1.0
   cfg, obj = loop.model_config(c), loop.objective_config(c)
@@ -199,11 +229,12 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
   rng = np.random.default_rng(0)
   lengths = np.array([16000, 9000, 12000, 16000, 8000, 15000, 11000, 16000], np.int32)
   label_lengths = np.array([7, 3, 0, 0, 2, 9, 4, 6], np.int32)
-  batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)) * (np.arange(16000) < lengths[:, None]),
-                                jnp.int16),
-           "lengths": jnp.asarray(lengths),
-           "labels": jnp.asarray(rng.integers(1, 20, (8, 9)) * (np.arange(9) < label_lengths[:, None]), jnp.int32),
-           "label_lengths": jnp.asarray(label_lengths)}
+  batch = {
+    "audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)) * (np.arange(16000) < lengths[:, None]), jnp.int16),
+    "lengths": jnp.asarray(lengths),
+    "labels": jnp.asarray(rng.integers(1, 20, (8, 9)) * (np.arange(9) < label_lengths[:, None]), jnp.int32),
+    "label_lengths": jnp.asarray(label_lengths),
+  }
   results = {}
   for micro in (1, 2, 4):
     c.train.microbatches = micro
@@ -217,12 +248,27 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["demo", "base_librispeech", "large_librispeech", "large_lv60", "xlsr_300m",
-                                  "demo_finetune", "base_10m", "base_1h", "base_10h", "base_100h", "base_960h"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "demo",
+    "base_librispeech",
+    "large_librispeech",
+    "large_lv60",
+    "xlsr_300m",
+    "demo_finetune",
+    "base_10m",
+    "base_1h",
+    "base_10h",
+    "base_100h",
+    "base_960h",
+  ],
+)
 def test_every_experiment_config_loads_and_validates(name):
   import importlib.util
 
   from w2v2_jax import parallel
+
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -247,6 +293,7 @@ def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, 
   from w2v2_jax.models import transformer
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import step as steps
+
   if pos_conv == "xla":
     monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
 
@@ -255,24 +302,31 @@ def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, 
     c.optim.lr, c.optim.eps, c.optim.warmup_steps = 1.0, 1.0, 0
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     return c
+
   c, c1 = config(mesh_shape), config((1, 1, 1))
   cfg, obj = loop.model_config(c), loop.objective_config(c)
   rng = np.random.default_rng(0)
-  batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)), jnp.int16),
-           "lengths": jnp.full((8,), 16000, jnp.int32)}
+  batch = {
+    "audio": jnp.asarray(rng.integers(-3000, 3000, (8, 16000)), jnp.int16),
+    "lengths": jnp.full((8,), 16000, jnp.int32),
+  }
   key = jax.random.key(1)
 
   one = loop.plan_layout(c1, jax.devices()[:1])
   state = steps.init_state(init_params(cfg, jax.random.key(0)), one.tx)
   single_state, single = jax.jit(steps.make_train_step(cfg, obj, one.tx, c1))(
-      jax.device_put(state, jax.devices()[0]), batch, key)
+    jax.device_put(state, jax.devices()[0]), batch, key
+  )
 
   layout = loop.plan_layout(c)
   with jax.set_mesh(layout.mesh):
     sharded_state = jax.device_put(state, layout.state_shardings)
     bsh = parallel.batch_sharding(layout.mesh)
-    step = jax.jit(steps.make_train_step(cfg, obj, layout.tx, c), in_shardings=(layout.state_shardings, bsh, None),
-                   out_shardings=(layout.state_shardings, None))
+    step = jax.jit(
+      steps.make_train_step(cfg, obj, layout.tx, c),
+      in_shardings=(layout.state_shardings, bsh, None),
+      out_shardings=(layout.state_shardings, None),
+    )
     new_state, sharded = step(sharded_state, jax.device_put(batch, bsh), key)
   if mesh_shape[1] > 1:  # FSDP really split the parameters
     assert any(len({str(s.index) for s in x.addressable_shards}) > 1 for x in jax.tree.leaves(new_state.params))

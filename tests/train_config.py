@@ -1,4 +1,5 @@
 """A tiny pre-training config for the tests: get_config("DATA_DIR,STEPS")."""
+
 from w2v2_jax.train import defaults
 
 

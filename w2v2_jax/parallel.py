@@ -5,6 +5,7 @@ rules that map them onto the mesh live in the experiment config (`config.mesh.ru
 DEFAULT_RULES as the FSDP default: parameters sharded over `fsdp` along their largest named dim,
 MLP/attention projections over `tensor`, the batch over (data, fsdp).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,19 @@ from jax.sharding import PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_mlp", "tensor"),
-    ("mlp", "tensor"), ("joined_kv", "tensor"), ("vocab", "tensor"),
-    ("embed", "fsdp"), ("conv_out", "fsdp"), ("codevectors", "fsdp"), ("mlp", "fsdp"),
-    ("joined_kv", "fsdp"), ("vq_dim", "fsdp"),
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_mlp", "tensor"),
+  ("mlp", "tensor"),
+  ("joined_kv", "tensor"),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("conv_out", "fsdp"),
+  ("codevectors", "fsdp"),
+  ("mlp", "fsdp"),
+  ("joined_kv", "fsdp"),
+  ("vq_dim", "fsdp"),
 )
 REPLICATED_LIMIT = 2**20  # elements; a bigger parameter replicated under FSDP is an error
 
@@ -51,8 +58,9 @@ def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
       raise ValueError(f"config.mesh: {dict(zip(AXES, sizes))} does not divide {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"config.mesh: {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"there are {len(devices)}")
+    raise ValueError(
+      f"config.mesh: {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, there are {len(devices)}"
+    )
   # Auto axes: GSPMD propagates shardings from the declared parameter/batch shardings and the
   # modules' logical constraints (Explicit sharding-in-types is not what Linen emits).
   try:
@@ -91,30 +99,38 @@ def process_rows(sharding, global_batch: int, process_count: int | None = None) 
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   shards = math.prod(mesh[a] for a in axes)
   if global_batch % shards:
-    raise ValueError(f"config.batch_size={global_batch} does not divide over the mesh's batch axes "
-                     f"({' x '.join(f'{a}={mesh[a]}' for a in axes)} = {shards} shards); mesh {mesh}")
+    raise ValueError(
+      f"config.batch_size={global_batch} does not divide over the mesh's batch axes "
+      f"({' x '.join(f'{a}={mesh[a]}' for a in axes)} = {shards} shards); mesh {mesh}"
+    )
   held: dict[int, set] = {}
   for device, index in sharding.devices_indices_map((global_batch,)).items():
     held.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
   count = max(jax.process_count() if process_count is None else process_count, max(held) + 1)
   empty = [p for p in range(count) if p not in held]
   if empty:
-    raise ValueError(f"config.mesh={mesh}: process(es) {empty[:8]} of {count} hold no batch rows (no device in "
-                     "the mesh); the mesh must span every process's devices")
+    raise ValueError(
+      f"config.mesh={mesh}: process(es) {empty[:8]} of {count} hold no batch rows (no device in "
+      "the mesh); the mesh must span every process's devices"
+    )
   rows = {}
   for p in range(count):
     r = sorted(held[p])
     breaks = [i for i in range(1, len(r)) if r[i] != r[i - 1] + 1]
     if breaks:
       runs = [f"{r[a]}:{r[b - 1] + 1}" for a, b in zip([0] + breaks, breaks + [len(r)])]
-      raise ValueError(f"config.mesh={mesh}: process {p}'s devices hold batch rows {', '.join(runs[:4])}"
-                       f"{' ...' if len(runs) > 4 else ''}, not one contiguous block; change config.mesh "
-                       "(e.g. a config.mesh.tensor that divides each process's devices)")
+      raise ValueError(
+        f"config.mesh={mesh}: process {p}'s devices hold batch rows {', '.join(runs[:4])}"
+        f"{' ...' if len(runs) > 4 else ''}, not one contiguous block; change config.mesh "
+        "(e.g. a config.mesh.tensor that divides each process's devices)"
+      )
     rows[p] = (r[0], r[-1] + 1)
   sizes = sorted({b - a for a, b in rows.values()})
   if len(sizes) > 1:
-    raise ValueError(f"config.mesh={mesh}: processes hold different numbers of batch rows {sizes} of "
-                     f"config.batch_size={global_batch}; every process must feed the same number")
+    raise ValueError(
+      f"config.mesh={mesh}: processes hold different numbers of batch rows {sizes} of "
+      f"config.batch_size={global_batch}; every process must feed the same number"
+    )
   return rows
 
 

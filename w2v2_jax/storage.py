@@ -10,6 +10,7 @@ part. So every write here is one whole-object upload (`write_bytes`, `upload`), 
 
 Failures become `StorageError`, an OSError whose one-line message names the URL and what to do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,11 +82,14 @@ def absolute(path: str) -> str:
 @functools.cache
 def _filesystem(protocol: str):
   import fsspec  # pylint: disable=import-outside-toplevel
+
   key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
   if protocol in ("gs", "gcs") and key_file and not os.path.isfile(key_file):
     # google-auth would reject it and gcsfs would quietly go on unauthenticated
-    raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS={key_file}: no such key file; point it at a service "
-                       "account key, or unset it to use the VM's service account")
+    raise StorageError(
+      f"GOOGLE_APPLICATION_CREDENTIALS={key_file}: no such key file; point it at a service "
+      "account key, or unset it to use the VM's service account"
+    )
   try:
     cls = fsspec.get_filesystem_class(protocol)
   except ValueError:
@@ -94,8 +98,9 @@ def _filesystem(protocol: str):
     hint = GCS_INSTALL if protocol in ("gs", "gcs") else f"install the fsspec backend for {protocol}://"
     raise StorageError(f"{protocol}:// paths need their fsspec backend: {hint}") from None
   import logging  # pylint: disable=import-outside-toplevel
+
   logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # it logs each refused request with a traceback;
-  return cls()                                            # errors_name() reports it in one line
+  return cls()  # errors_name() reports it in one line
 
 
 def filesystem(url: str):
@@ -125,15 +130,21 @@ def _as_storage_error(url: str, action: str, e: Exception) -> Exception:
     code = {"Forbidden": 403, "Unauthorized": 401}.get(text.split(":", 1)[0])
   kind = type(e).__name__
   if "DefaultCredentialsError" in kind or "RefreshError" in kind or "credentials" in text.lower() and code is None:
-    return StorageError(f"{url}: no usable cloud credentials ({text}); on a TPU/GCE VM its service account is used, "
-                        "elsewhere run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS "
-                        "to a key file")
+    return StorageError(
+      f"{url}: no usable cloud credentials ({text}); on a TPU/GCE VM its service account is used, "
+      "elsewhere run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS "
+      "to a key file"
+    )
   if code == 401:
-    return StorageError(f"{url}: not authenticated (HTTP 401); check the credentials "
-                        "(gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS)")
+    return StorageError(
+      f"{url}: not authenticated (HTTP 401); check the credentials "
+      "(gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS)"
+    )
   if code == 403 or isinstance(e, PermissionError):
-    return StorageError(f"{url}: permission denied (HTTP 403) to {action} it; grant this account access to the bucket "
-                        "(e.g. roles/storage.objectAdmin)")
+    return StorageError(
+      f"{url}: permission denied (HTTP 403) to {action} it; grant this account access to the bucket "
+      "(e.g. roles/storage.objectAdmin)"
+    )
   if code == 404 or isinstance(e, FileNotFoundError):
     bucket = url.split("://", 1)[0] + "://" + _strip(url).split("/", 1)[0]
     if _bucket_missing(url):
@@ -185,6 +196,7 @@ def glob(directory: str, pattern: str) -> list[str]:
   """Sorted paths in `directory` whose names match the glob `pattern` (URLs come back as URLs)."""
   if not is_url(directory):
     import glob as glob_lib  # pylint: disable=import-outside-toplevel
+
     return sorted(glob_lib.glob(os.path.join(glob_lib.escape(directory), pattern)))
   prefix = scheme(directory) + "://"
   with errors_name(directory):
@@ -274,6 +286,7 @@ def upload(local_path: str, path: str, keep_local: bool = False) -> None:
   if not is_url(path):
     if keep_local:
       import shutil  # pylint: disable=import-outside-toplevel
+
       shutil.copyfile(local_path, path + ".tmp")
       os.replace(path + ".tmp", path)
       return
@@ -282,6 +295,7 @@ def upload(local_path: str, path: str, keep_local: bool = False) -> None:
       os.replace(local_path, path)
     except OSError:  # another filesystem
       import shutil  # pylint: disable=import-outside-toplevel
+
       shutil.copyfile(local_path, path + ".tmp")
       os.replace(path + ".tmp", path)
     return

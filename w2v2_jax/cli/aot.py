@@ -7,6 +7,7 @@ the slice reads one contiguous, equal block of the global batch, and prints thos
 prints the sharding table, the per-chip memory from XLA's memory analysis against the chip's HBM,
 and XLA's FLOPs per step, for the largest bucket (the most memory-hungry shape).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ def define_flags():
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
   flags.DEFINE_bool("rows_only", False, "Only check the mesh and each process's batch rows (no compile).")
 
+
 # name -> (topology_name prefix, cores per chip counted in the slice name, HBM GiB per chip)
 CHIPS = {"v4": ("v4", 2, 32), "v5p": ("v5p", 2, 95), "v5e": ("v5e", 1, 16), "v6e": ("v6e", 1, 32)}
 
@@ -35,6 +37,7 @@ CHIPS = {"v4": ("v4", 2, 32), "v5p": ("v5p", 2, 95), "v5e": ("v5e", 1, 16), "v6e
 def topology_devices(slice_name: str):
   """'v5p-128' -> the 64 chip devices of a 4x4x4 v5p slice (libtpu, compile-only), with their hosts' process_index."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
   kind, _, count = slice_name.partition("-")
   if kind not in CHIPS or not count.isdigit():
     raise ValueError(f"--topology={slice_name}: use one of {sorted(CHIPS)} with a size, e.g. v5p-128")
@@ -42,13 +45,17 @@ def topology_devices(slice_name: str):
   chips = int(count) // cores
   if kind in ("v4", "v5p"):  # 3-D tori of 2x2x1-chip hosts: the most cubic x<=y<=z, else 2x2x1 (one host)
     per_host = (2, 2, 1)
-    shapes = [(x, y, chips // (x * y)) for x in range(1, chips + 1) for y in range(1, chips + 1)
-              if chips % (x * y) == 0 and all(d % h == 0 for d, h in zip((x, y, chips // (x * y)), per_host))]
+    shapes = [
+      (x, y, chips // (x * y))
+      for x in range(1, chips + 1)
+      for y in range(1, chips + 1)
+      if chips % (x * y) == 0 and all(d % h == 0 for d, h in zip((x, y, chips // (x * y)), per_host))
+    ]
     if not shapes:
       raise ValueError(f"--topology={slice_name}: {chips} chips do not tile 2x2x1-chip hosts")
     dims = min(shapes, key=lambda d: (max(d) - min(d), list(d) != sorted(d)))
   else:
-    side = int(chips ** 0.5)
+    side = int(chips**0.5)
     while chips % side:
       side -= 1
     dims = (side, chips // side)
@@ -57,8 +64,9 @@ def topology_devices(slice_name: str):
   # Compile-only: no chip is opened, so libtpu's one-process-per-host lock (/tmp/libtpu_lockfile) need not hold.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   chip_config = "megacore" if kind == "v4" else "default"  # v4: one device per chip, as on a real pod
-  return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
-                                      chips_per_host_bounds=per_host, num_slices=1).devices, CHIPS[kind][2]
+  return topologies.get_topology_desc(
+    platform="tpu", topology_name=name, chip_config_name=chip_config, chips_per_host_bounds=per_host, num_slices=1
+  ).devices, CHIPS[kind][2]
 
 
 def rows_summary(rows: dict) -> list[str]:
@@ -90,8 +98,10 @@ def main(argv):
   if FLAGS.rows_only:
     return
   widest = pipeline.widest_bucket(loop.input_config(config, "", "", True))
-  batch = {"audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
-           "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
+  batch = {
+    "audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
+    "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh),
+  }
   key = jax.ShapeDtypeStruct((), jax.random.key(0, impl=config.rng_impl).dtype)
   train_step, _ = loop.jit_steps(config, layout)
   with jax.set_mesh(layout.mesh):
@@ -99,15 +109,25 @@ def main(argv):
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-              - mem.alias_size_in_bytes) / 2**30
-  figures = {"topology": FLAGS.topology, "chips": len(devices), "mesh": dict(layout.mesh.shape),
-             "processes": len(rows), "batch": config.batch_size, "crop_samples": widest, "dtype": config.model.dtype,
-             "remat": config.model.remat, "per_chip_gib": round(per_chip, 2), "hbm_gib": hbm_gib,
-             "fits": per_chip < 0.95 * hbm_gib,
-             "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
-             "argument_gib": round(mem.argument_size_in_bytes / 2**30, 2),
-             "xla_tflop_per_step_per_chip": round(float(cost.get("flops", 0.0)) / 1e12, 2) if cost else None}
+  per_chip = (
+    mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+  ) / 2**30
+  figures = {
+    "topology": FLAGS.topology,
+    "chips": len(devices),
+    "mesh": dict(layout.mesh.shape),
+    "processes": len(rows),
+    "batch": config.batch_size,
+    "crop_samples": widest,
+    "dtype": config.model.dtype,
+    "remat": config.model.remat,
+    "per_chip_gib": round(per_chip, 2),
+    "hbm_gib": hbm_gib,
+    "fits": per_chip < 0.95 * hbm_gib,
+    "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
+    "argument_gib": round(mem.argument_size_in_bytes / 2**30, 2),
+    "xla_tflop_per_step_per_chip": round(float(cost.get("flops", 0.0)) / 1e12, 2) if cost else None,
+  }
   print(f"parameter shardings on mesh {dict(layout.mesh.shape)}:\n{layout.table}")
   print(" ".join(f"{k}={v}" for k, v in figures.items()))
   print(f"{'FITS' if figures['fits'] else 'DOES NOT FIT'}: {per_chip:.2f} GiB of {hbm_gib} GiB HBM per chip")

@@ -10,6 +10,7 @@ FLOPs (w2v2_jax/models/flops.py) next to XLA's count, MFU against the chip's pea
 measured fp32 matmul peak; GPU/TPU: datasheet) and XLA's peak memory; the same for the forward
 (the evaluation loss: no dropout, no gradient).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -30,8 +31,12 @@ def define_flags():
   flags.DEFINE_float("seconds", None, "Crop length in seconds (default: the config's max_sample_size).")
   flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-  flags.DEFINE_string("profile", None, "Also trace the timed train steps with jax.profiler into this folder "
-                      "(open with TensorBoard's profile plugin or Perfetto).")
+  flags.DEFINE_string(
+    "profile",
+    None,
+    "Also trace the timed train steps with jax.profiler into this folder "
+    "(open with TensorBoard's profile plugin or Perfetto).",
+  )
 
 
 def median_seconds(call, steps: int) -> float:
@@ -55,8 +60,7 @@ def compile_stats(lowered):
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
-    peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes)
+    peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
   return compiled, seconds, float((cost or {}).get("flops", 0.0)), peak
 
 
@@ -84,30 +88,37 @@ class OurStep:
     self.mesh = layout.mesh
     batch_sh = parallel.batch_sharding(layout.mesh)
     rng = np.random.default_rng(0)
-    host = {"audio": np.clip(rng.normal(0, 3000, (batch, samples)), -32768, 32767).astype(np.int16),
-            "lengths": np.full((batch,), samples, np.int32)}
+    host = {
+      "audio": np.clip(rng.normal(0, 3000, (batch, samples)), -32768, 32767).astype(np.int16),
+      "lengths": np.full((batch,), samples, np.int32),
+    }
     train_step, eval_step = loop.jit_steps(config, layout)
     with jax.set_mesh(layout.mesh):
       self.data = jax.device_put(host, batch_sh)
-      self.state = jax.jit(lambda k: steps.init_state(init_params(self.cfg, k), layout.tx),
-                           out_shardings=layout.state_shardings)(jax.random.key(0))
+      self.state = jax.jit(
+        lambda k: steps.init_state(init_params(self.cfg, k), layout.tx), out_shardings=layout.state_shardings
+      )(jax.random.key(0))
       self.key = jax.random.key(1, impl=config.rng_impl)
       self.train_fn, self.compile_s, self.xla_flops, self.peak_bytes = compile_stats(
-          train_step.lower(self.state, self.data, self.key))
+        train_step.lower(self.state, self.data, self.key)
+      )
       self.forward_fn, self.forward_compile_s, self.forward_xla_flops, _ = compile_stats(
-          eval_step.lower(self.state.params, self.data, self.key, jnp.int32(0)))
+        eval_step.lower(self.state.params, self.data, self.key, jnp.int32(0))
+      )
     # XLA counts the FLOPs of one SPMD partition; the step's are the sum over the mesh.
     self.xla_flops *= layout.mesh.size
     self.forward_xla_flops *= layout.mesh.size
 
   def train(self):
     import jax  # pylint: disable=import-outside-toplevel
+
     self.state, metrics = self.train_fn(self.state, self.data, self.key)
     jax.block_until_ready((self.state, metrics))
 
   def forward(self):
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
     jax.block_until_ready(self.forward_fn(self.state.params, self.data, self.key, jnp.int32(0)))
 
 
@@ -131,19 +142,28 @@ def measure(config, batch: int, samples: int, steps: int, profile_dir: str | Non
   forward_flops = flops.forward_flops(ours.cfg, samples, batch)
   seconds = samples / 16000
   return {
-      "batch": batch, "seconds": seconds, "dtype": ours.cfg.dtype, "remat": ours.cfg.remat,
-      "attention_impl": ours.cfg.attention_impl, "mesh": dict(ours.mesh.shape),
-      "device": str(jax.devices()[0].device_kind),
-      "compile_s": round(ours.compile_s, 2), "forward_compile_s": round(ours.forward_compile_s, 2),
-      "step_s_median": round(train_s, 4), "forward_s_median": round(forward_s, 4),
-      "audio_s_per_s": round(batch * seconds / train_s, 2),
-      "forward_audio_s_per_s": round(batch * seconds / forward_s, 2),
-      "analytic_gflop_per_step": round(train_flops / 1e9, 3), "xla_gflop_per_step": round(ours.xla_flops / 1e9, 3),
-      "analytic_gflop_forward": round(forward_flops / 1e9, 3),
-      "xla_gflop_forward": round(ours.forward_xla_flops / 1e9, 3),
-      "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source,
-      "mfu": round(train_flops / train_s / peak, 4), "forward_mfu": round(forward_flops / forward_s / peak, 4),
-      "peak_memory_gib": round(ours.peak_bytes / 2**30, 3) if ours.peak_bytes is not None else None,
+    "batch": batch,
+    "seconds": seconds,
+    "dtype": ours.cfg.dtype,
+    "remat": ours.cfg.remat,
+    "attention_impl": ours.cfg.attention_impl,
+    "mesh": dict(ours.mesh.shape),
+    "device": str(jax.devices()[0].device_kind),
+    "compile_s": round(ours.compile_s, 2),
+    "forward_compile_s": round(ours.forward_compile_s, 2),
+    "step_s_median": round(train_s, 4),
+    "forward_s_median": round(forward_s, 4),
+    "audio_s_per_s": round(batch * seconds / train_s, 2),
+    "forward_audio_s_per_s": round(batch * seconds / forward_s, 2),
+    "analytic_gflop_per_step": round(train_flops / 1e9, 3),
+    "xla_gflop_per_step": round(ours.xla_flops / 1e9, 3),
+    "analytic_gflop_forward": round(forward_flops / 1e9, 3),
+    "xla_gflop_forward": round(ours.forward_xla_flops / 1e9, 3),
+    "peak_tflops": round(peak / 1e12, 3),
+    "peak_source": peak_source,
+    "mfu": round(train_flops / train_s / peak, 4),
+    "forward_mfu": round(forward_flops / forward_s / peak, 4),
+    "peak_memory_gib": round(ours.peak_bytes / 2**30, 3) if ours.peak_bytes is not None else None,
   }
 
 

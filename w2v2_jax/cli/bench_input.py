@@ -8,6 +8,7 @@
 Without --data_dir, `input` builds LibriSpeech-like shards (2-35 s utterances, mean ~12 s) in a
 temporary folder first. The input figure counts only real (unpadded) samples delivered.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = 
   import numpy as np
 
   from w2v2_jax.data import records
+
   rng = np.random.default_rng(seed)
   total, utts = 0, []
   while total < hours * 3600 * 16000:
@@ -47,6 +49,7 @@ def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = 
     total += n
   if as_flac:
     import soundfile as sf
+
     for u in utts:
       sub = os.path.join(out_dir, u.id[:4])
       os.makedirs(sub, exist_ok=True)
@@ -57,9 +60,17 @@ def librispeech_like(out_dir: str, hours: float, seed: int = 0, as_flac: bool = 
 
 def bench_input(data_dir: str) -> dict:
   from w2v2_jax.data.pipeline import AudioInput, InputConfig
-  cfg = InputConfig(data_dir, _SPLIT.value, _BATCH.value, max_sample_size=_MAX.value,
-                    min_sample_size=_MIN.value, mode=_MODE.value, bucketing=_BUCKETING.value,
-                    read_concurrency=_CONCURRENCY.value)
+
+  cfg = InputConfig(
+    data_dir,
+    _SPLIT.value,
+    _BATCH.value,
+    max_sample_size=_MAX.value,
+    min_sample_size=_MIN.value,
+    mode=_MODE.value,
+    bucketing=_BUCKETING.value,
+    read_concurrency=_CONCURRENCY.value,
+  )
   it = AudioInput(cfg)
   for _ in range(3):  # warm-up: plan, readers, thread pool
     next(it)
@@ -74,10 +85,18 @@ def bench_input(data_dir: str) -> dict:
       print(f"  {batches} batches, {samples / 16000 / (time.time() - start):,.0f} audio-s/s", flush=True)
   elapsed = time.time() - start
   it.close()
-  return {"audio_seconds_per_second": samples / 16000 / elapsed, "batches_per_second": batches / elapsed,
-          "requests_per_second": reads / elapsed, "read_concurrency": _CONCURRENCY.value,
-          "padding_fraction": 1 - samples / padded, "batch": _BATCH.value, "max_sample_size": _MAX.value,
-          "mode": _MODE.value, "bucketing": _BUCKETING.value, "buckets": it.batches.buckets.tolist()}
+  return {
+    "audio_seconds_per_second": samples / 16000 / elapsed,
+    "batches_per_second": batches / elapsed,
+    "requests_per_second": reads / elapsed,
+    "read_concurrency": _CONCURRENCY.value,
+    "padding_fraction": 1 - samples / padded,
+    "batch": _BATCH.value,
+    "max_sample_size": _MAX.value,
+    "mode": _MODE.value,
+    "bucketing": _BUCKETING.value,
+    "buckets": it.batches.buckets.tolist(),
+  }
 
 
 def main(argv):
@@ -90,32 +109,45 @@ def main(argv):
         data_dir = os.path.join(tmp, "shards")
         librispeech_like(data_dir, _HOURS.value)
       figures.update(bench_input(data_dir))
-      print(f"input: {figures['audio_seconds_per_second']:,.0f} audio-s/s delivered "
-            f"({figures['batches_per_second']:.1f} batches/s of {_BATCH.value}, "
-            f"{figures['requests_per_second']:,.0f} reads/s, crop {_MAX.value}, "
-            f"mode {_MODE.value}, padding {figures['padding_fraction']:.1%})")
+      print(
+        f"input: {figures['audio_seconds_per_second']:,.0f} audio-s/s delivered "
+        f"({figures['batches_per_second']:.1f} batches/s of {_BATCH.value}, "
+        f"{figures['requests_per_second']:,.0f} reads/s, crop {_MAX.value}, "
+        f"mode {_MODE.value}, padding {figures['padding_fraction']:.1%})"
+      )
     elif _WHAT.value == "prepare":
       from w2v2_jax.data import sources, writer
+
       librispeech_like(os.path.join(tmp, "flac"), _HOURS.value, as_flac=True)
       start = time.time()
-      report = writer.prepare(list(sources.from_directory(os.path.join(tmp, "flac"))),
-                              writer.PrepareConfig(out_dir=os.path.join(tmp, "out"), max_seconds=40))
+      report = writer.prepare(
+        list(sources.from_directory(os.path.join(tmp, "flac"))),
+        writer.PrepareConfig(out_dir=os.path.join(tmp, "out"), max_seconds=40),
+      )
       hours = sum(s["hours"] for s in report["splits"].values())
-      figures.update(hours=hours, seconds=time.time() - start,
-                     audio_hours_per_minute=hours / (time.time() - start) * 60)
-      print(f"prepare: {hours:.2f} h of 16 kHz FLAC in {figures['seconds']:.1f} s = "
-            f"{figures['audio_hours_per_minute']:.2f} audio-h/min")
+      figures.update(
+        hours=hours, seconds=time.time() - start, audio_hours_per_minute=hours / (time.time() - start) * 60
+      )
+      print(
+        f"prepare: {hours:.2f} h of 16 kHz FLAC in {figures['seconds']:.1f} s = "
+        f"{figures['audio_hours_per_minute']:.2f} audio-h/min"
+      )
     else:
       from w2v2_jax.demo import corpus
+
       start = time.time()
-      out = corpus.ensure_corpus(corpus.CorpusConfig(unlabeled_hours=_HOURS.value, labeled_minutes=0,
-                                                     test_minutes=0), cache_dir=tmp)
+      out = corpus.ensure_corpus(
+        corpus.CorpusConfig(unlabeled_hours=_HOURS.value, labeled_minutes=0, test_minutes=0), cache_dir=tmp
+      )
       with open(os.path.join(out, "report.json")) as f:
         hours = sum(s["hours"] for s in json.load(f)["splits"].values())
-      figures.update(hours=hours, seconds=time.time() - start,
-                     audio_hours_per_minute=hours / (time.time() - start) * 60)
-      print(f"corpus: {hours:.2f} h synthesized in {figures['seconds']:.1f} s = "
-            f"{figures['audio_hours_per_minute']:.2f} audio-h/min")
+      figures.update(
+        hours=hours, seconds=time.time() - start, audio_hours_per_minute=hours / (time.time() - start) * 60
+      )
+      print(
+        f"corpus: {hours:.2f} h synthesized in {figures['seconds']:.1f} s = "
+        f"{figures['audio_hours_per_minute']:.2f} audio-h/min"
+      )
   write_json(_JSON.value, figures)
 
 

@@ -1,4 +1,5 @@
 """Shared CLI plumbing: expected errors become one 'prog: error: ...' line and exit status 1."""
+
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,7 @@ EXPECTED_ERRORS = (AudioError, CheckpointError, OSError, ValueError, FloatingPoi
 
 def one_line_errors(prog: str):
   """Decorator for absl mains: known bad input -> a single stderr line, not a traceback."""
+
   def wrap(main):
     @functools.wraps(main)
     def run(argv):
@@ -22,7 +24,9 @@ def one_line_errors(prog: str):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"{prog}: error: {msg}\n")
         sys.exit(1)
+
     return run
+
   return wrap
 
 
@@ -35,6 +39,7 @@ def use_compilation_cache() -> str:
   import jax  # pylint: disable=import-outside-toplevel
 
   from w2v2_jax.demo.corpus import default_cache_dir  # pylint: disable=import-outside-toplevel
+
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
   return jax.config.jax_compilation_cache_dir
@@ -66,10 +71,11 @@ def keep_freed_host_memory() -> bool:
   elif any(importlib.util.find_spec(m) for m in _ACCELERATOR_PLUGINS):
     return False
   libc = ctypes.CDLL(None)
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8   # glibc's malloc.h
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
   # mallopt takes an int: -1 becomes SIZE_MAX for the trim threshold, i.e. never trim.
-  applied = all(libc.mallopt(param, value) == 1 for param, value in
-                ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
+  applied = all(
+    libc.mallopt(param, value) == 1 for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1))
+  )
   if applied:
     _huge_page_heap(libc)
   return applied
@@ -88,6 +94,7 @@ def _huge_page_heap(libc) -> bool:
   falls back to mmap).
   """
   import ctypes  # pylint: disable=import-outside-toplevel
+
   try:
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
       if "[never]" in f.read():
@@ -124,6 +131,7 @@ def write_json(path: str | None, figures: dict) -> None:
   """Benchmark CLIs: also write their figures to --json=PATH when given."""
   if path:
     import json  # pylint: disable=import-outside-toplevel
+
     with open(path, "w") as f:
       json.dump(figures, f, indent=1)
 

@@ -6,6 +6,7 @@ Eval mode, no masking, no padding (group-norm models depend on padding, so each 
 length). --layer=N returns hidden_states[N] of output_hidden_states (0 = transformer input).
 Normalisation follows the checkpoint's preprocessor (HF's Wav2Vec2FeatureExtractor) unless --normalize says.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,14 +20,19 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defined when the CLI runs, not on import: the library functions here can be imported together."""
-  flags.DEFINE_string("checkpoint", None,
-                      "HF directory, w2v2_jax workdir or checkpoint step folder, or a fairseq .pt file.")
+  flags.DEFINE_string(
+    "checkpoint", None, "HF directory, w2v2_jax workdir or checkpoint step folder, or a fairseq .pt file."
+  )
   flags.DEFINE_string("audio", None, "Comma-separated audio files (any common format, rate, channels).")
   flags.DEFINE_string("output", None, "Output .npz, one array [frames, hidden] per file stem.")
   flags.DEFINE_integer("layer", None, "Hidden-state index (0..num_layers); default: last_hidden_state.")
-  flags.DEFINE_enum("normalize", "auto", ["auto", "true", "false"],
-                    "Zero-mean unit-variance audio first; auto: the checkpoint's preprocessor_config.json "
-                    "do_normalize, else true for layer-norm extractors (LV60, XLS-R).")
+  flags.DEFINE_enum(
+    "normalize",
+    "auto",
+    ["auto", "true", "false"],
+    "Zero-mean unit-variance audio first; auto: the checkpoint's preprocessor_config.json "
+    "do_normalize, else true for layer-norm extractors (LV60, XLS-R).",
+  )
 
 
 _RESERVED = ("file", "allow_pickle")  # np.savez keyword names
@@ -64,8 +70,10 @@ def extract(cfg, params, audio_paths, layer=None, normalize=False):
     if normalize:
       audio = normalize_waveform(audio)
     if audio.shape[0] < cfg.receptive_field:
-      raise ValueError(f"{path}: {audio.shape[0]} samples at 16 kHz is shorter than the model's receptive field "
-                       f"({cfg.receptive_field} samples)")
+      raise ValueError(
+        f"{path}: {audio.shape[0]} samples at 16 kHz is shorter than the model's receptive field "
+        f"({cfg.receptive_field} samples)"
+      )
     result[stem] = np.asarray(forward(bare, audio))
   return result
 
@@ -79,6 +87,7 @@ def main(argv):
   from w2v2_jax.interop import fairseq
   from w2v2_jax.interop.hf import wants_normalized_audio
   from w2v2_jax.interop.load import load_pretrained, localize
+
   for name, value in (("checkpoint", FLAGS.checkpoint), ("audio", FLAGS.audio), ("output", FLAGS.output)):
     if not value:
       raise ValueError(f"--{name} is required")

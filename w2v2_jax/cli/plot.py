@@ -8,6 +8,7 @@ codebook_usage.png (pre-training): how often each codeword of each group is pick
 inference) over a few validation batches of the latest checkpoint, sorted, with the perplexity.
 A healthy run uses most codewords; a few tall bars mean codebook collapse.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,21 +25,27 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "A w2v2-train workdir.")
   flags.DEFINE_integer("batches", 8, "Validation batches for the codebook usage histogram.")
 
-_PRETRAIN_PANELS = (("loss", ("train/loss", "train/contrastive", "valid/loss", "valid/contrastive")),
-                    ("accuracy", ("train/accuracy", "valid/accuracy")),
-                    ("perplexity", ("train/prob_perplexity", "train/code_perplexity", "valid/code_perplexity")),
-                    ("learning rate", ("train/lr",)),
-                    ("Gumbel temperature", ("train/temperature",)),
-                    ("gradient norm", ("train/grad_norm",)))
-_CTC_PANELS = (("CTC loss", ("train/ctc_loss", "valid/loss")),
-               ("error rate", ("valid/wer", "valid/cer")),
-               ("learning rate", ("train/lr",)),
-               ("gradient norm", ("train/grad_norm",)))
+
+_PRETRAIN_PANELS = (
+  ("loss", ("train/loss", "train/contrastive", "valid/loss", "valid/contrastive")),
+  ("accuracy", ("train/accuracy", "valid/accuracy")),
+  ("perplexity", ("train/prob_perplexity", "train/code_perplexity", "valid/code_perplexity")),
+  ("learning rate", ("train/lr",)),
+  ("Gumbel temperature", ("train/temperature",)),
+  ("gradient norm", ("train/grad_norm",)),
+)
+_CTC_PANELS = (
+  ("CTC loss", ("train/ctc_loss", "valid/loss")),
+  ("error rate", ("valid/wer", "valid/cer")),
+  ("learning rate", ("train/lr",)),
+  ("gradient norm", ("train/grad_norm",)),
+)
 
 
 def _figure(rows, cols, figsize):
   """A figure and its axes grid without pyplot: no GUI backend needed, and a notebook's backend is left alone."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
   fig = Figure(figsize=figsize)
   return fig, fig.subplots(rows, cols, squeeze=False)
 
@@ -46,6 +53,7 @@ def _figure(rows, cols, figsize):
 def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
   """WORKDIR/curves.png from the run's TensorBoard scalars; returns its path."""
   from w2v2_jax.train import events  # pylint: disable=import-outside-toplevel
+
   scalars = events.read_scalars(workdir)
   panels = _CTC_PANELS if "train/ctc_loss" in scalars else _PRETRAIN_PANELS
   panels = [(title, [t for t in tags if t in scalars]) for title, tags in panels]
@@ -67,7 +75,7 @@ def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
     ax.set_xlabel("update")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(panels):]:
+  for ax in list(axes.flat)[len(panels) :]:
     ax.axis("off")
   fig.suptitle(storage.absolute(workdir), fontsize=9)
   fig.tight_layout()
@@ -91,14 +99,17 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.init import build  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import checkpointing, loop  # pylint: disable=import-outside-toplevel
+
   cfg, params, kind, experiment = checkpointing.load_params(step_dir)
   if kind != "pretraining":
     raise ValueError(f"{step_dir}: codebook usage needs a pre-training checkpoint (this one is {kind!r})")
   config = ml_collections.ConfigDict(experiment)
   directory = loop.data_dir(config)
   from w2v2_jax.data import records  # pylint: disable=import-outside-toplevel
-  split = config.data.valid_split if records.shard_paths(directory, config.data.valid_split) \
-      else config.data.train_split
+
+  split = (
+    config.data.valid_split if records.shard_paths(directory, config.data.valid_split) else config.data.train_split
+  )
   # The first few rows of each global batch, on one device: a pod-sized batch would not fit there.
   rows = (0, min(config.batch_size, 8))
   data = pipeline.AudioInput(loop.input_config(config, directory, split, False), rows=rows)
@@ -123,6 +134,7 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
 def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
   """WORKDIR/codebook_usage.png for the latest checkpoint; returns its path."""
   from w2v2_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
+
   step_dir = checkpointing.resolve_step_dir(workdir)
   if step_dir is None:
     raise ValueError(f"{workdir}: no checkpoint to measure codebook usage from")
@@ -133,8 +145,9 @@ def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
     p = counts[g] / max(counts[g].sum(), 1)
     perplexity = float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))))
     ax.bar(np.arange(size), np.sort(p)[::-1], width=1.0)
-    ax.set_title(f"group {g}: {int((counts[g] > 0).sum())}/{size} codewords used, perplexity {perplexity:.1f}",
-                 fontsize=9)
+    ax.set_title(
+      f"group {g}: {int((counts[g] > 0).sum())}/{size} codewords used, perplexity {perplexity:.1f}", fontsize=9
+    )
     ax.set_xlabel("codeword (sorted by use)")
     ax.set_ylabel("share of frames")
   fig.suptitle(f"codebook usage at step {step} ({int(counts[0].sum())} frames)", fontsize=9)
@@ -147,6 +160,7 @@ def write_plots(workdir: str, batches: int = 8) -> list[str]:
   checkpoint exists."""
   from w2v2_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
+
   step_dir = checkpointing.resolve_step_dir(workdir)
   saved = checkpointing.load_config(step_dir) if step_dir else {}
   cfg = ModelConfig.from_dict(saved["model"]) if saved else None

@@ -1,8 +1,9 @@
 """w2v2-train: pre-train wav2vec 2.0 from an experiments/ config; re-running the command resumes.
 
-  w2v2-train --config=experiments/demo.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
-      [--coordinator=HOST:PORT --num_processes=N --process_id=I]   # multi-host; TPU/SLURM auto-detect
+w2v2-train --config=experiments/demo.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+    [--coordinator=HOST:PORT --num_processes=N --process_id=I]   # multi-host; TPU/SLURM auto-detect
 """
+
 from __future__ import annotations
 
 from absl import app, flags, logging
@@ -11,23 +12,33 @@ from ml_collections import config_flags
 from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
 from w2v2_jax.train import distributed, failures
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (experiments/*.py).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard events, logs.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "jax.distributed: auto = start it when JAX's cluster detection (TPU VM/GKE, SLURM, "
-                                 "Open MPI, Kubernetes) finds several processes; on = always; off = never.")
+_DISTRIBUTED = flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "jax.distributed: auto = start it when JAX's cluster detection (TPU VM/GKE, SLURM, "
+  "Open MPI, Kubernetes) finds several processes; on = always; off = never.",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-host without a detected cluster: process 0's HOST:PORT.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator: the number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator: this process's index.")
-_PLOTS = flags.DEFINE_bool("plots", True, "At the end, write curves.png and codebook_usage.png (w2v2-plot) "
-                           "into the workdir (process 0, reading the checkpoint alone; the others exit).")
+_PLOTS = flags.DEFINE_bool(
+  "plots",
+  True,
+  "At the end, write curves.png and codebook_usage.png (w2v2-plot) "
+  "into the workdir (process 0, reading the checkpoint alone; the others exit).",
+)
 
 
 def initialize_distributed() -> str:
   """jax.distributed as --distributed and the coordinator flags ask (w2v2_jax.train.distributed); one log line."""
-  return distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                **failures.initialize_options())
+  return distributed.initialize(
+    _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **failures.initialize_options()
+  )
 
 
 @one_line_errors("w2v2-train")
@@ -44,6 +55,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
 
   from w2v2_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
   quiet_libraries()
   use_compilation_cache()
   if jax.process_index() != 0:
@@ -55,6 +67,7 @@ def main(argv):
   if _PLOTS.value and finished and jax.process_index() == 0:
     # Process-local work only: its checkpoint reads (checkpointing.load_params) join no barrier.
     from w2v2_jax.cli import plot  # pylint: disable=import-outside-toplevel
+
     try:
       for path in plot.write_plots(_WORKDIR.value):
         logging.info("wrote %s", path)

@@ -1,4 +1,5 @@
 """Decode any common audio file to mono 16 kHz float32, with one-line errors for bad files."""
+
 from __future__ import annotations
 
 import io
@@ -20,6 +21,7 @@ def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
   if rate == target:
     return audio
   import soxr
+
   return soxr.resample(audio, rate, target, quality="HQ").astype(np.float32)
 
 
@@ -41,11 +43,13 @@ def load_audio(path: str, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     source = path
   try:
     import soundfile as sf
+
     audio, rate = sf.read(source, dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
   except Exception:  # noqa: BLE001 - formats soundfile does not know go to librosa/audioread
     try:
       import librosa
+
       if not isinstance(source, str):
         source.seek(0)
       audio, rate = librosa.load(source, sr=None, mono=True)

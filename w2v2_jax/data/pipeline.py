@@ -17,6 +17,7 @@ Bucketing modes (static shapes: one compiled program per bucket):
 Bucket lengths (`bucketing`): geometric from min_sample_size to max_sample_size, or fitted to the
 split's lengths: the num_buckets lengths that pad least (pad) or cut away least audio (crop).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -38,11 +39,13 @@ def import_tensorflow_in_background() -> threading.Thread:
   """Starts importing TensorFlow (seconds on a small host) in a daemon thread, so that a training run
   overlaps it with building and compiling its state; the first batch's `import tensorflow` then
   finds it loaded, or waits on Python's import lock for the rest (and reports any import error)."""
+
   def import_quietly():
     try:
       import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except Exception:  # noqa: BLE001  the main thread's own import raises it with its traceback
       pass
+
   thread = threading.Thread(target=import_quietly, daemon=True, name="import-tensorflow")
   thread.start()
   return thread
@@ -52,6 +55,7 @@ def tensorflow_for_input():
   """TensorFlow for tf.data, kept off the accelerators: a TF that saw the GPUs would reserve their
   memory on its first op, which is JAX's."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TF already initialized its devices (e.g. the user's own TF code ran first)
@@ -67,18 +71,18 @@ class InputConfig:
   max_sample_size: int = 250_000
   min_sample_size: int = 32_000
   num_buckets: int = 6
-  buckets: tuple[int, ...] = ()     # explicit bucket lengths; else `bucketing` picks num_buckets of them
-  bucketing: str = "geometric"      # geometric | fit (to the split's lengths: least padding or cropping)
-  mode: str = "crop"                # crop | pad
-  crop_long: bool = True            # False (CTC): utterances over max_sample_size are left out, not cut
+  buckets: tuple[int, ...] = ()  # explicit bucket lengths; else `bucketing` picks num_buckets of them
+  bucketing: str = "geometric"  # geometric | fit (to the split's lengths: least padding or cropping)
+  mode: str = "crop"  # crop | pad
+  crop_long: bool = True  # False (CTC): utterances over max_sample_size are left out, not cut
   shuffle: bool = True
   seed: int = 0
-  num_epochs: int | None = None     # None = repeat forever
+  num_epochs: int | None = None  # None = repeat forever
   prefetch: int = 4
-  threads: int = 0                  # 0 = tf.data AUTOTUNE
-  complete: bool = False            # evaluation: every usable utterance once; each bucket's last batch is
-                                    # filled with empty rows (record -1: silence, no transcript) to score nothing
-  read_concurrency: int = 64        # a bucket's ranged GETs in flight per input (local files: unused)
+  threads: int = 0  # 0 = tf.data AUTOTUNE
+  complete: bool = False  # evaluation: every usable utterance once; each bucket's last batch is
+  # filled with empty rows (record -1: silence, no transcript) to score nothing
+  read_concurrency: int = 64  # a bucket's ranged GETs in flight per input (local files: unused)
 
 
 def bucket_lengths(cfg: InputConfig, usable: np.ndarray | None = None) -> tuple[int, ...]:
@@ -117,8 +121,7 @@ def fitted_bucket_lengths(usable: np.ndarray, cfg: InputConfig) -> tuple[int, ..
     return (cfg.max_sample_size,) if cfg.mode == "pad" else (cfg.min_sample_size,)
   pad = cfg.mode == "pad"
   units = -(-usable // STRIDE) if pad else usable // STRIDE
-  widths, counts = np.unique(np.clip(units * STRIDE, cfg.min_sample_size, cfg.max_sample_size),
-                             return_counts=True)
+  widths, counts = np.unique(np.clip(units * STRIDE, cfg.min_sample_size, cfg.max_sample_size), return_counts=True)
   cum = np.concatenate([[0], np.cumsum(counts)])
   m, k = len(widths), max(1, min(cfg.num_buckets, len(widths)))
   # best[j]: least waste proxy for the j shortest distinct lengths in b buckets; a bucket holds a run
@@ -145,10 +148,10 @@ def fitted_bucket_lengths(usable: np.ndarray, cfg: InputConfig) -> tuple[int, ..
 
 @dataclasses.dataclass(frozen=True)
 class EpochPlan:
-  records: np.ndarray    # int64 [batches, global_batch]: record index in the split
-  starts: np.ndarray     # int64 [batches, global_batch]: crop offset
-  lengths: np.ndarray    # int32 [batches, global_batch]: samples kept
-  width: np.ndarray      # int64 [batches]: the batch's array length (its bucket)
+  records: np.ndarray  # int64 [batches, global_batch]: record index in the split
+  starts: np.ndarray  # int64 [batches, global_batch]: crop offset
+  lengths: np.ndarray  # int32 [batches, global_batch]: samples kept
+  width: np.ndarray  # int64 [batches]: the batch's array length (its bucket)
 
 
 class Batches:
@@ -175,10 +178,12 @@ class Batches:
     self.batches_per_bucket = -(-counts // cfg.global_batch) if cfg.complete else counts // cfg.global_batch
     self.per_epoch = int(self.batches_per_bucket.sum())
     if self.per_epoch == 0:
-      raise ValueError(f"{cfg.data_dir} split {cfg.split!r}: {int(self.keep.sum())} usable utterances "
-                       f"(>= min_sample_size={cfg.min_sample_size}) fill no global batch of "
-                       f"{cfg.global_batch} in any bucket {self.buckets.tolist()}; lower the batch size "
-                       "or add data")
+      raise ValueError(
+        f"{cfg.data_dir} split {cfg.split!r}: {int(self.keep.sum())} usable utterances "
+        f"(>= min_sample_size={cfg.min_sample_size}) fill no global batch of "
+        f"{cfg.global_batch} in any bucket {self.buckets.tolist()}; lower the batch size "
+        "or add data"
+      )
     self.dropped = int((~self.keep).sum())  # shorter than min (or, without crop_long, longer than max)
     self._fingerprint = None
     self._last = None  # (epoch, plan): describe() and the first batch share epoch 0's plan
@@ -194,7 +199,7 @@ class Batches:
     order = order[np.argsort(self.bucket[order], kind="stable")]
     batches, widths, first = [], [], self.dropped
     for k, n in enumerate(self.batches_per_bucket):
-      members = order[first:first + min(n * b, self.counts[k])]
+      members = order[first : first + min(n * b, self.counts[k])]
       first += self.counts[k]
       if len(members) < n * b:  # complete: fill
         members = np.concatenate([members, np.full(n * b - len(members), -1, members.dtype)])
@@ -206,8 +211,7 @@ class Batches:
       recs, width = recs[perm], width[perm]
     empty = recs < 0
     total = np.where(empty, np.minimum(width[:, None], self.cfg.min_sample_size), self.num_samples[recs])
-    kept = np.broadcast_to(width[:, None], recs.shape) if cfg.mode == "crop" else \
-        np.minimum(total, cfg.max_sample_size)
+    kept = np.broadcast_to(width[:, None], recs.shape) if cfg.mode == "crop" else np.minimum(total, cfg.max_sample_size)
     room = total - kept
     del total
     if cfg.shuffle:  # in place: at 10M utterances each temporary is 80 MB
@@ -229,8 +233,10 @@ class Batches:
       waste = f"{1 - kept / max(np.broadcast_to(plan.width[:, None], real.shape)[real].sum(), 1):.1%} padding"
     else:
       waste = f"{1 - kept / max(self.num_samples[plan.records[real]].sum(), 1):.1%} of their audio cut away"
-    return (f"{int(real.sum())} of {len(self.num_samples)} utterances per epoch in {self.per_epoch} batches, "
-            f"buckets {[round(b / 16000, 2) for b in self.buckets.tolist()]} s ({self.cfg.bucketing}), {waste}")
+    return (
+      f"{int(real.sum())} of {len(self.num_samples)} utterances per epoch in {self.per_epoch} batches, "
+      f"buckets {[round(b / 16000, 2) for b in self.buckets.tolist()]} s ({self.cfg.bucketing}), {waste}"
+    )
 
   def fingerprint(self) -> str:
     """Identifies the batch sequence: restoring an iterator state checks it. Computed once (it hashes
@@ -238,8 +244,11 @@ class Batches:
     if self._fingerprint is None:
       # Not data_dir (local and gs:// copies resume each other), `complete` (evaluation has no state) or
       # read_concurrency; `bucketing` only when not the default, so that older iterator states restore.
-      fields = tuple(getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
-                     if f.name not in ("data_dir", "complete", "bucketing", "read_concurrency"))
+      fields = tuple(
+        getattr(self.cfg, f.name)
+        for f in dataclasses.fields(self.cfg)
+        if f.name not in ("data_dir", "complete", "bucketing", "read_concurrency")
+      )
       if self.cfg.bucketing != "geometric":
         fields += (self.cfg.bucketing,)
       self._fingerprint = self._repr_digest(fields, self.num_samples)[:16]
@@ -251,9 +260,8 @@ class Batches:
     be a 300 MB string. Python's bytes repr quotes with ' unless the bytes hold ' and no "; a chunk with
     the other quote appended is escaped as the whole would be."""
     flat = np.ascontiguousarray(lengths).reshape(-1)
-    parts = [flat[i:i + chunk].view(np.uint8) for i in range(0, flat.size, chunk)]
-    quote = '"' if any((p == ord("'")).any() for p in parts) and not any((p == ord('"')).any() for p in parts) \
-        else "'"
+    parts = [flat[i : i + chunk].view(np.uint8) for i in range(0, flat.size, chunk)]
+    quote = '"' if any((p == ord("'")).any() for p in parts) and not any((p == ord('"')).any() for p in parts) else "'"
     other = b"'" if quote == '"' else b'"'
     digest = hashlib.sha256(f"({fields!r}, b{quote}".encode())
     for part in parts:
@@ -272,8 +280,14 @@ class AudioInput:
   process's even share. `state()` / `restore()` save and set the position exactly.
   """
 
-  def __init__(self, cfg: InputConfig, rows: tuple[int, int] | None = None,
-               process_index: int = 0, process_count: int = 1, labels: tuple | None = None):
+  def __init__(
+    self,
+    cfg: InputConfig,
+    rows: tuple[int, int] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    labels: tuple | None = None,
+  ):
     self.cfg = cfg
     self.labels = labels  # (ids [N, L] int32, lengths [N] int32) per record: batches gain them
     self.index = records.load_split(cfg.data_dir, cfg.split)
@@ -318,12 +332,17 @@ class AudioInput:
       with self._lock:
         self._reader = self._reader or records.AudioReader(self.index, self.cfg.read_concurrency)
     audio = np.zeros((len(recs), width), np.int16)
-    self._reader.read_many([(rec, start, audio[row, :n])
-                            for row, (rec, start, n) in enumerate(zip(recs, starts, lengths)) if rec >= 0])
+    self._reader.read_many(
+      [(rec, start, audio[row, :n]) for row, (rec, start, n) in enumerate(zip(recs, starts, lengths)) if rec >= 0]
+    )
     if self.labels is not None:
       real = recs >= 0
-      return (audio, lengths.astype(np.int32), np.where(real[:, None], self.labels[0][recs], 0).astype(np.int32),
-              np.where(real, self.labels[1][recs], 0).astype(np.int32))
+      return (
+        audio,
+        lengths.astype(np.int32),
+        np.where(real[:, None], self.labels[0][recs], 0).astype(np.int32),
+        np.where(real, self.labels[1][recs], 0).astype(np.int32),
+      )
     return audio, lengths.astype(np.int32)
 
   # -- tf.data -----------------------------------------------------------------------------------
@@ -339,7 +358,8 @@ class AudioInput:
         audio, lengths = tf.numpy_function(self.load, [position], (tf.int16, tf.int32), stateful=False)
       else:
         audio, lengths, labels, label_lengths = tf.numpy_function(
-            self.load, [position], (tf.int16, tf.int32, tf.int32, tf.int32), stateful=False)
+          self.load, [position], (tf.int16, tf.int32, tf.int32, tf.int32), stateful=False
+        )
       audio.set_shape((rows, None))
       lengths.set_shape((rows,))
       if self.labels is None:
@@ -391,15 +411,16 @@ class AudioInput:
 
   # -- exact resume ----------------------------------------------------------------------------
   def state(self) -> dict:
-    return {"position": self.position, "fingerprint": self.batches.fingerprint(),
-            "rows": list(self.rows)}
+    return {"position": self.position, "fingerprint": self.batches.fingerprint(), "rows": list(self.rows)}
 
   def restore(self, state: dict) -> None:
     if state["fingerprint"] != self.batches.fingerprint():
-      raise ValueError(f"data iterator state does not match {self.cfg.data_dir} split "
-                       f"{self.cfg.split!r}: the data or the data config (batch, buckets, bucketing, seed, "
-                       "crop) changed since the checkpoint; restore with the same data config (a fine-tuning "
-                       "run started before data.bucketing existed: --config.data.bucketing=geometric)")
+      raise ValueError(
+        f"data iterator state does not match {self.cfg.data_dir} split "
+        f"{self.cfg.split!r}: the data or the data config (batch, buckets, bucketing, seed, "
+        "crop) changed since the checkpoint; restore with the same data config (a fine-tuning "
+        "run started before data.bucketing existed: --config.data.bucketing=geometric)"
+      )
     self.seek(int(state["position"]))
 
   def seek(self, position: int) -> None:
@@ -421,6 +442,7 @@ def waveform(audio, lengths, normalize: bool):
   """int16 batch -> float32 in [-1, 1), padding zeroed; `normalize`: zero mean, unit variance
   per utterance over its real samples (fairseq's layer norm over the waveform, eps 1e-5)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   valid = jnp.arange(audio.shape[1])[None, :] < lengths[:, None]
   x = jnp.where(valid, audio.astype(jnp.float32) * (1 / 32768), 0)
   if normalize:
@@ -437,11 +459,15 @@ def local_rows(sharding, global_batch: int) -> tuple[int, int]:
   import jax  # pylint: disable=import-outside-toplevel
 
   from w2v2_jax.parallel import process_rows  # pylint: disable=import-outside-toplevel
+
   return process_rows(sharding, global_batch)[jax.process_index()]
 
 
 def to_global(batch: dict, sharding, global_batch: int) -> dict:
   """Local rows -> global jax.Arrays; `sharding` splits dim 0 over the mesh's batch axes."""
   import jax  # pylint: disable=import-outside-toplevel
-  return {key: jax.make_array_from_process_local_data(sharding, value, (global_batch,) + value.shape[1:])
-          for key, value in batch.items()}
+
+  return {
+    key: jax.make_array_from_process_local_data(sharding, value, (global_batch,) + value.shape[1:])
+    for key, value in batch.items()
+  }

@@ -11,6 +11,7 @@ from a bucket), so it can address any utterance by a global index and resume fro
 `SPLIT.index.npz` gathers every shard index of a split into arrays: one read at start-up, however
 many shards (a bucket would otherwise take one GET per shard). Prepare writes it last.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,6 +31,7 @@ _FRAMING = 12  # TFRecord: uint64 length + uint32 masked CRC before the data, ui
 @dataclasses.dataclass(frozen=True)
 class Utterance:
   """One prepared utterance: int16 samples at 16 kHz and its labels."""
+
   id: str
   audio: np.ndarray
   transcript: str = ""
@@ -42,21 +44,30 @@ def shard_name(split: str, index: int) -> str:
 
 def encode(utt: Utterance) -> bytes:
   from tensorflow.core.example import example_pb2, feature_pb2  # pylint: disable=import-outside-toplevel
-  def b(v): return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[v]))
-  feats = {"audio": b(np.ascontiguousarray(utt.audio, "<i2").tobytes()),
-           "num_samples": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[utt.audio.size])),
-           "id": b(utt.id.encode()), "transcript": b(utt.transcript.encode()),
-           "speaker": b(utt.speaker.encode())}
+
+  def b(v):
+    return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[v]))
+
+  feats = {
+    "audio": b(np.ascontiguousarray(utt.audio, "<i2").tobytes()),
+    "num_samples": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[utt.audio.size])),
+    "id": b(utt.id.encode()),
+    "transcript": b(utt.transcript.encode()),
+    "speaker": b(utt.speaker.encode()),
+  }
   return example_pb2.Example(features=feature_pb2.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def decode(record: bytes) -> Utterance:
   from tensorflow.core.example import example_pb2  # pylint: disable=import-outside-toplevel
+
   f = example_pb2.Example.FromString(record).features.feature
-  return Utterance(id=f["id"].bytes_list.value[0].decode(),
-                   audio=np.frombuffer(f["audio"].bytes_list.value[0], "<i2"),
-                   transcript=f["transcript"].bytes_list.value[0].decode(),
-                   speaker=f["speaker"].bytes_list.value[0].decode())
+  return Utterance(
+    id=f["id"].bytes_list.value[0].decode(),
+    audio=np.frombuffer(f["audio"].bytes_list.value[0], "<i2"),
+    transcript=f["transcript"].bytes_list.value[0].decode(),
+    speaker=f["speaker"].bytes_list.value[0].decode(),
+  )
 
 
 def write_shard(path: str, utterances, index_extra) -> dict:
@@ -66,6 +77,7 @@ def write_shard(path: str, utterances, index_extra) -> dict:
   `index_extra()` is called after `utterances` is exhausted, for counts gathered on the way.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   ids, lengths, speakers, labeled, transcripts, offsets, position = [], [], [], [], [], [], 0
   with storage.local_file(path, suffix=".tfrecord") as tmp:
     with tf.io.TFRecordWriter(tmp) as writer:
@@ -80,8 +92,16 @@ def write_shard(path: str, utterances, index_extra) -> dict:
         speakers.append(utt.speaker)
         labeled.append(bool(utt.transcript))
         transcripts.append(utt.transcript)
-  index = dict(index_extra(), file=storage.basename(path), ids=ids, num_samples=lengths,
-               audio_offsets=offsets, speakers=speakers, labeled=labeled, transcripts=transcripts)
+  index = dict(
+    index_extra(),
+    file=storage.basename(path),
+    ids=ids,
+    num_samples=lengths,
+    audio_offsets=offsets,
+    speakers=speakers,
+    labeled=labeled,
+    transcripts=transcripts,
+  )
   storage.write_json(index_path(path), index)
   return index
 
@@ -90,14 +110,17 @@ def write_split(out_dir: str, split: str, utterances: list, shard_size: int) -> 
   """In-memory utterances -> complete shards of `split` and its index (synthetic data: benchmarks, tests)."""
   storage.makedirs(out_dir)
   for k in range(0, len(utterances), shard_size):
-    part = utterances[k:k + shard_size]
-    write_shard(storage.join(out_dir, shard_name(split, k // shard_size)), iter(part),
-                lambda n=len(part): {"split": split, "seen": n, "written": n, "skipped": []})
+    part = utterances[k : k + shard_size]
+    write_shard(
+      storage.join(out_dir, shard_name(split, k // shard_size)),
+      iter(part),
+      lambda n=len(part): {"split": split, "seen": n, "written": n, "skipped": []},
+    )
   write_split_index(out_dir, split)
 
 
 def index_path(shard_path: str) -> str:
-  return shard_path[:-len(".tfrecord")] + ".json"
+  return shard_path[: -len(".tfrecord")] + ".json"
 
 
 def split_index_path(data_dir: str, split: str) -> str:
@@ -128,14 +151,22 @@ def write_split_index(data_dir: str, split: str) -> str:
   shards = shard_paths(data_dir, split)
   missing = [s for s in shards if not storage.exists(index_path(s))] if not storage.is_url(data_dir) else []
   if missing:
-    raise ValueError(f"{missing[0]}: shard has no index {storage.basename(index_path(missing[0]))}; it is "
-                     "unfinished, re-run w2v2-prepare to complete it")
+    raise ValueError(
+      f"{missing[0]}: shard has no index {storage.basename(index_path(missing[0]))}; it is "
+      "unfinished, re-run w2v2-prepare to complete it"
+    )
   # Shard by shard into arrays, a window of JSON indexes at a time: parsed JSON of 10M utterances would
   # take several GB, their arrays take a fraction.
-  parts = {"num_samples": [np.zeros(0, np.int64)], "file_index": [np.zeros(0, np.int32)],
-           "audio_offsets": [np.zeros(0, np.int64)], "labeled": [np.zeros(0, bool)], "ids": [], "transcripts": []}
+  parts = {
+    "num_samples": [np.zeros(0, np.int64)],
+    "file_index": [np.zeros(0, np.int32)],
+    "audio_offsets": [np.zeros(0, np.int64)],
+    "labeled": [np.zeros(0, bool)],
+    "ids": [],
+    "transcripts": [],
+  }
   for first in range(0, len(shards), 256):
-    for k, ix in enumerate(read_shard_indexes(shards[first:first + 256]), start=first):
+    for k, ix in enumerate(read_shard_indexes(shards[first : first + 256]), start=first):
       parts["num_samples"].append(np.asarray(ix["num_samples"], np.int64))
       parts["file_index"].append(np.full(len(ix["num_samples"]), k, np.int32))
       parts["audio_offsets"].append(np.asarray(ix["audio_offsets"], np.int64))
@@ -161,11 +192,11 @@ class SplitIndex:
 
   def __init__(self, files, num_samples, file_index, audio_offsets, ids, labeled, transcripts=None):
     self.files = tuple(files)
-    self.num_samples = np.asarray(num_samples, np.int64)    # [N]
-    self.file_index = np.asarray(file_index, np.int32)      # [N]: which of `files`
+    self.num_samples = np.asarray(num_samples, np.int64)  # [N]
+    self.file_index = np.asarray(file_index, np.int32)  # [N]: which of `files`
     self.audio_offsets = np.asarray(audio_offsets, np.int64)  # [N]: byte offset of the int16 audio
-    self.labeled = np.asarray(labeled, bool)                # [N]
-    self._ids, self._transcripts = ids, transcripts         # callables or sequences
+    self.labeled = np.asarray(labeled, bool)  # [N]
+    self._ids, self._transcripts = ids, transcripts  # callables or sequences
 
   @property
   def ids(self) -> tuple[str, ...]:
@@ -184,13 +215,13 @@ class SplitIndex:
       return list(self._transcripts)
     out = []
     for path, index in zip(self.files, read_shard_indexes(list(self.files))):
-      out.extend(index["transcripts"] if "transcripts" in index else
-                 [decode(r).transcript for r in _records(path)])
+      out.extend(index["transcripts"] if "transcripts" in index else [decode(r).transcript for r in _records(path)])
     return out
 
 
 def _records(path: str):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   return tf.data.TFRecordDataset(path).as_numpy_iterator()
 
 
@@ -200,24 +231,31 @@ def load_split(data_dir: str, split: str) -> SplitIndex:
   shards = shard_paths(data_dir, split)
   if not shards:
     have = sorted({storage.basename(p).rsplit("-", 1)[0] for p in shard_paths(data_dir)})
-    raise ValueError(f"{data_dir}: no shards of split {split!r} (splits here: {have or 'none'}); "
-                     "run w2v2-prepare first")
+    raise ValueError(
+      f"{data_dir}: no shards of split {split!r} (splits here: {have or 'none'}); run w2v2-prepare first"
+    )
   consolidated = split_index_path(data_dir, split)
   if storage.exists(consolidated):
     index = _load_consolidated(data_dir, consolidated)
     if [storage.basename(f) for f in index.files] == [storage.basename(s) for s in shards]:
       return index
     if storage.is_url(data_dir):
-      raise ValueError(f"{consolidated} lists other shards than {data_dir} holds; rewrite it with "
-                       f"w2v2-prepare --merge --output={data_dir}")
+      raise ValueError(
+        f"{consolidated} lists other shards than {data_dir} holds; rewrite it with "
+        f"w2v2-prepare --merge --output={data_dir}"
+      )
   elif storage.is_url(data_dir):
-    raise ValueError(f"{consolidated}: missing (a bucket is read through one index per split); write it with "
-                     f"w2v2-prepare --merge --output={data_dir}")
+    raise ValueError(
+      f"{consolidated}: missing (a bucket is read through one index per split); write it with "
+      f"w2v2-prepare --merge --output={data_dir}"
+    )
   files, lengths, ids, labeled, file_index, offsets = [], [], [], [], [], []
   for shard in shards:
     if not storage.exists(index_path(shard)):
-      raise ValueError(f"{shard}: shard has no index {storage.basename(index_path(shard))}; it is "
-                       "unfinished, re-run w2v2-prepare to complete it")
+      raise ValueError(
+        f"{shard}: shard has no index {storage.basename(index_path(shard))}; it is "
+        "unfinished, re-run w2v2-prepare to complete it"
+      )
     index = storage.read_json(index_path(shard))
     files.append(shard)
     file_index.extend([len(files) - 1] * len(index["ids"]))
@@ -232,8 +270,15 @@ def _load_consolidated(data_dir: str, path: str) -> SplitIndex:
   blob = storage.read_bytes(path) if storage.is_url(path) else path
   archive = np.load(io.BytesIO(blob) if isinstance(blob, bytes) else blob, allow_pickle=False)
   files = [storage.join(data_dir, str(f)) for f in archive["files"]]
-  return SplitIndex(files, archive["num_samples"], archive["file_index"], archive["audio_offsets"],
-                    lambda: archive["ids"], archive["labeled"], lambda: archive["transcripts"])
+  return SplitIndex(
+    files,
+    archive["num_samples"],
+    archive["file_index"],
+    archive["audio_offsets"],
+    lambda: archive["ids"],
+    archive["labeled"],
+    lambda: archive["transcripts"],
+  )
 
 
 class AudioReader:
@@ -250,8 +295,9 @@ class AudioReader:
     self.max_open_files = max_open_files
     self._fds = collections.OrderedDict()  # file number -> [descriptor, readers], least recently used first
     self._lock = threading.Lock()
-    self._pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="audio-read") \
-        if self.remote else None
+    self._pool = (
+      concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="audio-read") if self.remote else None
+    )
 
   def read(self, record: int, start: int, out: np.ndarray) -> None:
     """Fills int16 `out` with samples [start, start + len(out)) of utterance `record`."""

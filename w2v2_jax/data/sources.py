@@ -3,6 +3,7 @@
 Each source yields `Item`s in a deterministic order. File items are decoded later, in worker
 processes; TFDS items carry their samples already.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,7 +23,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", "
 @dataclasses.dataclass(frozen=True)
 class Item:
   id: str
-  path: str = ""            # file to decode, or "" when `audio` is given
+  path: str = ""  # file to decode, or "" when `audio` is given
   transcript: str = ""
   speaker: str = ""
   audio: np.ndarray | None = None  # float32 mono, at `rate`
@@ -41,10 +42,10 @@ def from_directory(root: str, speaker_level: int = 0) -> Iterator[Item]:
   files = storage.find(root)  # one listing, also in a bucket
   texts = {f for f in files if f.endswith(".txt")}
   base = root.rstrip("/") + "/" if storage.is_url(root) else os.path.join(root, "")
-  for path in sorted(files, key=lambda f: _walk_order(f[len(base):])):
+  for path in sorted(files, key=lambda f: _walk_order(f[len(base) :])):
     if not path.lower().endswith(AUDIO_EXTENSIONS):
       continue
-    rel = path[len(base):].replace(os.sep, "/")
+    rel = path[len(base) :].replace(os.sep, "/")
     stem = os.path.splitext(path)[0]
     transcript = ""
     if stem + ".txt" in texts:
@@ -81,21 +82,27 @@ def from_tsv(manifest: str) -> Iterator[Item]:
       if not rel:
         raise ValueError(f"{manifest}:{line_no}: empty path column")
       path = rel if os.path.isabs(rel) or storage.is_url(rel) else storage.join(root, rel)
-      yield Item(id=(row.get("id") or os.path.splitext(rel)[0]).strip(), path=path,
-                 transcript=" ".join((row.get("transcript") or "").split()),
-                 speaker=(row.get("speaker") or "").strip())
+      yield Item(
+        id=(row.get("id") or os.path.splitext(rel)[0]).strip(),
+        path=path,
+        transcript=" ".join((row.get("transcript") or "").split()),
+        speaker=(row.get("speaker") or "").strip(),
+      )
 
 
 def from_tfds(spec: str, data_dir: str | None) -> Iterator[Item]:
   """`tfds:NAME[/CONFIG][:SPLIT]` from a prepared TFDS data_dir (never downloads); SPLIT may be an
   expression such as `train_clean100+train_clean360`."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  name, _, split = spec[len("tfds:"):].partition(":")
+
+  name, _, split = spec[len("tfds:") :].partition(":")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001 - tfds raises many types for a missing dataset
-    raise ValueError(f"--input={spec}: TFDS cannot open {name!r} in --tfds_data_dir={data_dir} "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    raise ValueError(
+      f"--input={spec}: TFDS cannot open {name!r} in --tfds_data_dir={data_dir} "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    ) from None
   features = builder.info.features
   audio_keys = [k for k, v in features.items() if isinstance(v, tfds.features.Audio)]
   if not audio_keys:
@@ -105,8 +112,10 @@ def from_tfds(spec: str, data_dir: str | None) -> Iterator[Item]:
   split = split or "train"
   for part in split.split("+"):  # a TFDS split expression: train_clean100+train_clean360, train[:10%]
     if part.split("[")[0].strip() not in builder.info.splits:
-      raise ValueError(f"--input={spec}: no split {part.split('[')[0].strip()!r}; the dataset has "
-                       f"{list(builder.info.splits)} (join several with +)")
+      raise ValueError(
+        f"--input={spec}: no split {part.split('[')[0].strip()!r}; the dataset has "
+        f"{list(builder.info.splits)} (join several with +)"
+      )
   scale = 1.0 / 32768 if np.dtype(features[key].np_dtype).kind == "i" else 1.0
   for i, ex in enumerate(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))):
     text = ex.get("text", ex.get("transcript", b""))
@@ -114,8 +123,13 @@ def from_tfds(spec: str, data_dir: str | None) -> Iterator[Item]:
     uid = ex.get("id", f"{name}:{split}:{i}".encode())  # a dataset without ids: unique per input
     as_str = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
     audio = np.asarray(ex[key], np.float32).reshape(ex[key].shape[0], -1).mean(axis=1) * scale
-    yield Item(id=as_str(uid), transcript=" ".join(as_str(text).split()),
-               speaker=as_str(speaker) if as_str(speaker) else "", audio=audio, rate=rate)
+    yield Item(
+      id=as_str(uid),
+      transcript=" ".join(as_str(text).split()),
+      speaker=as_str(speaker) if as_str(speaker) else "",
+      audio=audio,
+      rate=rate,
+    )
 
 
 def open_source(spec: str, speaker_level: int = 0, tfds_data_dir: str | None = None) -> Iterator[Item]:

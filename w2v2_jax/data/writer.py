@@ -9,6 +9,7 @@ or a bucket (gs://): each file is written whole, once.
 Several machines can share the work: task i of N (`num_tasks`, `task_index`) writes every N-th shard
 of the same enumeration, and a final merge writes the report and each split's consolidated index.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,16 +34,16 @@ SILENCE_PEAK = 1e-4  # below this peak (-80 dBFS) a file is digital silence
 class PrepareConfig:
   out_dir: str
   min_seconds: float = 1.0
-  max_seconds: float = 30.0      # longer unlabeled audio is split into near-equal chunks
+  max_seconds: float = 30.0  # longer unlabeled audio is split into near-equal chunks
   valid_fraction: float = 0.0
-  split_by: str = "utterance"    # or "speaker"
+  split_by: str = "utterance"  # or "speaker"
   seed: int = 0
-  shard_size: int = 256          # items per shard
-  workers: int = 0               # 0 = every core
+  shard_size: int = 256  # items per shard
+  workers: int = 0  # 0 = every core
   train_name: str = "train"
   valid_name: str = "valid"
-  num_tasks: int = 1             # machines sharing the work; this one writes shards k with k % num_tasks
-  task_index: int = 0            # == task_index (the report and the split indexes come from merge())
+  num_tasks: int = 1  # machines sharing the work; this one writes shards k with k % num_tasks
+  task_index: int = 0  # == task_index (the report and the split indexes come from merge())
 
 
 def assign_split(item: Item, cfg: PrepareConfig) -> str:
@@ -50,8 +51,10 @@ def assign_split(item: Item, cfg: PrepareConfig) -> str:
   if cfg.valid_fraction <= 0:
     return cfg.train_name
   if cfg.split_by == "speaker" and not item.speaker:
-    raise ValueError(f"--split_by=speaker but {item.path or item.id} has no speaker; set "
-                     "--speaker_level (directory input) or a speaker column (TSV)")
+    raise ValueError(
+      f"--split_by=speaker but {item.path or item.id} has no speaker; set "
+      "--speaker_level (directory input) or a speaker column (TSV)"
+    )
   key = item.speaker if cfg.split_by == "speaker" else item.id
   h = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{key}".encode()).digest()[:8], "little")
   return cfg.valid_name if h / 2**64 < cfg.valid_fraction else cfg.train_name
@@ -80,16 +83,24 @@ def to_utterances(item: Item, cfg: PrepareConfig) -> list[records.Utterance]:
   if item.transcript or pcm.size <= max_len:  # a transcript cannot be split: keep, crop later
     return [records.Utterance(item.id, pcm, item.transcript, item.speaker)]
   pieces = -(-pcm.size // max_len)
-  return [records.Utterance(f"{item.id}#{k:03d}", chunk, "", item.speaker)
-          for k, chunk in enumerate(np.array_split(pcm, pieces))]
+  return [
+    records.Utterance(f"{item.id}#{k:03d}", chunk, "", item.speaker)
+    for k, chunk in enumerate(np.array_split(pcm, pieces))
+  ]
 
 
 def reason_kind(message: str) -> str:
   """A short category for the summary line, from a skip reason."""
   m = message.lower()
-  for key, kind in (("no samples", "empty"), ("nan or inf", "non-finite"), ("silent", "silent"),
-                    ("shorter than", "too short"), ("no such file", "missing"),
-                    ("permission", "unreadable"), ("unreadable", "undecodable")):
+  for key, kind in (
+    ("no samples", "empty"),
+    ("nan or inf", "non-finite"),
+    ("silent", "silent"),
+    ("shorter than", "too short"),
+    ("no such file", "missing"),
+    ("permission", "unreadable"),
+    ("unreadable", "undecodable"),
+  ):
     if key in m:
       return kind
   return "other"
@@ -115,9 +126,17 @@ def write_one_shard(task) -> dict:
       chunks.append(len(utts))
       yield from utts
 
-  return records.write_shard(path, utterances(), lambda: {
-      "split": split, "seen": len(items), "written": len(chunks), "skipped": skipped,
-      "items_sha": items_fingerprint(items)})
+  return records.write_shard(
+    path,
+    utterances(),
+    lambda: {
+      "split": split,
+      "seen": len(items),
+      "written": len(chunks),
+      "skipped": skipped,
+      "items_sha": items_fingerprint(items),
+    },
+  )
 
 
 def items_fingerprint(items) -> str:
@@ -150,8 +169,10 @@ def _is_done(task) -> bool:
     return False
   done = storage.read_json(index_file)
   if done.get("items_sha") != items_fingerprint(items):
-    raise ValueError(f"{index_file}: this shard was written from other input files; the input "
-                     "changed since the last run. Use a new --output directory")
+    raise ValueError(
+      f"{index_file}: this shard was written from other input files; the input "
+      "changed since the last run. Use a new --output directory"
+    )
   return True
 
 
@@ -171,14 +192,19 @@ def _check_settings(cfg: PrepareConfig) -> None:
   if theirs is not None:
     diff = sorted(k for k in mine if theirs.get(k) != mine[k])
     if diff:
-      raise ValueError(f"{path}: --{diff[0]}={mine[diff[0]]} differs from the earlier run's "
-                       f"{theirs.get(diff[0])}; resume with the same flags or use a new --output")
+      raise ValueError(
+        f"{path}: --{diff[0]}={mine[diff[0]]} differs from the earlier run's "
+        f"{theirs.get(diff[0])}; resume with the same flags or use a new --output"
+      )
     return
-  clash = {cfg.train_name, cfg.valid_name if cfg.valid_fraction > 0 else None} & \
-      {s for r in runs.values() for s in (r["train_name"], r["valid_name"] if r["valid_fraction"] > 0 else None)} - {None}
+  clash = {cfg.train_name, cfg.valid_name if cfg.valid_fraction > 0 else None} & {
+    s for r in runs.values() for s in (r["train_name"], r["valid_name"] if r["valid_fraction"] > 0 else None)
+  } - {None}
   if clash:
-    raise ValueError(f"{path}: split {sorted(clash)[0]!r} was written by another input; give this input its "
-                     "own --split_name, or use a new --output")
+    raise ValueError(
+      f"{path}: split {sorted(clash)[0]!r} was written by another input; give this input its "
+      "own --split_name, or use a new --output"
+    )
   storage.write_json(path, {"runs": dict(runs, **{cfg.train_name: mine})})
 
 
@@ -198,15 +224,16 @@ def prepare(items, cfg: PrepareConfig, log=print) -> dict | None:
   ctx = multiprocessing.get_context("spawn")  # TF and JAX are not fork-safe
   with ctx.Pool(workers) as pool:
     pending = collections.deque()
+
     def drain(block):
       nonlocal done_now
       while pending and (block or pending[0].ready()):
         pending.popleft().get()
         done_now += 1
         rate = done_now / max(time.time() - start, 1e-9)
-        eta = (f", ETA {max(expected - reused - done_now, 0) / rate:.0f} s" if expected else "")
-        log(f"prepare: {done_now} shards written ({reused} already done), "
-            f"{rate * 60:.1f} shards/min{eta}")
+        eta = f", ETA {max(expected - reused - done_now, 0) / rate:.0f} s" if expected else ""
+        log(f"prepare: {done_now} shards written ({reused} already done), {rate * 60:.1f} shards/min{eta}")
+
     for number, task in enumerate(_tasks(items, cfg)):
       if number % cfg.num_tasks != cfg.task_index:
         continue  # another machine's
@@ -219,8 +246,9 @@ def prepare(items, cfg: PrepareConfig, log=print) -> dict | None:
       drain(block=False)
     drain(block=True)
   if cfg.num_tasks > 1:
-    log(f"prepare: task {cfg.task_index} of {cfg.num_tasks} done; when every task is, run the same command "
-        "with --merge")
+    log(
+      f"prepare: task {cfg.task_index} of {cfg.num_tasks} done; when every task is, run the same command with --merge"
+    )
     return None
   return merge(cfg.out_dir, items, cfg, seconds=time.time() - start)
 
@@ -229,12 +257,15 @@ def merge(out_dir: str, items=None, cfg: PrepareConfig | None = None, seconds: f
   """Checks that every shard of the input is written (given `items`), then writes each split's
   consolidated index and report.json. Returns the report."""
   if items is not None:
-    missing = [(n, path) for n, (path, _, _, _) in enumerate(_tasks(items, cfg))
-               if not storage.exists(records.index_path(path))]
+    missing = [
+      (n, path) for n, (path, _, _, _) in enumerate(_tasks(items, cfg)) if not storage.exists(records.index_path(path))
+    ]
     if missing:
       n, path = missing[0]
-      raise ValueError(f"{path}: not written yet ({len(missing)} shards missing); run task "
-                       f"--task_index={n % cfg.num_tasks} of --num_tasks={cfg.num_tasks} first")
+      raise ValueError(
+        f"{path}: not written yet ({len(missing)} shards missing); run task "
+        f"--task_index={n % cfg.num_tasks} of --num_tasks={cfg.num_tasks} first"
+      )
   report = build_report(out_dir)
   for split in report["splits"]:
     records.write_split_index(out_dir, split)
@@ -248,8 +279,10 @@ def build_report(out_dir: str) -> dict:
   """Adds up every shard index: counts, hours and a length histogram per split, every skip."""
   splits, skipped = {}, []
   for index in records.read_shard_indexes(storage.glob(out_dir, "*-[0-9][0-9][0-9][0-9][0-9].json")):
-    s = splits.setdefault(index["split"], {"seen": 0, "written": 0, "skipped": 0, "records": 0,
-                                           "labeled": 0, "samples": 0, "shards": 0, "_lengths": []})
+    s = splits.setdefault(
+      index["split"],
+      {"seen": 0, "written": 0, "skipped": 0, "records": 0, "labeled": 0, "samples": 0, "shards": 0, "_lengths": []},
+    )
     s["seen"] += index["seen"]
     s["written"] += index["written"]
     s["skipped"] += len(index["skipped"])
@@ -263,18 +296,20 @@ def build_report(out_dir: str) -> dict:
     seconds = np.asarray(s.pop("_lengths"), np.float64) / SAMPLE_RATE
     s["hours"] = round(s.pop("samples") / SAMPLE_RATE / 3600, 4)
     counts, _ = np.histogram(seconds, bins=HIST_EDGES_S)
-    s["length_histogram_s"] = {f"{lo:g}-{hi:g}": int(c) for lo, hi, c in
-                               zip(HIST_EDGES_S[:-1], HIST_EDGES_S[1:], counts)}
+    s["length_histogram_s"] = {
+      f"{lo:g}-{hi:g}": int(c) for lo, hi, c in zip(HIST_EDGES_S[:-1], HIST_EDGES_S[1:], counts)
+    }
   total = {k: sum(s[k] for s in splits.values()) for k in ("seen", "written", "skipped", "records")}
   reasons = collections.Counter(reason_kind(s["reason"]) for s in skipped)
-  return {"total": total, "splits": splits, "skip_reasons": dict(sorted(reasons.items())),
-          "skipped": skipped}
+  return {"total": total, "splits": splits, "skip_reasons": dict(sorted(reasons.items())), "skipped": skipped}
 
 
 def summary_line(report: dict, out_dir: str) -> str:
   t = report["total"]
   hours = sum(s["hours"] for s in report["splits"].values())
   why = ", ".join(f"{k} {v}" for k, v in report["skip_reasons"].items())
-  return (f"w2v2-prepare: seen {t['seen']}, written {t['written']} ({t['records']} records, "
-          f"{hours:.2f} h), skipped {t['skipped']}{f' ({why})' if why else ''} -> "
-          f"{storage.join(out_dir, 'report.json')}")
+  return (
+    f"w2v2-prepare: seen {t['seen']}, written {t['written']} ({t['records']} records, "
+    f"{hours:.2f} h), skipped {t['skipped']}{f' ({why})' if why else ''} -> "
+    f"{storage.join(out_dir, 'report.json')}"
+  )

@@ -3,6 +3,7 @@
 The vocabulary follows the HuggingFace/fairseq letter convention (ids 0..3 are <pad> = CTC blank, <s>,
 </s>, <unk>; "|" separates words), so a vocab.json written here loads in HF's Wav2Vec2CTCTokenizer and back.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,6 +33,7 @@ def normalize(text: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
   """Token strings by id; ids 0..3 are the specials, then "|" and letters (fairseq dict order)."""
+
   tokens: tuple[str, ...]
 
   def __post_init__(self):
@@ -79,14 +81,17 @@ class Vocabulary:
   def save(self, path) -> None:
     """HF vocab.json: {token: id}, in id order (a local path or a URL, written whole)."""
     from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
-    storage.write_text(path, json.dumps({tok: i for i, tok in enumerate(self.tokens)}, ensure_ascii=False,
-                                        indent=1) + "\n")
+
+    storage.write_text(
+      path, json.dumps({tok: i for i, tok in enumerate(self.tokens)}, ensure_ascii=False, indent=1) + "\n"
+    )
 
   @classmethod
   def load(cls, path) -> Vocabulary:
     """Read an HF vocab.json; ValueError naming the file unless ids are 0..n-1 with the specials at 0..3."""
     try:
       from w2v2_jax import storage  # pylint: disable=import-outside-toplevel
+
       mapping = json.loads(storage.read_text(path))
       if not isinstance(mapping, dict) or not all(isinstance(i, int) for i in mapping.values()):
         raise ValueError("expected a JSON object of token -> integer id")
@@ -110,8 +115,8 @@ def labels_to_padded(label_ids: Sequence[Sequence[int]], max_len: int | None = N
   labels = np.zeros((len(label_ids), width), np.int32)
   paddings = np.ones((len(label_ids), width), np.float32)
   for b, ids in enumerate(label_ids):
-    labels[b, :len(ids)] = ids
-    paddings[b, :len(ids)] = 0.0
+    labels[b, : len(ids)] = ids
+    paddings[b, : len(ids)] = 0.0
   return labels, paddings
 
 
@@ -159,7 +164,7 @@ def greedy_decode(frame_ids, lengths, blank_id: int = 0) -> list[list[int]]:
   repeats merged, blanks dropped. (The argmax is taken on device, so only ids travel to the host.)"""
   out = []
   for row, n in zip(np.asarray(frame_ids), np.asarray(lengths).reshape(-1)):
-    path = row[:int(n)]
+    path = row[: int(n)]
     keep = np.ones(path.shape, bool)
     keep[1:] = path[1:] != path[:-1]
     out.append([int(i) for i in path[keep] if i != blank_id])
@@ -176,12 +181,14 @@ def _normalized_pairs(refs: Sequence[str], hyps: Sequence[str]):
 def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
   """Corpus WER (word edits over reference words, jiwer) of normalised texts."""
   import jiwer
+
   return float(jiwer.wer(*_normalized_pairs(refs, hyps)))
 
 
 def char_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
   """Corpus CER (character edits, spaces included, over reference characters, jiwer) of normalised texts."""
   import jiwer
+
   return float(jiwer.cer(*_normalized_pairs(refs, hyps)))
 
 
@@ -206,32 +213,39 @@ class BeamSearchDecoder:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def beam_search_decoder(vocab: Vocabulary, kenlm_path: str | None = None, alpha: float = 0.5, beta: float = 1.0,
-                        beam_width: int = 100) -> BeamSearchDecoder:
+def beam_search_decoder(
+  vocab: Vocabulary, kenlm_path: str | None = None, alpha: float = 0.5, beta: float = 1.0, beam_width: int = 100
+) -> BeamSearchDecoder:
   """A BeamSearchDecoder for vocab; alpha weighs the LM, beta is the word insertion bonus (pyctcdecode's)."""
   try:
     import pyctcdecode
   except ImportError as e:
-    raise ImportError("beam search needs pyctcdecode (its metadata pins numpy<2, which works): "
-                      "pip install pygtrie && pip install --no-deps pyctcdecode") from e
+    raise ImportError(
+      "beam search needs pyctcdecode (its metadata pins numpy<2, which works): "
+      "pip install pygtrie && pip install --no-deps pyctcdecode"
+    ) from e
   if kenlm_path:
     try:
       import kenlm  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
     except ImportError as e:
-      raise ImportError(f"{kenlm_path}: decoding with a KenLM model needs its Python module, built from source "
-                        "(cmake and a C++ compiler): CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install kenlm==0.2.0") from e
+      raise ImportError(
+        f"{kenlm_path}: decoding with a KenLM model needs its Python module, built from source "
+        "(cmake and a C++ compiler): CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install kenlm==0.2.0"
+      ) from e
   labels = [_BEAM_LABELS.get(tok, tok) for tok in vocab.tokens]
   unigrams = None
   if kenlm_path and kenlm_path.endswith(".arpa"):
     # The LM's words without <s>, </s>, <unk>; they must be spelled in the vocabulary's letters.
     from pyctcdecode.language_model import load_unigram_set_from_arpa  # pylint: disable=import-outside-toplevel
+
     unigrams = sorted(w for w in load_unigram_set_from_arpa(kenlm_path) if w not in (BOS, EOS, UNK))
     letters = set(vocab.tokens)
     unspelled = [w for w in unigrams if not set(w) <= letters]
     if len(unspelled) > len(unigrams) / 2:
-      raise ValueError(f"{kenlm_path}: {len(unspelled)} of its {len(unigrams)} words use letters outside "
-                       f"the CTC vocabulary (e.g. {unspelled[0]!r}); build the LM on text in the vocabulary's form "
-                       "(ctc.normalize: upper case)")
-  decoder = pyctcdecode.build_ctcdecoder(labels, kenlm_model_path=kenlm_path, unigrams=unigrams, alpha=alpha,
-                                         beta=beta)
+      raise ValueError(
+        f"{kenlm_path}: {len(unspelled)} of its {len(unigrams)} words use letters outside "
+        f"the CTC vocabulary (e.g. {unspelled[0]!r}); build the LM on text in the vocabulary's form "
+        "(ctc.normalize: upper case)"
+      )
+  decoder = pyctcdecode.build_ctcdecoder(labels, kenlm_model_path=kenlm_path, unigrams=unigrams, alpha=alpha, beta=beta)
   return BeamSearchDecoder(decoder, beam_width)

@@ -7,6 +7,7 @@ stored as ARPA backoff entries (the probability of a seen n-gram is the interpol
 backoff weight of a context is its interpolation weight), so `kenlm.Model(path)` scores exactly
 the interpolated model.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,7 +35,7 @@ def estimate(sentences: Iterable[str], order: int = 4) -> list[dict]:
     n_sentences += 1
     for n in range(1, order + 1):
       for i in range(max(0, 1 if n == 1 else 0), len(words) - n + 1):
-        raw[tuple(words[i:i + n])] += 1
+        raw[tuple(words[i : i + n])] += 1
   if not n_sentences:
     raise ValueError("no sentences to estimate an n-gram model from")
   # Kneser-Ney counts: raw for the top order and for n-grams that start a sentence; otherwise the

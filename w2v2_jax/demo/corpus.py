@@ -4,6 +4,7 @@ Splits: `unlabeled` (pre-training), `labeled` (fine-tuning) and `test`. The test
 and sentences that no other split has. Everything follows from the config, seed included, and the
 shards are cached under a folder named by its hash: a second call returns at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,12 +30,12 @@ _WORDS_PER_SECOND = 3.8  # eSpeak at 160 words/min (measured); only sizes the pl
 class CorpusConfig:
   unlabeled_hours: float = 2.0
   labeled_minutes: float = 10.0
-  labeled_voices: int = 0         # train voices the labeled split draws from; 0: all of them
-  rooms: bool = False             # every utterance in its own simulated room with noise (demo/rooms.py)
+  labeled_voices: int = 0  # train voices the labeled split draws from; 0: all of them
+  rooms: bool = False  # every utterance in its own simulated room with noise (demo/rooms.py)
   test_minutes: float = 10.0
   test_voice_fraction: float = 0.15
   test_sentence_fraction: float = 0.15
-  max_sentences: int = 3          # per utterance
+  max_sentences: int = 3  # per utterance
   seed: int = 0
   shard_size: int = 256
 
@@ -76,14 +77,18 @@ def voices(cfg: CorpusConfig) -> dict[str, list[str]]:
   labeled = train
   if cfg.labeled_voices:
     if not 0 < cfg.labeled_voices <= len(train):
-      raise ValueError(f"corpus labeled_voices={cfg.labeled_voices} (config.data.corpus_labeled_voices): "
-                       f"choose 1..{len(train)}, or 0 for every training voice")
+      raise ValueError(
+        f"corpus labeled_voices={cfg.labeled_voices} (config.data.corpus_labeled_voices): "
+        f"choose 1..{len(train)}, or 0 for every training voice"
+      )
     rng = np.random.default_rng([cfg.seed, 99])  # half female variants, as a balanced small set would be
     female = [v for v in train if v.split("+")[1] in espeak.FEMALE_VARIANTS]
     other = [v for v in train if v not in female]
     n_female = min(cfg.labeled_voices // 2, len(female))
-    labeled = sorted(rng.choice(female, n_female, replace=False).tolist()
-                     + rng.choice(other, cfg.labeled_voices - n_female, replace=False).tolist())
+    labeled = sorted(
+      rng.choice(female, n_female, replace=False).tolist()
+      + rng.choice(other, cfg.labeled_voices - n_female, replace=False).tolist()
+    )
   return {"train": train, "test": test, "labeled": labeled}
 
 
@@ -100,8 +105,11 @@ def _draw_sentences(rng, cfg: CorpusConfig, test: bool) -> list[str]:
 def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
   """The utterances of every split: text, voice, rate and pitch, deterministic for the config."""
   pools = voices(cfg)
-  budget_s = {"unlabeled": cfg.unlabeled_hours * 3600, "labeled": cfg.labeled_minutes * 60,
-              "test": cfg.test_minutes * 60}
+  budget_s = {
+    "unlabeled": cfg.unlabeled_hours * 3600,
+    "labeled": cfg.labeled_minutes * 60,
+    "test": cfg.test_minutes * 60,
+  }
   out = {}
   for split_no, split in enumerate(SPLITS):
     rng = np.random.default_rng([cfg.seed, split_no])
@@ -111,8 +119,16 @@ def plan(cfg: CorpusConfig) -> dict[str, list[Spec]]:
       parts = _draw_sentences(rng, cfg, test=split == "test")
       rate = int(rng.integers(130, 221))
       text = " ".join(parts)
-      specs.append(Spec(id=f"{split}-{len(specs):06d}", text=text, voice=pool[rng.integers(len(pool))],
-                        rate=rate, pitch=int(rng.integers(20, 81)), pitch_range=int(rng.integers(20, 81))))
+      specs.append(
+        Spec(
+          id=f"{split}-{len(specs):06d}",
+          text=text,
+          voice=pool[rng.integers(len(pool))],
+          rate=rate,
+          pitch=int(rng.integers(20, 81)),
+          pitch_range=int(rng.integers(20, 81)),
+        )
+      )
       seconds += len(text.split()) / _WORDS_PER_SECOND * 160 / rate + 0.27 * len(parts)
     out[split] = specs
   return out
@@ -131,6 +147,7 @@ def lm_text(cfg: CorpusConfig, lines: int = 20_000) -> list[str]:
 def _synthesize_shard(task) -> dict:
   """Worker: synthesizes one shard's utterances, resamples to 16 kHz (puts each in a room), writes the shard."""
   from w2v2_jax.data.audio import resample  # pylint: disable=import-outside-toplevel
+
   path, split, specs, in_rooms = task
 
   def utterances():
@@ -141,20 +158,28 @@ def _synthesize_shard(task) -> dict:
         audio = resample(pcm.astype(np.float32) / 32768, synth.sample_rate, SAMPLE_RATE)
         if in_rooms:
           audio = rooms.in_a_room(audio, np.random.default_rng([seed, 7]))
-        yield records.Utterance(spec.id, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16),
-                                spec.text, spec.voice)
+        yield records.Utterance(
+          spec.id, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16), spec.text, spec.voice
+        )
 
-  return records.write_shard(path, utterances(), lambda: {
-      "split": split, "seen": len(specs), "written": len(specs), "skipped": [],
-      "items_sha": hashlib.sha256(repr(specs).encode()).hexdigest()[:16]})
+  return records.write_shard(
+    path,
+    utterances(),
+    lambda: {
+      "split": split,
+      "seen": len(specs),
+      "written": len(specs),
+      "skipped": [],
+      "items_sha": hashlib.sha256(repr(specs).encode()).hexdigest()[:16],
+    },
+  )
 
 
 def default_cache_dir() -> str:
   return os.environ.get("W2V2_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "w2v2_jax"))
 
 
-def ensure_corpus(cfg: CorpusConfig = CorpusConfig(), cache_dir: str | None = None,
-                  workers: int = 0, log=print) -> str:
+def ensure_corpus(cfg: CorpusConfig = CorpusConfig(), cache_dir: str | None = None, workers: int = 0, log=print) -> str:
   """Returns the folder of the corpus's shards, synthesizing what is missing (all cores)."""
   out_dir = os.path.join(cache_dir or default_cache_dir(), f"espeak-corpus-{cfg.fingerprint()}")
   report_path = os.path.join(out_dir, "report.json")
@@ -176,14 +201,16 @@ def _synthesize(cfg: CorpusConfig, out_dir: str, report_path: str, workers: int,
     for k in range(0, len(specs), cfg.shard_size):
       path = os.path.join(out_dir, records.shard_name(split, k // cfg.shard_size))
       if not os.path.exists(records.index_path(path)):
-        tasks.append((path, split, specs[k:k + cfg.shard_size], cfg.rooms))
+        tasks.append((path, split, specs[k : k + cfg.shard_size], cfg.rooms))
   start = time.time()
   log(f"corpus: synthesizing {len(tasks)} shards into {out_dir}")
   with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
     for n, index in enumerate(pool.imap_unordered(_synthesize_shard, tasks), start=1):
       rate = n / (time.time() - start)
-      log(f"corpus: {n}/{len(tasks)} shards, {sum(index['num_samples']) / SAMPLE_RATE:.0f} s audio "
-          f"in the last, {rate * 60:.1f} shards/min, ETA {(len(tasks) - n) / rate:.0f} s")
+      log(
+        f"corpus: {n}/{len(tasks)} shards, {sum(index['num_samples']) / SAMPLE_RATE:.0f} s audio "
+        f"in the last, {rate * 60:.1f} shards/min, ETA {(len(tasks) - n) / rate:.0f} s"
+      )
   report = writer.build_report(out_dir)
   report["config"] = dataclasses.asdict(cfg)
   report["seconds"] = round(time.time() - start, 1)

@@ -5,6 +5,7 @@ what it said before), so each Synthesizer loads a private copy of the library: a
 says the same sequence of texts identically, whatever the process said earlier. Output is mono
 int16 at the library's native rate (22,050 Hz).
 """
+
 import _ctypes
 import ctypes
 import os
@@ -18,16 +19,41 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _CHARS_UTF8 = 1
 _POS_CHARACTER = 1
 _RATE, _PITCH, _RANGE = 1, 3, 4
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                             ctypes.c_void_p)
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 _LIBC = ctypes.CDLL(None)
 
-ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc",
-           "en-gb-x-gbclan", "en-gb-x-gbcwmd")
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
-            "klatt", "klatt2", "klatt3", "croak", "whisper", "Andy", "Annie", "david",
-            "edward", "linda", "max", "michel", "norbert", "john", "aunty", "grandpa")
+ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+VARIANTS = (
+  "m1",
+  "m2",
+  "m3",
+  "m4",
+  "m5",
+  "m6",
+  "m7",
+  "f1",
+  "f2",
+  "f3",
+  "f4",
+  "f5",
+  "klatt",
+  "klatt2",
+  "klatt3",
+  "croak",
+  "whisper",
+  "Andy",
+  "Annie",
+  "david",
+  "edward",
+  "linda",
+  "max",
+  "michel",
+  "norbert",
+  "john",
+  "aunty",
+  "grandpa",
+)
 FEMALE_VARIANTS = frozenset({"f1", "f2", "f3", "f4", "f5", "Annie", "linda", "aunty"})
 
 
@@ -36,6 +62,7 @@ class Synthesizer:
 
   def __init__(self):
     import espeakng_loader  # pylint: disable=import-outside-toplevel
+
     self._lock = threading.Lock()
     self._dir = tempfile.mkdtemp(prefix="w2v2-espeak-")
     private = os.path.join(self._dir, "libespeak-ng.so")
@@ -44,15 +71,21 @@ class Synthesizer:
     data = espeakng_loader.get_data_path().encode()
     self.sample_rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data, 0)
     if self.sample_rate <= 0:
-      raise RuntimeError(f"espeak_Initialize failed with {self.sample_rate}; is the "
-                         "espeakng-loader package complete?")
+      raise RuntimeError(f"espeak_Initialize failed with {self.sample_rate}; is the espeakng-loader package complete?")
     self._chunks = []
     self._callback = _CALLBACK(self._collect)  # keep a reference: C holds the pointer
     self._lib.espeak_SetSynthCallback(self._callback)
     self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-    self._lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint,
-                                       ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
-                                       ctypes.c_void_p, ctypes.c_void_p]
+    self._lib.espeak_Synth.argtypes = [
+      ctypes.c_char_p,
+      ctypes.c_size_t,
+      ctypes.c_uint,
+      ctypes.c_int,
+      ctypes.c_uint,
+      ctypes.c_uint,
+      ctypes.c_void_p,
+      ctypes.c_void_p,
+    ]
 
   def close(self):
     if self._lib is not None:
@@ -73,8 +106,9 @@ class Synthesizer:
       self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
     return 0
 
-  def synth(self, text: str, voice: str = "en-us", rate: int = 175,
-            pitch: int = 50, pitch_range: int = 50, seed: int = 0) -> np.ndarray:
+  def synth(
+    self, text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50, pitch_range: int = 50, seed: int = 0
+  ) -> np.ndarray:
     """Speaks `text` with `voice` (e.g. 'en-us+f3'), `rate` in words/min, pitch 0-99.
 
     eSpeak draws random numbers from its own generator and libc's rand(); both are seeded here.
@@ -88,8 +122,7 @@ class Synthesizer:
         self._lib.espeak_SetParameter(param, int(value), 0)
       self._chunks = []
       raw = text.encode() + b"\0"
-      err = self._lib.espeak_Synth(raw, len(raw), 0, _POS_CHARACTER, 0, _CHARS_UTF8,
-                                   None, None)
+      err = self._lib.espeak_Synth(raw, len(raw), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
       if err != 0:
         raise RuntimeError(f"espeak_Synth failed with {err} on {text!r}")
       self._lib.espeak_Synchronize()

@@ -12,6 +12,7 @@ Each phase is an ordinary w2v2-train run in DIR/{pretrain,finetune_pretrained,fi
 DIR/miniature.json gets each phase's figures as it ends, so re-running the command resumes at the
 unfinished phase (inside it, from its latest checkpoint). The table goes to the console too.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,9 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Defined when the CLI runs, not on import (scratch_config is imported by tests and scripts)."""
   config_flags.DEFINE_config_file("pretrain", "experiments/demo.py", "Pre-training config.", lock_config=True)
-  config_flags.DEFINE_config_file("finetune", "experiments/demo_finetune.py",
-                                  "Fine-tuning config (its finetune.init is set here).", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "finetune", "experiments/demo_finetune.py", "Fine-tuning config (its finetune.init is set here).", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Folder for the three runs and miniature.json.")
 
 
@@ -45,6 +47,7 @@ def scratch_config(finetune_config):
 
 def run_phase(name, config, workdir) -> dict:
   from w2v2_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
   logging.info("== %s -> %s", name, workdir)
   start = time.time()
   out = train_and_evaluate(config, workdir)
@@ -66,9 +69,11 @@ def main(argv):
   pre_dir = storage.join(workdir, "pretrain")
   pretrained = FLAGS.finetune.copy_and_resolve_references()
   pretrained.finetune.init = pre_dir
-  phases = [("pretrain", "pre-training", FLAGS.pretrain),
-            ("finetune_pretrained", "fine-tuning the pre-trained model", pretrained),
-            ("finetune_scratch", "training from scratch", scratch_config(FLAGS.finetune))]
+  phases = [
+    ("pretrain", "pre-training", FLAGS.pretrain),
+    ("finetune_pretrained", "fine-tuning the pre-trained model", pretrained),
+    ("finetune_scratch", "training from scratch", scratch_config(FLAGS.finetune)),
+  ]
   path = storage.join(workdir, "miniature.json")
   results = storage.read_json(path) if storage.exists(path) else {}
   for name, what, config in phases:
@@ -84,15 +89,24 @@ def main(argv):
     results["beam_cer_ratio"] = pre["valid_beam_cer"] / max(scratch["valid_beam_cer"], 1e-9)
   results["total_wall_seconds"] = sum(results[name]["wall_seconds"] for name, _, _ in phases)
   storage.write_json(path, results, indent=1)
-  print(f"{'':24s} {'greedy CER':>10s} {'WER':>6s}" + (f" {'beam+LM CER':>11s} {'WER':>6s}" if beam else "")
-        + f" {'wall':>8s}")
+  print(
+    f"{'':24s} {'greedy CER':>10s} {'WER':>6s}"
+    + (f" {'beam+LM CER':>11s} {'WER':>6s}" if beam else "")
+    + f" {'wall':>8s}"
+  )
   for name in ("finetune_pretrained", "finetune_scratch"):
     r = results[name]
-    print(f"{name:24s} {r['valid_cer']:10.3f} {r['valid_wer']:6.3f}"
-          + (f" {r['valid_beam_cer']:11.3f} {r['valid_beam_wer']:6.3f}" if beam else "") + f" {r['wall_seconds']:7.0f}s")
-  print(f"pre-trained CER / scratch CER = {results['cer_ratio']:.3f} greedy"
-        + (f", {results['beam_cer_ratio']:.3f} beam search + LM" if beam else "") + " (target <= 0.6); "
-        f"pre-training {results['pretrain']['wall_seconds']:.0f} s; total {results['total_wall_seconds']:.0f} s")
+    print(
+      f"{name:24s} {r['valid_cer']:10.3f} {r['valid_wer']:6.3f}"
+      + (f" {r['valid_beam_cer']:11.3f} {r['valid_beam_wer']:6.3f}" if beam else "")
+      + f" {r['wall_seconds']:7.0f}s"
+    )
+  print(
+    f"pre-trained CER / scratch CER = {results['cer_ratio']:.3f} greedy"
+    + (f", {results['beam_cer_ratio']:.3f} beam search + LM" if beam else "")
+    + " (target <= 0.6); "
+    f"pre-training {results['pretrain']['wall_seconds']:.0f} s; total {results['total_wall_seconds']:.0f} s"
+  )
 
 
 def run():

@@ -9,6 +9,7 @@ else in the pickle is refused with a one-line error.
 
 Weights are renamed to HF's names and go through the same import as HF checkpoints (hf.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,22 +27,27 @@ from w2v2_jax.models.config import ModelConfig
 
 # fairseq state-dict names -> HF names (the "wav2vec2." prefix is added for encoder weights).
 _RENAMES = (
-    (r"^feature_extractor\.conv_layers\.(\d+)\.0\.", r"feature_extractor.conv_layers.\1.conv."),
-    (r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.", r"feature_extractor.conv_layers.\1.layer_norm."),
-    (r"^feature_extractor\.conv_layers\.0\.2\.", r"feature_extractor.conv_layers.0.layer_norm."),
-    (r"^layer_norm\.", r"feature_projection.layer_norm."),
-    (r"^post_extract_proj\.", r"feature_projection.projection."),
-    (r"^mask_emb$", r"masked_spec_embed"),
-    (r"^encoder\.pos_conv\.0\.", r"encoder.pos_conv_embed.conv."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.attention."),
-    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.layer_norm."),
-    (r"^encoder\.layers\.(\d+)\.fc1\.", r"encoder.layers.\1.feed_forward.intermediate_dense."),
-    (r"^encoder\.layers\.(\d+)\.fc2\.", r"encoder.layers.\1.feed_forward.output_dense."),
-    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
-    (r"^encoder\.layer_norm\.", r"encoder.layer_norm."),
+  (r"^feature_extractor\.conv_layers\.(\d+)\.0\.", r"feature_extractor.conv_layers.\1.conv."),
+  (r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.", r"feature_extractor.conv_layers.\1.layer_norm."),
+  (r"^feature_extractor\.conv_layers\.0\.2\.", r"feature_extractor.conv_layers.0.layer_norm."),
+  (r"^layer_norm\.", r"feature_projection.layer_norm."),
+  (r"^post_extract_proj\.", r"feature_projection.projection."),
+  (r"^mask_emb$", r"masked_spec_embed"),
+  (r"^encoder\.pos_conv\.0\.", r"encoder.pos_conv_embed.conv."),
+  (r"^encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.attention."),
+  (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.layer_norm."),
+  (r"^encoder\.layers\.(\d+)\.fc1\.", r"encoder.layers.\1.feed_forward.intermediate_dense."),
+  (r"^encoder\.layers\.(\d+)\.fc2\.", r"encoder.layers.\1.feed_forward.output_dense."),
+  (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
+  (r"^encoder\.layer_norm\.", r"encoder.layer_norm."),
 )
-_HEADS = ((r"^quantizer\.vars$", "quantizer.codevectors"), (r"^quantizer\.weight_proj\.", "quantizer.weight_proj."),
-          (r"^project_q\.", "project_q."), (r"^final_proj\.", "project_hid."), (r"^proj\.", "lm_head."))
+_HEADS = (
+  (r"^quantizer\.vars$", "quantizer.codevectors"),
+  (r"^quantizer\.weight_proj\.", "quantizer.weight_proj."),
+  (r"^project_q\.", "project_q."),
+  (r"^final_proj\.", "project_hid."),
+  (r"^proj\.", "lm_head."),
+)
 _FINETUNED_PREFIX = "w2v_encoder.w2v_model."
 _SKIPPED = ("_float_tensor",)  # buffers with no weights
 _PRETRAINING_ONLY = ("quantizer.", "project_q.", "final_proj.")
@@ -63,15 +69,23 @@ def _read(path: str, mtime: float) -> dict:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise CheckpointError(f"{path}: reading a fairseq .pt checkpoint needs torch (pip install torch)") from None
-  allowed = [argparse.Namespace, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
-             type(np.dtype(np.int64)), np._core.multiarray.scalar]
+  allowed = [
+    argparse.Namespace,
+    np.dtype,
+    type(np.dtype(np.float64)),
+    type(np.dtype(np.float32)),
+    type(np.dtype(np.int64)),
+    np._core.multiarray.scalar,
+  ]
   try:
     with torch.serialization.safe_globals(allowed):
       ckpt = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises many types for a refused or corrupt pickle
     first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{path}: refused or unreadable fairseq checkpoint ({type(e).__name__}: {first}); "
-                          "only tensors, containers, argparse.Namespace and numpy scalars are admitted") from None
+    raise CheckpointError(
+      f"{path}: refused or unreadable fairseq checkpoint ({type(e).__name__}: {first}); "
+      "only tensors, containers, argparse.Namespace and numpy scalars are admitted"
+    ) from None
   if not isinstance(ckpt, dict) or "model" not in ckpt:
     raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' state dict)")
   return ckpt
@@ -106,6 +120,7 @@ def model_configs(ckpt: dict) -> tuple[dict, dict | None]:
 def _conv_layers(spec: str) -> list[tuple[int, int, int]]:
   """fairseq's conv_feature_layers string, e.g. "[(512, 10, 5)] + [(512, 3, 2)] * 4", evaluated
   safely: only list/tuple literals of ints with + and *."""
+
   def ev(node):
     if isinstance(node, ast.Expression):
       return ev(node.body)
@@ -118,6 +133,7 @@ def _conv_layers(spec: str) -> list[tuple[int, int, int]]:
       left, right = ev(node.left), ev(node.right)
       return left + right if isinstance(node.op, ast.Add) else left * right
     raise ValueError(ast.dump(node))
+
   try:
     layers = ev(ast.parse(spec, mode="eval"))
     return [tuple(int(v) for v in layer) for layer in layers]
@@ -127,9 +143,11 @@ def _conv_layers(spec: str) -> list[tuple[int, int, int]]:
 
 def config_from_fairseq(model: dict, finetune: dict | None = None, vocab_size: int = 0) -> ModelConfig:
   """fairseq Wav2Vec2Config (dict) -> ModelConfig; refuses variants our model does not implement."""
+
   def get(key, default):
     value = model.get(key, default)
     return default if value is None else value
+
   for key, want in (("activation_fn", "gelu"), ("pos_conv_depth", 1), ("quantize_input", False)):
     if get(key, want) != want:
       raise CheckpointError(f"fairseq {key}={model[key]!r} is not supported (only {want!r})")
@@ -143,22 +161,32 @@ def config_from_fairseq(model: dict, finetune: dict | None = None, vocab_size: i
   pick = lambda key, default: float(drop.get(key, model.get(key, default)) or 0.0)  # noqa: E731
   try:
     return ModelConfig(
-        conv_dim=tuple(l[0] for l in layers), conv_kernel=tuple(l[1] for l in layers),
-        conv_stride=tuple(l[2] for l in layers), conv_bias=bool(get("conv_bias", False)),
-        feat_extract_norm="group" if mode == "default" else "layer",
-        feature_grad_mult=float(get("feature_grad_mult", 0.1)),
-        hidden_size=embed, num_hidden_layers=int(get("encoder_layers", 12)),
-        num_attention_heads=int(get("encoder_attention_heads", 12)),
-        intermediate_size=int(get("encoder_ffn_embed_dim", 3072)),
-        num_conv_pos_embeddings=int(get("conv_pos", 128)), num_conv_pos_embedding_groups=int(get("conv_pos_groups", 16)),
-        do_stable_layer_norm=bool(get("layer_norm_first", False)),
-        hidden_dropout=pick("dropout", 0.1), attention_dropout=pick("attention_dropout", 0.1),
-        activation_dropout=pick("activation_dropout", 0.0), feat_proj_dropout=float(get("dropout_input", 0.0)),
-        feat_quantizer_dropout=float(get("dropout_features", 0.0)),
-        layerdrop=float((finetune or {}).get("layerdrop", get("encoder_layerdrop", 0.0)) or 0.0),
-        num_codevector_groups=int(get("latent_groups", 2)), num_codevectors_per_group=int(get("latent_vars", 320)),
-        codevector_dim=int(get("latent_dim", 0)) or final_dim, proj_codevector_dim=final_dim,
-        vocab_size=vocab_size, final_dropout=float((finetune or {}).get("final_dropout", 0.0) or 0.0))
+      conv_dim=tuple(l[0] for l in layers),
+      conv_kernel=tuple(l[1] for l in layers),
+      conv_stride=tuple(l[2] for l in layers),
+      conv_bias=bool(get("conv_bias", False)),
+      feat_extract_norm="group" if mode == "default" else "layer",
+      feature_grad_mult=float(get("feature_grad_mult", 0.1)),
+      hidden_size=embed,
+      num_hidden_layers=int(get("encoder_layers", 12)),
+      num_attention_heads=int(get("encoder_attention_heads", 12)),
+      intermediate_size=int(get("encoder_ffn_embed_dim", 3072)),
+      num_conv_pos_embeddings=int(get("conv_pos", 128)),
+      num_conv_pos_embedding_groups=int(get("conv_pos_groups", 16)),
+      do_stable_layer_norm=bool(get("layer_norm_first", False)),
+      hidden_dropout=pick("dropout", 0.1),
+      attention_dropout=pick("attention_dropout", 0.1),
+      activation_dropout=pick("activation_dropout", 0.0),
+      feat_proj_dropout=float(get("dropout_input", 0.0)),
+      feat_quantizer_dropout=float(get("dropout_features", 0.0)),
+      layerdrop=float((finetune or {}).get("layerdrop", get("encoder_layerdrop", 0.0)) or 0.0),
+      num_codevector_groups=int(get("latent_groups", 2)),
+      num_codevectors_per_group=int(get("latent_vars", 320)),
+      codevector_dim=int(get("latent_dim", 0)) or final_dim,
+      proj_codevector_dim=final_dim,
+      vocab_size=vocab_size,
+      final_dropout=float((finetune or {}).get("final_dropout", 0.0) or 0.0),
+    )
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"inconsistent fairseq config: {e}") from None
 
@@ -170,9 +198,9 @@ def hf_state(fairseq_state: dict[str, Any], finetuned: bool) -> dict[str, np.nda
     name = key
     if finetuned:
       if name.startswith("w2v_encoder.proj."):
-        name = name[len("w2v_encoder."):]
+        name = name[len("w2v_encoder.") :]
       elif name.startswith(_FINETUNED_PREFIX):
-        name = name[len(_FINETUNED_PREFIX):]
+        name = name[len(_FINETUNED_PREFIX) :]
         if name.startswith(_PRETRAINING_ONLY):
           continue  # fairseq keeps them in some fine-tuned files; a CTC model has no use for them
     if name.endswith(_SKIPPED):
@@ -222,10 +250,13 @@ def vocabulary(path: str, dict_path: str | None = None):
   the head stay where they are, as HF's converter does.
   """
   from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
+
   dict_path = dict_path or os.path.join(os.path.dirname(os.path.abspath(path)), "dict.ltr.txt")
   if not os.path.isfile(dict_path):
-    raise CheckpointError(f"{path}: a fine-tuned fairseq checkpoint needs its letter dictionary; put "
-                          f"dict.ltr.txt beside it (looked for {dict_path})")
+    raise CheckpointError(
+      f"{path}: a fine-tuned fairseq checkpoint needs its letter dictionary; put "
+      f"dict.ltr.txt beside it (looked for {dict_path})"
+    )
   symbols = []
   with open(dict_path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):

@@ -5,6 +5,7 @@ Linear W[out, in] <-> kernel[in, out]; Conv1d W[out, in, k] <-> kernel[k, in, ou
 norm weight <-> scale; weight-norm g [1, 1, k] <-> [k], v [out, in/g, k] <-> [k, in/g, out].
 No pickle from a file is ever executed: safetensors, or torch.load(weights_only=True).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,22 @@ from w2v2_jax.models.config import ModelConfig
 PREFIX = "wav2vec2"
 KINDS = ("pretraining", "model", "ctc")
 _ARCHITECTURES = {"pretraining": "Wav2Vec2ForPreTraining", "model": "Wav2Vec2Model", "ctc": "Wav2Vec2ForCTC"}
-_HF_ONLY_DEFAULTS = {"model_type": "wav2vec2", "hidden_act": "gelu", "feat_extract_activation": "gelu",
-                     "mask_time_prob": 0.05, "mask_time_length": 10, "mask_time_min_masks": 2,
-                     "num_negatives": 100, "contrastive_logits_temperature": 0.1,
-                     "diversity_loss_weight": 0.1, "initializer_range": 0.02, "feat_extract_dropout": 0.0,
-                     "ctc_loss_reduction": "sum", "ctc_zero_infinity": False, "pad_token_id": 0}
+_HF_ONLY_DEFAULTS = {
+  "model_type": "wav2vec2",
+  "hidden_act": "gelu",
+  "feat_extract_activation": "gelu",
+  "mask_time_prob": 0.05,
+  "mask_time_length": 10,
+  "mask_time_min_masks": 2,
+  "num_negatives": 100,
+  "contrastive_logits_temperature": 0.1,
+  "diversity_loss_weight": 0.1,
+  "initializer_range": 0.02,
+  "feat_extract_dropout": 0.0,
+  "ctc_loss_reduction": "sum",
+  "ctc_zero_infinity": False,
+  "pad_token_id": 0,
+}
 _NOT_EXPORTED = ("dtype", "remat", "attention_impl", "vocab_size")
 _WEIGHT_NORM = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
 
@@ -47,8 +59,9 @@ def config_from_hf(hf: dict[str, Any], has_ctc_head: bool = False) -> ModelConfi
     raise CheckpointError("config.json add_adapter=true (adapter layers) is not supported")
   n = hf.get("num_feat_extract_layers", len(hf.get("conv_dim", ())))
   if n != len(hf.get("conv_dim", ())):
-    raise CheckpointError(f"config.json num_feat_extract_layers={n} disagrees with len(conv_dim)="
-                          f"{len(hf.get('conv_dim', ()))}")
+    raise CheckpointError(
+      f"config.json num_feat_extract_layers={n} disagrees with len(conv_dim)={len(hf.get('conv_dim', ()))}"
+    )
   fields = set(ModelConfig.__dataclass_fields__) - set(_NOT_EXPORTED)
   kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hf.items() if k in fields}
   kwargs["vocab_size"] = int(hf.get("vocab_size", 0)) if has_ctc_head else 0
@@ -62,8 +75,7 @@ def config_from_hf(hf: dict[str, Any], has_ctc_head: bool = False) -> ModelConfi
 
 def config_to_hf(cfg: ModelConfig, kind: str) -> dict[str, Any]:
   d = dict(_HF_ONLY_DEFAULTS)
-  d.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()
-            if k not in _NOT_EXPORTED})
+  d.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items() if k not in _NOT_EXPORTED})
   d["num_feat_extract_layers"] = len(cfg.conv_dim)
   d["architectures"] = [_ARCHITECTURES[kind]]
   d["vocab_size"] = cfg.vocab_size if kind == "ctc" else 32
@@ -116,8 +128,11 @@ def params_to_hf(params: dict, kind: str) -> dict[str, np.ndarray]:
   """Our params -> HF state dict for Wav2Vec2ForPreTraining / Wav2Vec2Model / Wav2Vec2ForCTC."""
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-  wanted = {"pretraining": (PREFIX, "quantizer", "project_hid", "project_q"), "model": (PREFIX,),
-            "ctc": (PREFIX, "lm_head")}[kind]
+  wanted = {
+    "pretraining": (PREFIX, "quantizer", "project_hid", "project_q"),
+    "model": (PREFIX,),
+    "ctc": (PREFIX, "lm_head"),
+  }[kind]
   missing = [w for w in wanted if w not in params]
   if missing:
     raise CheckpointError(f"cannot write a {kind} checkpoint: the parameters have no {missing}")
@@ -143,7 +158,7 @@ def params_to_hf(params: dict, kind: str) -> dict[str, np.ndarray]:
   for top in wanted:
     walk({top: params[top]}, [])
   if kind == "model":
-    out = {k[len(PREFIX) + 1:]: v for k, v in out.items()}
+    out = {k[len(PREFIX) + 1 :]: v for k, v in out.items()}
   return out
 
 
@@ -152,12 +167,14 @@ def params_to_hf(params: dict, kind: str) -> dict[str, np.ndarray]:
 
 def is_hf_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json")) and any(
-      os.path.isfile(os.path.join(path, f)) for f in
-      ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    os.path.isfile(os.path.join(path, f))
+    for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+  )
 
 
 def _read_state(path: str) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
+
   single = os.path.join(path, "model.safetensors")
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(single):
@@ -173,21 +190,24 @@ def _read_state(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise CheckpointError(f"{binary}: reading pytorch_model.bin needs torch (pip install torch), or convert "
-                          f"it to model.safetensors") from None
+    raise CheckpointError(
+      f"{binary}: reading pytorch_model.bin needs torch (pip install torch), or convert it to model.safetensors"
+    ) from None
   try:
     state = torch.load(binary, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-    raise CheckpointError(f"{binary}: not a loadable weights-only torch file ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]})") from None
+    raise CheckpointError(
+      f"{binary}: not a loadable weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    ) from None
   return {k: v.float().numpy() for k, v in state.items()}
 
 
 def load_hf_dir(path: str) -> tuple[ModelConfig, dict, str]:
   """Read an HF wav2vec2 directory -> (config, params, kind)."""
   if not is_hf_dir(path):
-    raise CheckpointError(f"{path}: not a HuggingFace model directory (needs config.json and model.safetensors "
-                          f"or pytorch_model.bin)")
+    raise CheckpointError(
+      f"{path}: not a HuggingFace model directory (needs config.json and model.safetensors or pytorch_model.bin)"
+    )
   with open(os.path.join(path, "config.json")) as f:
     try:
       hf_cfg = json.load(f)
@@ -210,6 +230,7 @@ def load_hf_dir(path: str) -> tuple[ModelConfig, dict, str]:
 def save_hf_dir(path: str, cfg: ModelConfig, params: dict, kind: str) -> None:
   """Write config.json + model.safetensors that transformers loads with no missing or unexpected keys."""
   from safetensors.numpy import save_file
+
   os.makedirs(path, exist_ok=True)
   state = params_to_hf(params, kind)
   save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -222,8 +243,15 @@ def save_hf_dir(path: str, cfg: ModelConfig, params: dict, kind: str) -> None:
 def preprocessor_config(cfg: ModelConfig) -> dict[str, Any]:
   """HF Wav2Vec2FeatureExtractor settings: layer-norm extractors (LV60, XLS-R) expect normalised audio."""
   layer = cfg.feat_extract_norm == "layer"
-  return {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
-          "padding_side": "right", "padding_value": 0.0, "do_normalize": layer, "return_attention_mask": layer}
+  return {
+    "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+    "feature_size": 1,
+    "sampling_rate": 16000,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "do_normalize": layer,
+    "return_attention_mask": layer,
+  }
 
 
 def wants_normalized_audio(path: str, cfg: ModelConfig) -> bool:
@@ -241,6 +269,7 @@ def wants_normalized_audio(path: str, cfg: ModelConfig) -> bool:
 def check_params_match(cfg: ModelConfig, params: dict, kind: str, source: str) -> None:
   """Fail with one line naming the first parameter whose name or shape disagrees with `cfg`."""
   from w2v2_jax.models.init import abstract_params
+
   expected = abstract_params(cfg, kind)
   flat_e, flat_p = _flatten(expected), _flatten(params)
   if "wav2vec2/masked_spec_embed" not in flat_p:  # HF omits it when mask_time_prob == 0; HF's init is U[0, 1)
@@ -252,8 +281,10 @@ def check_params_match(cfg: ModelConfig, params: dict, kind: str, source: str) -
     if name not in flat_e:
       raise CheckpointError(f"{source}: unexpected parameter {name} for this config (another architecture?)")
     if tuple(flat_e[name].shape) != tuple(np.shape(flat_p[name])):
-      raise CheckpointError(f"{source}: parameter {name} has shape {tuple(np.shape(flat_p[name]))}, the config "
-                            f"implies {tuple(flat_e[name].shape)}; the config and weights disagree")
+      raise CheckpointError(
+        f"{source}: parameter {name} has shape {tuple(np.shape(flat_p[name]))}, the config "
+        f"implies {tuple(flat_e[name].shape)}; the config and weights disagree"
+      )
 
 
 def _flatten(tree, prefix=""):

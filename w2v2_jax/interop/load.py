@@ -1,5 +1,6 @@
 """One entry point for every kind of checkpoint the CLIs accept: HF directories, fairseq .pt files and our
 Orbax checkpoints."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,14 @@ from w2v2_jax.interop.hf import CheckpointError
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import checkpointing
 
-_HF_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "model.safetensors",
-             "model.safetensors.index.json", "pytorch_model.bin")
+_HF_FILES = (
+  "config.json",
+  "preprocessor_config.json",
+  "vocab.json",
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "pytorch_model.bin",
+)
 
 
 def localize(path: str) -> str:
@@ -48,8 +55,10 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
     return fairseq.load(path)
   step_dir = checkpointing.resolve_step_dir(path)
   if step_dir is None:
-    raise CheckpointError(f"{path}: neither a HuggingFace directory (config.json + model.safetensors), a "
-                          f"fairseq .pt file, nor a w2v2_jax workdir or checkpoint step folder")
+    raise CheckpointError(
+      f"{path}: neither a HuggingFace directory (config.json + model.safetensors), a "
+      f"fairseq .pt file, nor a w2v2_jax workdir or checkpoint step folder"
+    )
   try:
     cfg, params, kind, _ = checkpointing.load_params(step_dir)
   except (KeyError, ValueError, TypeError) as e:
@@ -64,24 +73,29 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, str]:
 def load_ctc(path: str):
   """A CTC checkpoint (ours or HF) -> (config, numpy params, Vocabulary, normalize_waveform)."""
   from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
+
   cfg, params, kind = load_pretrained(path)
   path = localize(path)
   if kind != "ctc":
-    raise CheckpointError(f"{path}: a {kind!r} checkpoint has no CTC head; fine-tune it first "
-                          "(w2v2-train --config=experiments/demo_finetune.py ...)")
+    raise CheckpointError(
+      f"{path}: a {kind!r} checkpoint has no CTC head; fine-tune it first "
+      "(w2v2-train --config=experiments/demo_finetune.py ...)"
+    )
   if hf.is_hf_dir(path):
     vocab_path = os.path.join(path, "vocab.json")
     if not os.path.exists(vocab_path):
       raise CheckpointError(f"{path}: no vocab.json next to the CTC weights")
     with open(os.path.join(path, "config.json")) as f:
       import json  # pylint: disable=import-outside-toplevel
+
       normalize = bool(json.load(f).get("feat_extract_norm") == "layer")
     return cfg, params, ctc.Vocabulary.load(vocab_path), normalize
   if fairseq.is_fairseq_file(path):
     vocab = fairseq.vocabulary(path)
     if len(vocab) != cfg.vocab_size:
-      raise CheckpointError(f"{path}: dict.ltr.txt gives {len(vocab)} tokens with the specials, the CTC head has "
-                            f"{cfg.vocab_size} outputs")
+      raise CheckpointError(
+        f"{path}: dict.ltr.txt gives {len(vocab)} tokens with the specials, the CTC head has {cfg.vocab_size} outputs"
+      )
     return cfg, params, vocab, fairseq.normalize(path, cfg)
   _, _, _, experiment = checkpointing.load_params(checkpointing.resolve_step_dir(path))
   if "vocab" not in experiment:

@@ -1,4 +1,5 @@
 """Model configuration: one frozen dataclass, field names shared with HF's Wav2Vec2Config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a wav2vec 2.0 model. Defaults are BASE (fairseq wav2vec2_base_librispeech)."""
+
   # Feature encoder (7-layer CNN).
   conv_dim: tuple[int, ...] = (512,) * 7
   conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
@@ -51,19 +53,25 @@ class ModelConfig:
   def __post_init__(self):
     n = len(self.conv_dim)
     if len(self.conv_kernel) != n or len(self.conv_stride) != n:
-      raise ValueError(f"conv_dim, conv_kernel and conv_stride must have equal lengths, got "
-                       f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}")
+      raise ValueError(
+        f"conv_dim, conv_kernel and conv_stride must have equal lengths, got "
+        f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
+      )
     if self.feat_extract_norm not in ("group", "layer"):
       raise ValueError(f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                       f"{self.num_attention_heads}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+      )
     if self.hidden_size % self.num_conv_pos_embedding_groups:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_conv_pos_embedding_groups "
-                       f"{self.num_conv_pos_embedding_groups}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not divisible by num_conv_pos_embedding_groups "
+        f"{self.num_conv_pos_embedding_groups}"
+      )
     if self.codevector_dim % self.num_codevector_groups:
-      raise ValueError(f"codevector_dim {self.codevector_dim} is not divisible by num_codevector_groups "
-                       f"{self.num_codevector_groups}")
+      raise ValueError(
+        f"codevector_dim {self.codevector_dim} is not divisible by num_codevector_groups {self.num_codevector_groups}"
+      )
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     if self.attention_impl not in ("xla", "flash"):
@@ -114,8 +122,15 @@ def base() -> ModelConfig:
 
 def large() -> ModelConfig:
   """LARGE as pre-trained on LS-960: 24 x 1024, post-LN, group-norm extractor, no conv bias."""
-  return ModelConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                     codevector_dim=768, proj_codevector_dim=768, layerdrop=0.2)
+  return ModelConfig(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    codevector_dim=768,
+    proj_codevector_dim=768,
+    layerdrop=0.2,
+  )
 
 
 def large_lv60() -> ModelConfig:
@@ -123,51 +138,87 @@ def large_lv60() -> ModelConfig:
 
   317,390,592 parameters with the pre-training heads.
   """
-  return large().replace(do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True,
-                         feature_grad_mult=1.0, hidden_dropout=0.0, attention_dropout=0.0,
-                         activation_dropout=0.0, feat_proj_dropout=0.0, feat_quantizer_dropout=0.0,
-                         layerdrop=0.0)
+  return large().replace(
+    do_stable_layer_norm=True,
+    feat_extract_norm="layer",
+    conv_bias=True,
+    feature_grad_mult=1.0,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    feat_quantizer_dropout=0.0,
+    layerdrop=0.0,
+  )
 
 
 def xlsr_300m() -> ModelConfig:
   """XLS-R 300M: the LV60 shape with XLS-R's dropouts."""
-  return large_lv60().replace(hidden_dropout=0.1, attention_dropout=0.1, feat_proj_dropout=0.1,
-                              feat_quantizer_dropout=0.1, layerdrop=0.1)
+  return large_lv60().replace(
+    hidden_dropout=0.1, attention_dropout=0.1, feat_proj_dropout=0.1, feat_quantizer_dropout=0.1, layerdrop=0.1
+  )
 
 
 def xlsr_1b() -> ModelConfig:
   """XLS-R 1B: 48 x 1280, FFN 5120."""
-  return xlsr_300m().replace(hidden_size=1280, num_hidden_layers=48, intermediate_size=5120,
-                             codevector_dim=1024, proj_codevector_dim=1024)
+  return xlsr_300m().replace(
+    hidden_size=1280, num_hidden_layers=48, intermediate_size=5120, codevector_dim=1024, proj_codevector_dim=1024
+  )
 
 
 def xlsr_2b() -> ModelConfig:
   """XLS-R 2B: 48 x 1920, FFN 7680."""
-  return xlsr_300m().replace(hidden_size=1920, num_hidden_layers=48, intermediate_size=7680,
-                             codevector_dim=1024, proj_codevector_dim=1024)
+  return xlsr_300m().replace(
+    hidden_size=1920, num_hidden_layers=48, intermediate_size=7680, codevector_dim=1024, proj_codevector_dim=1024
+  )
 
 
 def tiny(stable_layer_norm: bool = False) -> ModelConfig:
   """A few-thousand-parameter model with the real CNN strides, for tests and the CPU demo."""
-  cfg = ModelConfig(conv_dim=(32,) * 7, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=128, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                    num_codevectors_per_group=32, codevector_dim=32, proj_codevector_dim=32)
+  cfg = ModelConfig(
+    conv_dim=(32,) * 7,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    num_codevectors_per_group=32,
+    codevector_dim=32,
+    proj_codevector_dim=32,
+  )
   if stable_layer_norm:
-    cfg = cfg.replace(do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True,
-                      feature_grad_mult=1.0)
+    cfg = cfg.replace(do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True, feature_grad_mult=1.0)
   return cfg
 
 
 def small() -> ModelConfig:
   """A 4-layer x 256 model on a 128-channel CNN, between tiny and BASE (FLOPs tests, CPU trials)."""
-  return ModelConfig(conv_dim=(128,) * 7, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=1024, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8,
-                     num_codevectors_per_group=64, codevector_dim=64, proj_codevector_dim=64,
-                     layerdrop=0.0)
+  return ModelConfig(
+    conv_dim=(128,) * 7,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=1024,
+    num_conv_pos_embeddings=32,
+    num_conv_pos_embedding_groups=8,
+    num_codevectors_per_group=64,
+    codevector_dim=64,
+    proj_codevector_dim=64,
+    layerdrop=0.0,
+  )
 
 
-PRESETS = {"base": base, "large": large, "large_lv60": large_lv60, "xlsr_300m": xlsr_300m,
-           "xlsr_1b": xlsr_1b, "xlsr_2b": xlsr_2b, "tiny": tiny, "small": small}
+PRESETS = {
+  "base": base,
+  "large": large,
+  "large_lv60": large_lv60,
+  "xlsr_300m": xlsr_300m,
+  "xlsr_1b": xlsr_1b,
+  "xlsr_2b": xlsr_2b,
+  "tiny": tiny,
+  "small": small,
+}
 
 
 def preset(name: str) -> ModelConfig:

@@ -10,6 +10,7 @@ grouped conv in docs/performance.md.
 Memory: the kernel's transform, about (frames + pad) x H x H / groups floats (LARGE at 780 frames:
 ~220 MB), is kept for the backward; the DFT tables are constants of the padded length.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ def dft_length(frames: int, kernel: int, pad: int) -> int:
 
 
 def _cos_sin(freqs: int, positions: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-  phase = 2 * np.pi * (np.outer(np.arange(freqs), positions) % n) / n   # reduced mod n: exact angles
+  phase = 2 * np.pi * (np.outer(np.arange(freqs), positions) % n) / n  # reduced mod n: exact angles
   return np.cos(phase), np.sin(phase)
 
 
@@ -45,12 +46,12 @@ def grouped_conv_dft(x, w, groups: int, pad: int, length: int | None = None):
   out = t + 2 * pad - k + 1
   n = dft_length(t, k, pad) if length is None else length
   f = n // 2 + 1
-  cos_x, sin_x = _cos_sin(f, np.arange(t), n)                       # X_f = sum_s x[s] e^{-i phase}
-  cos_w, sin_w = _cos_sin(f, pad - np.arange(k), n)                 # the flipped, shifted kernel's transform
-  weight = np.where((np.arange(f) == 0) | (2 * np.arange(f) == n), 1.0, 2.0) / n   # real inverse: halves doubled
+  cos_x, sin_x = _cos_sin(f, np.arange(t), n)  # X_f = sum_s x[s] e^{-i phase}
+  cos_w, sin_w = _cos_sin(f, pad - np.arange(k), n)  # the flipped, shifted kernel's transform
+  weight = np.where((np.arange(f) == 0) | (2 * np.arange(f) == n), 1.0, 2.0) / n  # real inverse: halves doubled
   cos_y, sin_y = _cos_sin(f, np.arange(out), n)
-  to_freq = jnp.asarray(np.concatenate([cos_x, sin_x]), jnp.float32)                # [2F, T]
-  kernel_to_freq = jnp.asarray(np.concatenate([cos_w, sin_w]), jnp.float32)         # [2F, K]
+  to_freq = jnp.asarray(np.concatenate([cos_x, sin_x]), jnp.float32)  # [2F, T]
+  kernel_to_freq = jnp.asarray(np.concatenate([cos_w, sin_w]), jnp.float32)  # [2F, K]
   to_time = jnp.asarray(np.concatenate([cos_y, sin_y]).T * np.tile(weight, 2), jnp.float32)  # [out, 2F]
 
   dtype, x = x.dtype, x.astype(jnp.float32)
@@ -61,10 +62,10 @@ def grouped_conv_dft(x, w, groups: int, pad: int, length: int | None = None):
   # after: the gradient then reaches w through a transpose of rows of D floats, not a slower one from
   # k-minor to k-major (docs/performance.md).
   uf = jnp.einsum("zk,kh->zh", kernel_to_freq, w.astype(jnp.float32).reshape(k, c * groups * d))
-  uf = uf.reshape(2, f, c, groups, d).transpose(0, 1, 3, 2, 4)                       # [2, F, G, C, D]
-  p = jnp.einsum("fgmc,fgcd->fgmd", xf, uf[0])   # rows: Xc Uc, Xs Uc
-  q = jnp.einsum("fgmc,fgcd->fgmd", xf, uf[1])   # rows: Xc Us, Xs Us
+  uf = uf.reshape(2, f, c, groups, d).transpose(0, 1, 3, 2, 4)  # [2, F, G, C, D]
+  p = jnp.einsum("fgmc,fgcd->fgmd", xf, uf[0])  # rows: Xc Uc, Xs Uc
+  q = jnp.einsum("fgmc,fgcd->fgmd", xf, uf[1])  # rows: Xc Us, Xs Us
   # (Xc - i Xs)(Uc - i Us) = (Xc Uc - Xs Us) - i (Xc Us + Xs Uc)
-  yf = jnp.stack([p[:, :, :b] - q[:, :, b:], q[:, :, :b] + p[:, :, b:]])            # [2, F, G, B, D]
+  yf = jnp.stack([p[:, :, :b] - q[:, :, b:], q[:, :, :b] + p[:, :, b:]])  # [2, F, G, B, D]
   y = jnp.einsum("tz,zgbd->btgd", to_time, yf.reshape(2 * f, groups, b, d))
   return y.reshape(b, out, h).astype(dtype)

@@ -9,6 +9,7 @@ The dropout mask is `layers.keep_mask`'s bit for bit: each block hashes the same
 with the same Threefry, so values and gradients equal the XLA core's (the tests run the kernels in
 Pallas's interpret mode on CPU). q arrives scaled; layout [b, heads, t, head_dim].
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,7 @@ from w2v2_jax import parallel
 from w2v2_jax.models import layers
 from w2v2_jax.models.layers import threefry2x32
 
-_NEG = float(jnp.finfo(jnp.float32).min)   # the XLA core's masked logit
+_NEG = float(jnp.finfo(jnp.float32).min)  # the XLA core's masked logit
 
 
 def _keep(seed_ref, b, h, rows, first_col, block_k, *, heads: int, t: int, threshold: int, wide: bool):
@@ -33,7 +34,7 @@ def _keep(seed_ref, b, h, rows, first_col, block_k, *, heads: int, t: int, thres
   along the keys with two-way stacks, the only kind Triton lowers). `wide`: past 2^32 elements the
   utterance is the hash's high word, as in keep_mask.
   """
-  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)   # noqa: E731
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
   groups = u32(-(-t // 4))
   g = u32(first_col // 4) + jax.lax.iota(jnp.uint32, block_k // 4)
   within = (u32(h) * u32(t) + u32(rows)[:, None]) * groups + g[None, :]
@@ -76,15 +77,19 @@ def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, blo
     acc = acc * alpha[:, None] + pltriton.dot(p.astype(v_ref.dtype), v_ref[keys, :]).astype(jnp.float32)
     return m_new, l, acc
 
-  init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-          jnp.zeros((block_q, d), jnp.float32))
+  init = (
+    jnp.full((block_q,), _NEG, jnp.float32),
+    jnp.zeros((block_q,), jnp.float32),
+    jnp.zeros((block_q, d), jnp.float32),
+  )
   m, l, acc = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l)
 
 
-def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                 block_q, drop):
+def _dkdv_kernel(
+  seed_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, block_q, drop
+):
   """dK and dV of one block of keys, over all queries."""
   block_k, d = k_ref.shape
   b, h = _utterance_and_head(seed_ref)
@@ -142,8 +147,9 @@ class _Plan:
   def __init__(self, q_shape, rate: float, whole: tuple[int, int], block: int, interpret: bool):
     b, local_heads, t, _ = q_shape
     if block < 4 or block & (block - 1):
-      raise ValueError(f"flash_attention: block {block} is not a power of two >= 4 (Triton's blocks; four draws "
-                       "per hash)")
+      raise ValueError(
+        f"flash_attention: block {block} is not a power of two >= 4 (Triton's blocks; four draws per hash)"
+      )
     self.block = block
     self.padded = -(-t // block) * block
     self.grid = (b, local_heads, self.padded // block)
@@ -152,16 +158,25 @@ class _Plan:
     if rate > 0.0:
       wide = layers.wide_counters((*whole, t, t))
       if wide is None:
-        raise ValueError(f"--config.model.attention_impl=flash: {t} frames x {whole[1]} heads is past keep_mask's "
-                         "counters (it falls back to jax.random.bernoulli, which the kernels cannot draw); use xla")
-      self.drop = {"scale": 1.0 / (1.0 - rate),
-                   "hash": {"heads": whole[1], "t": t, "threshold": round((1.0 - rate) * 65536), "wide": wide}}
+        raise ValueError(
+          f"--config.model.attention_impl=flash: {t} frames x {whole[1]} heads is past keep_mask's "
+          "counters (it falls back to jax.random.bernoulli, which the kernels cannot draw); use xla"
+        )
+      self.drop = {
+        "scale": 1.0 / (1.0 - rate),
+        "hash": {"heads": whole[1], "t": t, "threshold": round((1.0 - rate) * 65536), "wide": wide},
+      }
 
   def call(self, kernel, out_shape, in_specs, out_specs, args, **kw):
     return pl.pallas_call(
-        functools.partial(kernel, drop=self.drop, **kw), out_shape=out_shape, grid=self.grid,
-        in_specs=in_specs, out_specs=out_specs, interpret=self.interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2))(*args)
+      functools.partial(kernel, drop=self.drop, **kw),
+      out_shape=out_shape,
+      grid=self.grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      interpret=self.interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+    )(*args)
 
   def block_spec(self, rows: int | None, d: int | None = None):
     """A [rows, d] (or [rows]) block of a [b, heads, t(, d)] array: the grid's block, or the whole length."""
@@ -186,8 +201,9 @@ def _pad(x, padded):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def flash_attention(q, k, v, key_valid, seed, rate: float, whole: tuple[int, int], block: int = 64,
-                    interpret: bool = False):
+def flash_attention(
+  q, k, v, key_valid, seed, rate: float, whole: tuple[int, int], block: int = 64, interpret: bool = False
+):
   """softmax(q k^T over valid keys) with dropout at `rate`, times v; q, k, v [b, heads, t, d].
 
   key_valid [b, t] (True on real frames); seed uint32[4]: the dropout key's two words, and the global
@@ -204,12 +220,19 @@ def _forward(q, k, v, key_valid, seed, rate, whole, block, interpret):
   qp, kp, vp = (_pad(x, plan.padded) for x in (q, k, v))
   valid = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, plan.padded - t)))
   out, lse = plan.call(
-      _fwd_kernel,
-      (jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct(qp.shape[:3], jnp.float32)),
-      [plan.seed_spec, plan.block_spec(block, d), plan.block_spec(None, d), plan.block_spec(None, d),
-       plan.valid_spec(True)],
-      [plan.block_spec(block, d), plan.block_spec(block)],
-      (seed, qp, kp, vp, valid), block_k=block)
+    _fwd_kernel,
+    (jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct(qp.shape[:3], jnp.float32)),
+    [
+      plan.seed_spec,
+      plan.block_spec(block, d),
+      plan.block_spec(None, d),
+      plan.block_spec(None, d),
+      plan.valid_spec(True),
+    ],
+    [plan.block_spec(block, d), plan.block_spec(block)],
+    (seed, qp, kp, vp, valid),
+    block_k=block,
+  )
   return out[:, :, :t], (qp, kp, vp, valid, seed, out, lse)
 
 
@@ -223,20 +246,44 @@ def _bwd(rate, whole, block, interpret, residuals, g):
   plan = _Plan(qp.shape[:2] + (g.shape[2], qp.shape[3]), rate, whole, block, interpret)
   t, d = g.shape[2], g.shape[3]
   do = _pad(g, plan.padded).astype(qp.dtype)
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # rowsum(dO * O)
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(dO * O)
   args = (seed, qp, kp, vp, valid, do, lse, delta)
   full, blockwise = plan.block_spec(None, d), plan.block_spec(block, d)
   dk, dv = plan.call(
-      _dkdv_kernel, (jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)),
-      [plan.seed_spec, full, blockwise, blockwise, plan.valid_spec(False), full, plan.block_spec(None),
-       plan.block_spec(None)],
-      [blockwise, blockwise], args, block_q=block)
+    _dkdv_kernel,
+    (jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)),
+    [
+      plan.seed_spec,
+      full,
+      blockwise,
+      blockwise,
+      plan.valid_spec(False),
+      full,
+      plan.block_spec(None),
+      plan.block_spec(None),
+    ],
+    [blockwise, blockwise],
+    args,
+    block_q=block,
+  )
   dq = plan.call(
-      _dq_kernel, jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-      [plan.seed_spec, blockwise, full, full, plan.valid_spec(True), blockwise, plan.block_spec(block),
-       plan.block_spec(block)],
-      blockwise, args, block_k=block)
-  no_grad = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)   # noqa: E731  (mask and seed: integers)
+    _dq_kernel,
+    jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+    [
+      plan.seed_spec,
+      blockwise,
+      full,
+      full,
+      plan.valid_spec(True),
+      blockwise,
+      plan.block_spec(block),
+      plan.block_spec(block),
+    ],
+    blockwise,
+    args,
+    block_k=block,
+  )
+  no_grad = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (mask and seed: integers)
   return dq[:, :, :t], dk[:, :, :t], dv[:, :, :t], no_grad(key_valid), no_grad(seed)
 
 
@@ -265,8 +312,10 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
   if key is None:
     words, rate = jnp.zeros((2,), jnp.uint32), 0.0
   elif str(jax.random.key_impl(key)) != "threefry2x32":
-    raise ValueError("--config.model.attention_impl=flash draws dropout with threefry2x32 keys; "
-                     f"set --config.rng_impl=threefry2x32 (got {jax.random.key_impl(key)})")
+    raise ValueError(
+      "--config.model.attention_impl=flash draws dropout with threefry2x32 keys; "
+      f"set --config.rng_impl=threefry2x32 (got {jax.random.key_impl(key)})"
+    )
   else:
     words = jax.random.key_data(key)
   run = functools.partial(flash_attention, rate=rate, whole=(b, heads), interpret=jax.default_backend() == "cpu")
@@ -276,8 +325,10 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
   P = jax.sharding.PartitionSpec
   tensor, rows = mesh.shape.get("tensor", 1), math.prod(mesh.shape.get(a, 1) for a in parallel.BATCH_AXES)
   if heads % tensor or b % rows:
-    raise ValueError(f"--config.model.attention_impl=flash: {b} utterances x {heads} heads do not split over "
-                     f"the mesh's batch axes ({rows}) and tensor ({tensor})")
+    raise ValueError(
+      f"--config.model.attention_impl=flash: {b} utterances x {heads} heads do not split over "
+      f"the mesh's batch axes ({rows}) and tensor ({tensor})"
+    )
 
   def piece(q, k, v, key_mask, words):
     first_utterance = jax.lax.axis_index(parallel.BATCH_AXES) * q.shape[0]
@@ -285,5 +336,6 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
     return run(q, k, v, key_mask, dropout_seed_from(words, first_utterance, first_head))
 
   spec = P(parallel.BATCH_AXES, "tensor", None, None)
-  return jax.shard_map(piece, mesh=mesh, in_specs=(spec, spec, spec, P(parallel.BATCH_AXES, None), P()),
-                       out_specs=spec, check_vma=False)(q, k, v, key_mask, words)
+  return jax.shard_map(
+    piece, mesh=mesh, in_specs=(spec, spec, spec, P(parallel.BATCH_AXES, None), P()), out_specs=spec, check_vma=False
+  )(q, k, v, key_mask, words)

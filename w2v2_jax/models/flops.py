@@ -8,6 +8,7 @@ even where it is computed with fewer operations (on CPU, as DFT-domain matmuls:
 models/dft_conv.py). Cross-checked against XLA's cost_analysis in
 tests/test_flops.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,19 +19,19 @@ from w2v2_jax.models.config import ModelConfig
 # Dense peak FLOP/s per chip from vendor datasheets (bf16 / fp32-on-tensor-cores where that is the
 # compute dtype in use). Keys are jax's device_kind strings.
 PEAK_FLOPS = {
-    # NVIDIA, dense (no sparsity). fp32 uses TF32 tensor cores (XLA's default matmul precision).
-    "NVIDIA H100 80GB HBM3": {"bfloat16": 989e12, "float32": 494e12},
-    "NVIDIA H100": {"bfloat16": 989e12, "float32": 494e12},
-    "NVIDIA H200": {"bfloat16": 989e12, "float32": 494e12},
-    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 156e12},
-    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 156e12},
-    "Tesla V100-SXM2-32GB": {"bfloat16": 125e12, "float32": 125e12},
-    # Google TPUs, bf16 per chip.
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+  # NVIDIA, dense (no sparsity). fp32 uses TF32 tensor cores (XLA's default matmul precision).
+  "NVIDIA H100 80GB HBM3": {"bfloat16": 989e12, "float32": 494e12},
+  "NVIDIA H100": {"bfloat16": 989e12, "float32": 494e12},
+  "NVIDIA H200": {"bfloat16": 989e12, "float32": 494e12},
+  "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 156e12},
+  "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 156e12},
+  "Tesla V100-SXM2-32GB": {"bfloat16": 125e12, "float32": 125e12},
+  # Google TPUs, bf16 per chip.
+  "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+  "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+  "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
+  "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+  "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
 }
 
 
@@ -56,8 +57,9 @@ def layer_flops(cfg: ModelConfig, frames: int) -> float:
   return 2.0 * t * 4 * h * h + 2.0 * 2 * t * t * h + 2.0 * 2 * t * h * cfg.intermediate_size
 
 
-def forward_flops(cfg: ModelConfig, num_samples: int, batch: int = 1, head: str = "pretraining",
-                  num_negatives: int = 100) -> float:
+def forward_flops(
+  cfg: ModelConfig, num_samples: int, batch: int = 1, head: str = "pretraining", num_negatives: int = 100
+) -> float:
   """FLOPs of one forward pass over `batch` utterances of `num_samples` samples each."""
   flops = feature_encoder_flops(cfg, num_samples)
   t, h, channels = int(cfg.num_frames(num_samples)), cfg.hidden_size, cfg.conv_dim[-1]
@@ -86,6 +88,7 @@ def measured_cpu_peak(n: int = 1024, repeats: int = 20) -> float:
   """This host's measured fp32 matmul FLOP/s over all its cores (the best of `repeats` n x n matmuls)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   cpu = jax.devices("cpu")[0]
   a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
   mm = jax.jit(lambda x: x @ x)
@@ -95,7 +98,7 @@ def measured_cpu_peak(n: int = 1024, repeats: int = 20) -> float:
     t = time.perf_counter()
     mm(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2.0 * n ** 3 / best
+  return 2.0 * n**3 / best
 
 
 def peak_flops(device, dtype: str) -> tuple[float, str]:

@@ -1,4 +1,5 @@
 """Building and initialising models by kind, with parameters as plain (unboxed) nested dicts."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ def build(cfg: ModelConfig, kind: str = "pretraining") -> nn.Module:
 
 class _Bare(nn.Module):
   """The bare encoder with the same tree layout as the heads' models: {"wav2vec2": ...}."""
+
   cfg: ModelConfig
 
   @nn.compact

@@ -1,5 +1,6 @@
 """Small building blocks shared by the model files: fp32 norms, dense layers with logical axes, GELU,
 dropout with cheaper masks."""
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ class LayerNorm(nn.Module):
   as one function with its own gradient (`layer_norm_gelu`; GELU in float32, then the cast to
   `dtype`), elsewhere GELU after the cast, in `dtype`.
   """
+
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
   reduce_axis: int = -1
@@ -128,7 +130,7 @@ def threefry2x32(k1, k2, x1, x2):
   return x1, x2
 
 
-COUNTER_LIMIT = 2 ** 32   # Threefry's counter words are 32-bit
+COUNTER_LIMIT = 2**32  # Threefry's counter words are 32-bit
 
 
 def wide_counters(shape) -> bool | None:
@@ -153,7 +155,7 @@ def keep_mask(key, shape, keep_prob: float):
   kinds use jax.random.bernoulli.
   """
   threshold = round(keep_prob * 65536)
-  if threshold >= 65536 or threshold <= 0:   # also keeps 65536 from wrapping to 0 as a uint16
+  if threshold >= 65536 or threshold <= 0:  # also keeps 65536 from wrapping to 0 as a uint16
     return jnp.full(shape, threshold > 0)
   wide = wide_counters(shape)
   if wide is None or str(jax.random.key_impl(key)) != "threefry2x32":
@@ -162,16 +164,17 @@ def keep_mask(key, shape, keep_prob: float):
   grouped = (*shape[:-1], groups)
   counts = jnp.zeros(grouped, jnp.uint32)
   for axis in range(1 if wide else 0, len(grouped)):
-    counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grouped, axis) * jnp.uint32(math.prod(grouped[axis + 1:]))
+    counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grouped, axis) * jnp.uint32(math.prod(grouped[axis + 1 :]))
   high = jax.lax.broadcasted_iota(jnp.uint32, grouped, 0) if wide else jnp.zeros_like(counts)
   k1, k2 = jax.random.key_data(key)
   bits = threefry2x32(k1, k2, high, counts)
   uniform16 = jax.lax.bitcast_convert_type(jnp.stack(bits, -1), jnp.uint16).reshape(*shape[:-1], 4 * groups)
-  return uniform16[..., :shape[-1]] < threshold
+  return uniform16[..., : shape[-1]] < threshold
 
 
 class Dropout(nn.Module):
   """nn.Dropout (inverted: kept values scaled by 1 / (1 - rate)) with the cheaper keep_mask."""
+
   rate: float
 
   @nn.compact
@@ -181,7 +184,7 @@ class Dropout(nn.Module):
   def mask(self, shape, deterministic: bool):
     """The keep mask a call on an array of `shape` draws (None: nothing dropped), to apply in pieces."""
     if self.rate == 1.0 and not deterministic:
-      return jnp.zeros(shape, bool)   # needs no dropout rng, as before
+      return jnp.zeros(shape, bool)  # needs no dropout rng, as before
     key = self.key(deterministic)
     return None if key is None else keep_mask(key, shape, 1.0 - self.rate)
 
@@ -201,10 +204,16 @@ class Dropout(nn.Module):
 
 def dense(features, names, dtype, kernel_init=nn.initializers.normal(0.02), use_bias=True, name=None):
   """nn.Dense with fp32 parameters, a compute dtype, and logical axis names (in, out) on the kernel."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=partitioned(kernel_init, names),
-                  bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name,
-                  dot_general=_matmul_dot_general if compile_platform() == "cpu" else None)
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=partitioned(kernel_init, names),
+    bias_init=partitioned(nn.initializers.zeros, names[1:]),
+    name=name,
+    dot_general=_matmul_dot_general if compile_platform() == "cpu" else None,
+  )
 
 
 @jax.custom_vjp
@@ -221,7 +230,7 @@ def _matmul_bwd(residuals, g):
   XLA:CPU first copies one into a transposed layout, which costs step time (docs/performance.md)."""
   x, w = residuals
   dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-  rows = lambda a: a.reshape(-1, a.shape[-1])   # noqa: E731
+  rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
   dw = jax.lax.dot_general(rows(x), rows(g), (((0,), (0,)), ((), ())))
   return dx, dw
 

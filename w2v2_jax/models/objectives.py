@@ -3,6 +3,7 @@
 Everything has static shapes (masks are multiplied, never gathered to a data-dependent size) and draws
 its randomness from an explicit key, so it runs inside the jitted, sharded train step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from w2v2_jax.models.wav2vec2 import PreTrainingOutput
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """fairseq names in comments; defaults are the BASE recipe."""
+
   mask_prob: float = 0.65  # mask_prob
   mask_length: int = 10  # mask_length
   min_masks: int = 2  # mask_min_space/min_masks
@@ -26,8 +28,15 @@ class ObjectiveConfig:
   feature_penalty_weight: float = 10.0  # loss_weights[1] (0 for LV60)
 
 
-def compute_span_mask(key, frame_lengths, num_frames: int, mask_prob: float, mask_length: int,
-                      min_masks: int = 2, require_same_masks: bool = True):
+def compute_span_mask(
+  key,
+  frame_lengths,
+  num_frames: int,
+  mask_prob: float,
+  mask_length: int,
+  min_masks: int = 2,
+  require_same_masks: bool = True,
+):
   """fairseq's compute_mask_indices (static spans, overlaps allowed), padding-aware, as a [B, T] bool mask.
 
   Per utterance of sz real frames: n = max(min_masks, int(mask_prob * sz / mask_length + U[0,1))) span
@@ -107,8 +116,9 @@ def perplexity(probs, weights):
   return jnp.sum(jnp.exp(-jnp.sum(mean * jnp.log(mean + 1e-7), axis=-1)))
 
 
-def pretraining_loss(out: PreTrainingOutput, mask, negatives, cfg: ObjectiveConfig, sample_size=None,
-                     perplexity_weights=None):
+def pretraining_loss(
+  out: PreTrainingOutput, mask, negatives, cfg: ObjectiveConfig, sample_size=None, perplexity_weights=None
+):
   """wav2vec 2.0 loss, normalised by the masked-frame count (`sample_size`, default: this batch's).
 
   Returns (loss, metrics). Pass the global masked count as sample_size when accumulating micro-batches,
@@ -123,8 +133,9 @@ def pretraining_loss(out: PreTrainingOutput, mask, negatives, cfg: ObjectiveConf
   sample_size = jnp.maximum(num_masked if sample_size is None else sample_size, 1.0)
   m = mask.astype(jnp.float32)
 
-  logits = contrastive_logits(out.projected_states, out.projected_quantized_states, out.quantizer.code_idx,
-                              negatives, cfg.logit_temp)
+  logits = contrastive_logits(
+    out.projected_states, out.projected_quantized_states, out.quantizer.code_idx, negatives, cfg.logit_temp
+  )
   nll = jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]
   contrastive_sum = jnp.sum(nll * m)
   # fairseq's accuracy: the positive is the argmax, and not merely tied with every other logit.
@@ -142,17 +153,18 @@ def pretraining_loss(out: PreTrainingOutput, mask, negatives, cfg: ObjectiveConf
   fm = frame_mask.astype(jnp.float32)
   penalty = jnp.sum(jnp.square(conv) * fm[..., None]) / jnp.maximum(jnp.sum(fm) * conv.shape[-1], 1.0)
 
-  loss = (contrastive_sum + (cfg.diversity_weight * diversity + cfg.feature_penalty_weight * penalty)
-          * num_masked) / sample_size
+  loss = (
+    contrastive_sum + (cfg.diversity_weight * diversity + cfg.feature_penalty_weight * penalty) * num_masked
+  ) / sample_size
   metrics = {
-      "loss": loss,
-      "contrastive": contrastive_sum / jnp.maximum(num_masked, 1.0),
-      "diversity": diversity,
-      "feature_penalty": penalty,
-      "accuracy": accuracy,
-      "prob_perplexity": prob_ppl,
-      "code_perplexity": code_ppl,
-      "mask_fraction": num_masked / jnp.maximum(jnp.sum(fm), 1.0),
-      "num_masked": num_masked,
+    "loss": loss,
+    "contrastive": contrastive_sum / jnp.maximum(num_masked, 1.0),
+    "diversity": diversity,
+    "feature_penalty": penalty,
+    "accuracy": accuracy,
+    "prob_perplexity": prob_ppl,
+    "code_perplexity": code_ppl,
+    "mask_fraction": num_masked / jnp.maximum(jnp.sum(fm), 1.0),
+    "num_masked": num_masked,
   }
   return loss, metrics

@@ -1,4 +1,5 @@
 """Gumbel-softmax product quantizer: G groups x V codewords, hard straight-through in training."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,29 +21,39 @@ class QuantizerOutput:
   soft_probs: jax.Array  # [B, T, G, V] softmax of the raw logits (no noise, no temperature)
 
 
-jax.tree_util.register_dataclass(QuantizerOutput, data_fields=["quantized", "code_idx", "argmax_idx", "soft_probs"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  QuantizerOutput, data_fields=["quantized", "code_idx", "argmax_idx", "soft_probs"], meta_fields=[]
+)
 
 
 class GumbelVectorQuantizer(nn.Module):
   """All of it in float32. Eval picks the argmax codeword; training samples a hard Gumbel one-hot whose
   gradient is the soft sample's (straight-through). The temperature is an input, so it can be scheduled."""
+
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, features, temperature, deterministic: bool):
     cfg = self.cfg
     g, v = cfg.num_codevector_groups, cfg.num_codevectors_per_group
-    codevectors = self.param("codevectors", partitioned(uniform_range(0.0, 1.0), (None, "codevectors", "vq_dim")),
-                             (1, g * v, cfg.codevector_dim // g), jnp.float32)
+    codevectors = self.param(
+      "codevectors",
+      partitioned(uniform_range(0.0, 1.0), (None, "codevectors", "vq_dim")),
+      (1, g * v, cfg.codevector_dim // g),
+      jnp.float32,
+    )
     # Activations pinned to the batch sharding, here and on the one-hot: otherwise GSPMD shards them like the
     # parameters they meet (weight_proj's input channels, the codebook's rows: FSDP), and can only get there
     # from the batch-sharded features by replicating them (the features' gradient too, with micro-batches).
     features = constrain_batch(features.astype(jnp.float32))
-    logits = nn.Dense(g * v, dtype=jnp.float32, param_dtype=jnp.float32,
-                      kernel_init=partitioned(nn.initializers.normal(1.0), ("conv_out", "codevectors")),
-                      bias_init=partitioned(nn.initializers.zeros, ("codevectors",)),
-                      name="weight_proj")(features)
+    logits = nn.Dense(
+      g * v,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      kernel_init=partitioned(nn.initializers.normal(1.0), ("conv_out", "codevectors")),
+      bias_init=partitioned(nn.initializers.zeros, ("codevectors",)),
+      name="weight_proj",
+    )(features)
     logits = logits.reshape(*logits.shape[:-1], g, v)
     soft_probs = jax.nn.softmax(logits, axis=-1)
     argmax_idx = jnp.argmax(logits, axis=-1)

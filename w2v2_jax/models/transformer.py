@@ -1,4 +1,5 @@
 """The context network: convolutional relative position embedding + post-LN or pre-LN transformer."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -15,12 +16,14 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _conv(x, w, groups: int, pad: int):
-  return jax.lax.conv_general_dilated(x, w, window_strides=(1,), padding=[(pad, pad)],
-                                      dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
+  return jax.lax.conv_general_dilated(
+    x, w, window_strides=(1,), padding=[(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups
+  )
 
 
 class WeightNormConv(nn.Module):
   """Grouped Conv1d(H, H, K, padding K//2) with weight norm over the kernel axis (torch weight_norm dim=2)."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -28,10 +31,15 @@ class WeightNormConv(nn.Module):
     cfg = self.cfg
     h, k, groups = cfg.hidden_size, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups
     std = 2.0 * (1.0 / (k * h)) ** 0.5
-    v = self.param("weight_v", partitioned(nn.initializers.normal(std), ("conv_kernel", "conv_in", "embed")),
-                   (k, h // groups, h), jnp.float32)
-    g = self.param("weight_g", partitioned(lambda *_: jnp.sqrt(jnp.sum(v * v, axis=(1, 2))), ("conv_kernel",)),
-                   (k,), jnp.float32)
+    v = self.param(
+      "weight_v",
+      partitioned(nn.initializers.normal(std), ("conv_kernel", "conv_in", "embed")),
+      (k, h // groups, h),
+      jnp.float32,
+    )
+    g = self.param(
+      "weight_g", partitioned(lambda *_: jnp.sqrt(jnp.sum(v * v, axis=(1, 2))), ("conv_kernel",)), (k,), jnp.float32
+    )
     bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (h,), jnp.float32)
     w = g[:, None, None] * v / jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))
     mesh = jax.sharding.get_abstract_mesh()
@@ -49,6 +57,7 @@ class WeightNormConv(nn.Module):
 
 class PositionalConvEmbedding(nn.Module):
   """The convolutional relative position embedding: weight-normed conv, drop the last frame if K is even, GELU."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -70,6 +79,7 @@ class Attention(nn.Module):
   `attention_impl="flash"` runs the core as fused GPU kernels (flash_attention.py), same mask again;
   on CPU it keeps this core (the kernels would run interpreted), so a GPU-trained config runs here too.
   """
+
   cfg: ModelConfig
   deterministic: bool
 
@@ -81,13 +91,14 @@ class Attention(nn.Module):
     hd = h // nh
     proj = lambda name: dense(h, ("embed", "joined_kv"), cfg.compute_dtype, name=name)
     heads = lambda y: y.reshape(b, t, nh, hd).transpose(0, 2, 1, 3)
-    q = heads(proj("q_proj")(x) * jnp.asarray(hd ** -0.5, cfg.compute_dtype))
+    q = heads(proj("q_proj")(x) * jnp.asarray(hd**-0.5, cfg.compute_dtype))
     k = heads(proj("k_proj")(x))
     v = heads(proj("v_proj")(x))
     dropout = Dropout(cfg.attention_dropout)
     out_proj = lambda out: dense(h, ("joined_kv", "embed"), cfg.compute_dtype, name="out_proj")(
-        out.transpose(0, 2, 1, 3).reshape(b, t, h))
-    if cfg.attention_impl == "flash" and compile_platform() != "cpu":   # on CPU XLA's core is the same map
+      out.transpose(0, 2, 1, 3).reshape(b, t, h)
+    )
+    if cfg.attention_impl == "flash" and compile_platform() != "cpu":  # on CPU XLA's core is the same map
       return out_proj(fused_attention(q, k, v, key_mask, dropout.key(self.deterministic), cfg.attention_dropout))
     keep = dropout.mask((b, nh, t, t), self.deterministic)
 
@@ -99,7 +110,7 @@ class Attention(nn.Module):
       return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(cfg.compute_dtype), v[rows])
 
     mesh = jax.sharding.get_abstract_mesh()
-    one_device = mesh.empty or mesh.size == 1   # else halves would reshard the batch
+    one_device = mesh.empty or mesh.size == 1  # else halves would reshard the batch
     pieces = 2 if compile_platform() == "cpu" and one_device and b % 2 == 0 else 1
     return out_proj(jnp.concatenate([core(slice(i * b // pieces, (i + 1) * b // pieces)) for i in range(pieces)]))
 
@@ -120,6 +131,7 @@ class FeedForward(nn.Module):
 
 class EncoderLayer(nn.Module):
   """One transformer block: post-LN (x = LN(x + f(x))) or pre-LN (x = x + f(LN(x)))."""
+
   cfg: ModelConfig
   deterministic: bool
 
@@ -148,6 +160,7 @@ class Encoder(nn.Module):
   Returns the last hidden state and, like HF's output_hidden_states, the input of every layer plus the
   output of the last one (before the final LayerNorm of a pre-LN model).
   """
+
   cfg: ModelConfig
 
   @nn.compact

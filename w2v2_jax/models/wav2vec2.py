@@ -3,6 +3,7 @@
 Parameter names mirror HuggingFace's (wav2vec2/feature_extractor/conv_layers_0/conv/kernel ...) so
 conversion is a table of renames and transposes (see w2v2_jax/interop/hf.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,9 @@ class EncoderOutput:
   hidden_states: tuple  # num_hidden_layers + 1 entries, as HF's output_hidden_states
 
 
-jax.tree_util.register_dataclass(EncoderOutput, data_fields=[f.name for f in dataclasses.fields(EncoderOutput)],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  EncoderOutput, data_fields=[f.name for f in dataclasses.fields(EncoderOutput)], meta_fields=[]
+)
 
 
 def frame_mask_from_lengths(cfg: ModelConfig, lengths, num_frames: int):
@@ -40,11 +42,13 @@ def frame_mask_from_lengths(cfg: ModelConfig, lengths, num_frames: int):
 
 class Wav2Vec2Model(nn.Module):
   """Audio -> CNN -> LayerNorm + projection -> (mask embedding) -> transformer."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True,
-               mask_channel_indices=None):
+  def __call__(
+    self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True, mask_channel_indices=None
+  ):
     cfg = self.cfg
     conv_features = FeatureEncoder(cfg, name="feature_extractor")(audio)
     if cfg.feature_grad_mult == 0.0:
@@ -53,8 +57,9 @@ class Wav2Vec2Model(nn.Module):
       conv_features = grad_multiply(conv_features, cfg.feature_grad_mult)
     frame_mask = frame_mask_from_lengths(cfg, lengths, conv_features.shape[1])
     x, extract_features = FeatureProjection(cfg, name="feature_projection")(conv_features, deterministic)
-    mask_embed = self.param("masked_spec_embed", partitioned(uniform_range(0.0, 1.0), ("embed",)),
-                            (cfg.hidden_size,), jnp.float32)
+    mask_embed = self.param(
+      "masked_spec_embed", partitioned(uniform_range(0.0, 1.0), ("embed",)), (cfg.hidden_size,), jnp.float32
+    )
     if mask_time_indices is not None:
       x = jnp.where(mask_time_indices[..., None], mask_embed.astype(x.dtype), x)
     if mask_channel_indices is not None:  # fine-tuning's channel masking: [B, H] channels zeroed
@@ -62,8 +67,13 @@ class Wav2Vec2Model(nn.Module):
     x, hidden_states = Encoder(cfg, name="encoder")(x, frame_mask, deterministic)
     if frame_mask is None:
       frame_mask = jnp.ones(x.shape[:2], bool)
-    return EncoderOutput(last_hidden_state=x, extract_features=extract_features,
-                         conv_features=conv_features, frame_mask=frame_mask, hidden_states=hidden_states)
+    return EncoderOutput(
+      last_hidden_state=x,
+      extract_features=extract_features,
+      conv_features=conv_features,
+      frame_mask=frame_mask,
+      hidden_states=hidden_states,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,48 +84,56 @@ class PreTrainingOutput:
   quantizer: QuantizerOutput
 
 
-jax.tree_util.register_dataclass(PreTrainingOutput,
-                                 data_fields=[f.name for f in dataclasses.fields(PreTrainingOutput)],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  PreTrainingOutput, data_fields=[f.name for f in dataclasses.fields(PreTrainingOutput)], meta_fields=[]
+)
 
 
 class Wav2Vec2ForPreTraining(nn.Module):
   """The encoder plus the quantizer (on the unmasked features) and the two projection heads."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, audio, lengths=None, mask_time_indices=None, gumbel_temperature=2.0,
-               deterministic: bool = True):
+  def __call__(self, audio, lengths=None, mask_time_indices=None, gumbel_temperature=2.0, deterministic: bool = True):
     cfg = self.cfg
     enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic)
     features = Dropout(cfg.feat_quantizer_dropout)(enc.extract_features, deterministic=deterministic)
     q = GumbelVectorQuantizer(cfg, name="quantizer")(features, gumbel_temperature, deterministic)
 
     def head(fan_in, names, name):
-      bound = fan_in ** -0.5
-      return nn.Dense(cfg.proj_codevector_dim, dtype=jnp.float32, param_dtype=jnp.float32,
-                      kernel_init=partitioned(uniform_range(-bound, bound), names),
-                      bias_init=partitioned(uniform_range(-bound, bound), names[1:]), name=name)
+      bound = fan_in**-0.5
+      return nn.Dense(
+        cfg.proj_codevector_dim,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(uniform_range(-bound, bound), names),
+        bias_init=partitioned(uniform_range(-bound, bound), names[1:]),
+        name=name,
+      )
 
     projected = head(cfg.hidden_size, ("embed", "vq_dim"), "project_hid")(enc.last_hidden_state.astype(jnp.float32))
     projected_q = head(cfg.codevector_dim, ("vq_dim", "vq_dim_out"), "project_q")(q.quantized)
-    return PreTrainingOutput(encoder=enc, projected_states=projected, projected_quantized_states=projected_q,
-                             quantizer=q)
+    return PreTrainingOutput(
+      encoder=enc, projected_states=projected, projected_quantized_states=projected_q, quantizer=q
+    )
 
 
 class Wav2Vec2ForCTC(nn.Module):
   """The encoder plus dropout and a linear letter head (logits in float32)."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True,
-               mask_channel_indices=None):
+  def __call__(
+    self, audio, lengths=None, mask_time_indices=None, deterministic: bool = True, mask_channel_indices=None
+  ):
     cfg = self.cfg
     if cfg.vocab_size <= 0:
       raise ValueError("Wav2Vec2ForCTC needs model.vocab_size > 0 (the size of the letter vocabulary)")
-    enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic,
-                                              mask_channel_indices)
+    enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic, mask_channel_indices)
     x = Dropout(cfg.final_dropout)(enc.last_hidden_state, deterministic=deterministic)
-    logits = dense(cfg.vocab_size, ("embed", "vocab"), jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
-                   name="lm_head")(x.astype(jnp.float32))
+    logits = dense(
+      cfg.vocab_size, ("embed", "vocab"), jnp.float32, kernel_init=nn.initializers.xavier_uniform(), name="lm_head"
+    )(x.astype(jnp.float32))
     return logits, enc

@@ -4,6 +4,7 @@ Workdir layout: WORKDIR/checkpoints/<step>/{state, data, config, metadata}; `sta
 at least {"params": ...}, `data` the input's position, `config` the model config (and, for runs, the
 experiment config and a CTC vocabulary) as JSON.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,24 +20,43 @@ CHECKPOINTS = "checkpoints"
 
 def manager(workdir: str, every: int = 1, keep: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
   """WORKDIR/checkpoints: a save every `every` steps (or forced), the last `keep` kept, preemption-aware."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
-                                         enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINTS)), options=options,
-                               item_names=("state", "data", "config", "metadata"))
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, save_interval_steps=every, create=True, enable_async_checkpointing=async_save
+  )
+  return ocp.CheckpointManager(
+    storage.absolute(storage.join(workdir, CHECKPOINTS)),
+    options=options,
+    item_names=("state", "data", "config", "metadata"),
+  )
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: Any, model_cfg: ModelConfig, kind: str = "pretraining",
-         experiment: dict | None = None, data_state: dict | None = None, metadata: dict | None = None,
-         vocab: list | None = None, force: bool = False) -> bool:
+def save(
+  mgr: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  model_cfg: ModelConfig,
+  kind: str = "pretraining",
+  experiment: dict | None = None,
+  data_state: dict | None = None,
+  metadata: dict | None = None,
+  vocab: list | None = None,
+  force: bool = False,
+) -> bool:
   """Train state (at least {"params"}) + data-iterator state + configs; `force` saves off the interval
   (end, preemption, an import)."""
   config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": experiment or {}}
   if vocab is not None:
     config["vocab"] = list(vocab)  # CTC: the letter vocabulary travels with the weights
-  return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=ocp.args.JsonSave(data_state or {}),
-                                                config=ocp.args.JsonSave(config),
-                                                metadata=ocp.args.JsonSave(metadata or {})), force=force)
+  return mgr.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state or {}),
+      config=ocp.args.JsonSave(config),
+      metadata=ocp.args.JsonSave(metadata or {}),
+    ),
+    force=force,
+  )
 
 
 def save_params(workdir: str, params: Any, model_cfg: ModelConfig, kind: str, step: int = 0) -> str:
@@ -74,6 +94,7 @@ def resolve_step_dir(path: str) -> str | None:
 def _this_process_only() -> ocp.options.MultiprocessingOptions:
   """Reads by one process alone (one device's copy): no barrier that the other processes would have to join."""
   import jax  # pylint: disable=import-outside-toplevel
+
   i = jax.process_index()
   return ocp.options.MultiprocessingOptions(primary_host=i, active_processes={i}, barrier_sync_key_prefix=f"p{i}")
 
@@ -81,7 +102,8 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
 def load_config(step_dir: str) -> dict:
   """A step folder's config item: {"model", "kind", "experiment"[, "vocab"]}, without the weights."""
   return ocp.Checkpointer(ocp.JsonCheckpointHandler(), multiprocessing_options=_this_process_only()).restore(
-      storage.join(storage.absolute(step_dir), "config"))
+    storage.join(storage.absolute(step_dir), "config")
+  )
 
 
 def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
@@ -92,6 +114,7 @@ def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
   """
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   step_dir = storage.absolute(step_dir)
   ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
   meta = ckptr.metadata(storage.join(step_dir, "state"))
@@ -111,6 +134,7 @@ def restore_run(mgr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, A
   step = mgr.latest_step()
   if step is None:
     return None
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                       data=ocp.args.JsonRestore()))
+  restored = mgr.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+  )
   return step, restored["state"], restored["data"]

@@ -6,6 +6,7 @@ jax.distributed only when the cluster runs more than one process. GPU processes 
 the node's GPUs: JAX's own default (one GPU, the local rank's) would leave a lone process per node
 with one GPU of eight.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,18 +19,24 @@ from absl import logging
 
 PROBE_SECONDS = 5.0  # a Cloud TPU VM's metadata server answers in milliseconds; JAX's own probe retries for minutes
 MODES = ("auto", "on", "off")
-_LABELS = {"ompi": "Open MPI", "slurm": "SLURM", "gketpu": "TPU on GKE", "gcetpu": "Cloud TPU VM",
-           "K8sCluster": "Kubernetes"}
+_LABELS = {
+  "ompi": "Open MPI",
+  "slurm": "SLURM",
+  "gketpu": "TPU on GKE",
+  "gcetpu": "Cloud TPU VM",
+  "K8sCluster": "Kubernetes",
+}
 _VISIBLE = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
 
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
   """A cluster environment JAX can bootstrap from: which one, and how many processes it runs."""
-  key: str                  # JAX's ClusterEnv name ("slurm", "gcetpu", ...), else its class name
-  label: str                # for the log line: "SLURM", "Cloud TPU VM", ...
+
+  key: str  # JAX's ClusterEnv name ("slurm", "gcetpu", ...), else its class name
+  label: str  # for the log line: "SLURM", "Cloud TPU VM", ...
   num_processes: int | None  # None where asking for it failed
-  method: str | None         # jax.distributed.initialize's cluster_detection_method for it
+  method: str | None  # jax.distributed.initialize's cluster_detection_method for it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +51,12 @@ def _environments() -> list:
   Importing them imports jax first, whose Cloud TPU set-up sets the flag the TPU environments read.
   """
   from jax._src import clusters  # pylint: disable=import-outside-toplevel
-  return [env for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-          if not env.opt_in_only_method]
+
+  return [
+    env
+    for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+    if not env.opt_in_only_method
+  ]
 
 
 def _key(env) -> str:
@@ -142,13 +153,18 @@ def local_device_ids(local_rank: int, processes_on_node: int, environ=None) -> l
     gpus = len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
   if gpus == 0:
     return None
-  bound = ("SLURM_GPUS_PER_TASK" in environ or (named is not None and on_node.isdigit() and gpus < int(on_node))
-           or gpus < processes_on_node)
+  bound = (
+    "SLURM_GPUS_PER_TASK" in environ
+    or (named is not None and on_node.isdigit() and gpus < int(on_node))
+    or gpus < processes_on_node
+  )
   if processes_on_node <= 1 or bound:
     return list(range(gpus))
   if gpus % processes_on_node:
-    raise ValueError(f"{processes_on_node} processes on this node cannot share {gpus} GPUs evenly "
-                     "(CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE); set JAX_LOCAL_DEVICE_IDS for each process")
+    raise ValueError(
+      f"{processes_on_node} processes on this node cannot share {gpus} GPUs evenly "
+      "(CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE); set JAX_LOCAL_DEVICE_IDS for each process"
+    )
   share = gpus // processes_on_node
   return list(range(local_rank * share, (local_rank + 1) * share))
 
@@ -157,8 +173,14 @@ def _processes(n: int | None) -> str:
   return "one process" if n == 1 else f"{n} processes" if n else "an unknown number of processes"
 
 
-def initialize(mode: str = "auto", coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout: float = PROBE_SECONDS, **options) -> str:
+def initialize(
+  mode: str = "auto",
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  timeout: float = PROBE_SECONDS,
+  **options,
+) -> str:
   """Starts jax.distributed as --distributed=MODE and the explicit flags ask; logs and returns one line on it.
 
   Explicit --coordinator/--num_processes/--process_id win (all local devices, no detection);
@@ -166,14 +188,18 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
   `options` go to jax.distributed.initialize as they are (e.g. heartbeat_timeout_seconds).
   """
   import jax  # pylint: disable=import-outside-toplevel
+
   if mode not in MODES:
     raise ValueError(f"--distributed={mode}: expected one of {', '.join(MODES)}")
   if coordinator or num_processes is not None or process_id is not None:
     if mode == "off":
       raise ValueError("--distributed=off contradicts --coordinator/--num_processes/--process_id")
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    missing = [f for f, v in (("--coordinator", coordinator), ("--num_processes", num_processes),
-                              ("--process_id", process_id)) if v is None]
+    missing = [
+      f
+      for f, v in (("--coordinator", coordinator), ("--num_processes", num_processes), ("--process_id", process_id))
+      if v is None
+    ]
     if missing:
       raise ValueError(f"--coordinator, --num_processes and --process_id go together; missing {', '.join(missing)}")
     if not re.fullmatch(r".+:\d+", coordinator):
@@ -182,8 +208,7 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
       raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     line = f"distributed: --coordinator={coordinator}, {_processes(num_processes)}, this is process {process_id}"
     logging.info(line)
-    jax.distributed.initialize(coordinator, num_processes, process_id, cluster_detection_method="deactivate",
-                               **options)
+    jax.distributed.initialize(coordinator, num_processes, process_id, cluster_detection_method="deactivate", **options)
     return line
   if mode == "off":
     line = "distributed: off, one process"
@@ -199,11 +224,15 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
       jax.distributed.initialize(**options)
       return line
     if mode == "on":
-      raise ValueError("--distributed=on found no cluster (Open MPI, SLURM, TPU VM/GKE, Kubernetes); "
-                       "pass --coordinator=HOST:PORT --num_processes=N --process_id=I")
+      raise ValueError(
+        "--distributed=on found no cluster (Open MPI, SLURM, TPU VM/GKE, Kubernetes); "
+        "pass --coordinator=HOST:PORT --num_processes=N --process_id=I"
+      )
     if "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
-      raise ValueError("MEGASCALE_COORDINATOR_ADDRESS is set but no TPU VM was found (libtpu and TPU chips); "
-                       "unset it or pass --distributed=off")
+      raise ValueError(
+        "MEGASCALE_COORDINATOR_ADDRESS is set but no TPU VM was found (libtpu and TPU chips); "
+        "unset it or pass --distributed=off"
+      )
     line = f"distributed: no cluster found{late}, one process"
     logging.info(line)
     return line
@@ -237,6 +266,7 @@ def leave_together() -> None:
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.extend.backend  # pylint: disable=import-outside-toplevel
+
   if jax.process_count() == 1:
     return
   logging.flush()

@@ -1,4 +1,5 @@
 """TensorBoard event files: written to a local folder or a bucket, and read back (plots, tests, scripts)."""
+
 from __future__ import annotations
 
 import collections
@@ -35,6 +36,7 @@ class EventWriter:
   def _open(self):
     if self._writer is None:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       self._started_ns = time.time_ns()
       self._writer = SummaryWriter(self._spool_dir or self.logdir)
     return self._writer
@@ -77,7 +79,7 @@ def _records(blob: bytes):
     start = position + 12
     if start + length + 4 > len(blob):  # a partly written last record (a live run): stop there
       return
-    yield blob[start:start + length]
+    yield blob[start : start + length]
     position = start + length + 4
 
 
@@ -93,10 +95,12 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   A resumed run starts a new event file; where two files hold the same step, the later file wins.
   """
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   files = event_files(workdir)
   if not files:
-    raise FileNotFoundError(f"no TensorBoard event files under {storage.join(workdir, 'tensorboard')}: "
-                            "is --workdir the w2v2-train workdir?")
+    raise FileNotFoundError(
+      f"no TensorBoard event files under {storage.join(workdir, 'tensorboard')}: is --workdir the w2v2-train workdir?"
+    )
   by_tag = collections.defaultdict(dict)
   for path in files:
     for record in _records(storage.read_bytes(path)):

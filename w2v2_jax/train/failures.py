@@ -13,6 +13,7 @@ its log names the lost process.
   ...
   failures.finished()          # a clean end: the others stop watching this one
 """
+
 from __future__ import annotations
 
 import atexit
@@ -24,10 +25,13 @@ import time
 from absl import flags, logging
 
 _HOST_TIMEOUT = flags.DEFINE_integer(
-    "host_timeout", 60, "Multi-host: seconds without a sign of life from a process (a dead host, a killed "
-    "process) before the others exit non-zero, naming it.")
+  "host_timeout",
+  60,
+  "Multi-host: seconds without a sign of life from a process (a dead host, a killed "
+  "process) before the others exit non-zero, naming it.",
+)
 _ALIVE = "w2v2_jax/alive/"  # process index -> a counter, bumped while the process lives
-_EXIT = "w2v2_jax/exit/"    # process index -> how it ended: "done", "failed" or "gone" (see _Watch)
+_EXIT = "w2v2_jax/exit/"  # process index -> how it ended: "done", "failed" or "gone" (see _Watch)
 
 
 def host_timeout() -> int:
@@ -120,8 +124,10 @@ class _Watch:
         if self.exiting:
           return
         if now - contact > self.timeout:
-          self._lost(f"lost process 0 of {self.count} (the coordination service): no answer for "
-                     f"{now - contact:.0f} s ({type(e).__name__})")
+          self._lost(
+            f"lost process 0 of {self.count} (the coordination service): no answer for "
+            f"{now - contact:.0f} s ({type(e).__name__})"
+          )
         continue
       for p, (value, since) in heard.items():
         ended = exits.get(str(p))
@@ -134,8 +140,11 @@ class _Watch:
         if alive.get(str(p)) != value:
           heard[p] = (alive.get(str(p)), now)
         elif now - since > self.timeout:
-          self._lost(f"lost process {p} of {self.count}: no sign of life for {now - since:.0f} s "
-                     "(its host died, was killed, or hangs)", p)
+          self._lost(
+            f"lost process {p} of {self.count}: no sign of life for {now - since:.0f} s "
+            "(its host died, was killed, or hangs)",
+            p,
+          )
 
 
 _watch: _Watch | None = None
@@ -146,6 +155,7 @@ def watch_processes(timeout: float | None = None) -> None:
   global _watch  # pylint: disable=global-statement
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
   client = distributed.global_state.client
   if _watch is None and client is not None and jax.process_count() > 1:
     _watch = _Watch(client, jax.process_index(), jax.process_count(), timeout or host_timeout())

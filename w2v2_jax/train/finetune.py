@@ -6,6 +6,7 @@ head learns); time masking (mask_prob, mask_length) and channel masking (mask_ch
 mask_channel_length) on the projected features; CTC with blank 0, zero_infinity and sentence
 averaging.
 """
+
 from __future__ import annotations
 
 import jax
@@ -32,22 +33,51 @@ def ctc_loss_fn(cfg: ModelConfig, config):
     b, num_frames = audio.shape[0], int(cfg.num_frames(audio.shape[1]))
     time_mask = channel_mask = None
     if not deterministic and ft.mask_prob > 0:
-      time_mask = objectives.compute_span_mask(k_time, cfg.num_frames(batch["lengths"]), num_frames, ft.mask_prob,
-                                               ft.mask_length, min_masks=2, require_same_masks=False)
+      time_mask = objectives.compute_span_mask(
+        k_time,
+        cfg.num_frames(batch["lengths"]),
+        num_frames,
+        ft.mask_prob,
+        ft.mask_length,
+        min_masks=2,
+        require_same_masks=False,
+      )
     if not deterministic and ft.mask_channel_prob > 0:
       h = cfg.hidden_size
-      channel_mask = objectives.compute_span_mask(k_chan, jnp.full((b,), h), h, ft.mask_channel_prob,
-                                                  ft.mask_channel_length, min_masks=0, require_same_masks=False)
-    logits, enc = model.apply({"params": params}, audio, batch["lengths"], time_mask, deterministic, channel_mask,
-                              rngs={"dropout": k_drop, "layerdrop": k_layer})
-    label_paddings = (jnp.arange(batch["labels"].shape[1])[None] >= batch["label_lengths"][:, None])
-    per_utt = ctc.ctc_loss(logits, 1.0 - enc.frame_mask.astype(jnp.float32), batch["labels"],
-                           label_paddings.astype(jnp.float32), zero_infinity=True)
+      channel_mask = objectives.compute_span_mask(
+        k_chan,
+        jnp.full((b,), h),
+        h,
+        ft.mask_channel_prob,
+        ft.mask_channel_length,
+        min_masks=0,
+        require_same_masks=False,
+      )
+    logits, enc = model.apply(
+      {"params": params},
+      audio,
+      batch["lengths"],
+      time_mask,
+      deterministic,
+      channel_mask,
+      rngs={"dropout": k_drop, "layerdrop": k_layer},
+    )
+    label_paddings = jnp.arange(batch["labels"].shape[1])[None] >= batch["label_lengths"][:, None]
+    per_utt = ctc.ctc_loss(
+      logits,
+      1.0 - enc.frame_mask.astype(jnp.float32),
+      batch["labels"],
+      label_paddings.astype(jnp.float32),
+      zero_infinity=True,
+    )
     real = (batch["label_lengths"] > 0).astype(jnp.float32)  # all-padding rows count for nothing
     sentences = jnp.maximum(real.sum(), 1.0)
     value = jnp.sum(per_utt * real) / sentences
-    metrics = {"ctc_loss": value, "count": real.sum(),
-               "frames_per_label": (enc.frame_mask.sum(1) * real).sum() / jnp.maximum(batch["label_lengths"].sum(), 1)}
+    metrics = {
+      "ctc_loss": value,
+      "count": real.sum(),
+      "frames_per_label": (enc.frame_mask.sum(1) * real).sum() / jnp.maximum(batch["label_lengths"].sum(), 1),
+    }
     if not deterministic:
       return value, metrics
     out = dict(metrics, logits_argmax=jnp.argmax(logits, -1), frame_lengths=enc.frame_mask.sum(1))
@@ -90,20 +120,34 @@ def initial_params(cfg: ModelConfig, config, key, shardings=None):
     logging.info("fine-tuning from scratch (config.finetune.init is empty)")
     return params
   from w2v2_jax.interop.load import load_pretrained  # pylint: disable=import-outside-toplevel
+
   src_cfg, src, _ = load_pretrained(path)
   arch = lambda c: {k: v for k, v in c.to_dict().items() if k in _ARCH_KEYS}  # noqa: E731
   if arch(src_cfg) != arch(cfg):
     diff = sorted(k for k in _ARCH_KEYS if getattr(src_cfg, k) != getattr(cfg, k))
-    raise ValueError(f"config.finetune.init={path}: its architecture differs from config.model in {diff}; "
-                     "set config.model_preset / config.model to match the checkpoint")
+    raise ValueError(
+      f"config.finetune.init={path}: its architecture differs from config.model in {diff}; "
+      "set config.model_preset / config.model to match the checkpoint"
+    )
   params["wav2vec2"] = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params["wav2vec2"], src["wav2vec2"])
   logging.info("encoder initialised from %s", path)
   return params
 
 
-_ARCH_KEYS = ("conv_dim", "conv_kernel", "conv_stride", "conv_bias", "feat_extract_norm", "hidden_size",
-              "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_conv_pos_embeddings",
-              "num_conv_pos_embedding_groups", "do_stable_layer_norm")
+_ARCH_KEYS = (
+  "conv_dim",
+  "conv_kernel",
+  "conv_stride",
+  "conv_bias",
+  "feat_extract_norm",
+  "hidden_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "intermediate_size",
+  "num_conv_pos_embeddings",
+  "num_conv_pos_embedding_groups",
+  "do_stable_layer_norm",
+)
 
 
 def label_arrays(transcripts, vocab: ctc.Vocabulary, multiple: int = 8):
@@ -112,7 +156,7 @@ def label_arrays(transcripts, vocab: ctc.Vocabulary, multiple: int = 8):
   width = max(multiple, -(-max((len(e) for e in encoded), default=1) // multiple) * multiple)
   ids = np.zeros((len(encoded), width), np.int32)
   for i, e in enumerate(encoded):
-    ids[i, :len(e)] = e
+    ids[i, : len(e)] = e
   return ids, np.asarray([len(e) for e in encoded], np.int32)
 
 

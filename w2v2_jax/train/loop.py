@@ -3,6 +3,7 @@
 Restarting the same command resumes from the latest complete checkpoint, with the data iterator
 where it stopped, so an interrupted run ends bitwise equal to an uninterrupted one (same mesh).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,17 +37,24 @@ def objective_config(config) -> objectives.ObjectiveConfig:
 def corpus_config(config):
   """The offline corpus that config.data.corpus_* describe."""
   from w2v2_jax.demo import corpus  # pylint: disable=import-outside-toplevel
-  return corpus.CorpusConfig(unlabeled_hours=config.data.corpus_hours,
-                             labeled_voices=config.data.corpus_labeled_voices, rooms=config.data.corpus_rooms)
+
+  return corpus.CorpusConfig(
+    unlabeled_hours=config.data.corpus_hours,
+    labeled_voices=config.data.corpus_labeled_voices,
+    rooms=config.data.corpus_rooms,
+  )
 
 
 def data_dir(config) -> str:
   if config.data.source == "corpus":
     from w2v2_jax.demo import corpus  # pylint: disable=import-outside-toplevel
+
     return corpus.ensure_corpus(corpus_config(config), log=logging.info)
   if config.data.source != "shards" or not config.data.data_dir:
-    raise ValueError("config.data.source must be 'corpus', or 'shards' with config.data.data_dir set "
-                     f"(got source={config.data.source!r}, data_dir={config.data.data_dir!r})")
+    raise ValueError(
+      "config.data.source must be 'corpus', or 'shards' with config.data.data_dir set "
+      f"(got source={config.data.source!r}, data_dir={config.data.data_dir!r})"
+    )
   return config.data.data_dir
 
 
@@ -56,13 +64,22 @@ def is_ctc(config) -> bool:
 
 def input_config(config, directory: str, split: str, train: bool) -> pipeline.InputConfig:
   d = config.data
-  return pipeline.InputConfig(directory, split, config.batch_size, max_sample_size=d.max_sample_size,
-                              min_sample_size=d.min_sample_size, num_buckets=d.num_buckets, mode=d.mode,
-                              bucketing=d.get("bucketing", "geometric"),  # absent in older saved configs
-                              shuffle=train, seed=config.seed, num_epochs=None if train else 1,
-                              crop_long=not is_ctc(config),  # a transcript covers the whole utterance
-                              complete=not train and is_ctc(config),  # WER/CER on every utterance
-                              read_concurrency=d.get("read_concurrency", 64))
+  return pipeline.InputConfig(
+    directory,
+    split,
+    config.batch_size,
+    max_sample_size=d.max_sample_size,
+    min_sample_size=d.min_sample_size,
+    num_buckets=d.num_buckets,
+    mode=d.mode,
+    bucketing=d.get("bucketing", "geometric"),  # absent in older saved configs
+    shuffle=train,
+    seed=config.seed,
+    num_epochs=None if train else 1,
+    crop_long=not is_ctc(config),  # a transcript covers the whole utterance
+    complete=not train and is_ctc(config),  # WER/CER on every utterance
+    read_concurrency=d.get("read_concurrency", 64),
+  )
 
 
 def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.AudioInput:
@@ -71,6 +88,7 @@ def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.Au
   labels = None
   if vocab is not None:
     from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+
     labels = finetune.label_arrays(records.load_split(directory, split).transcripts(), vocab)
   data = pipeline.AudioInput(cfg, rows=rows, labels=labels)
   if jax.process_index() == 0:
@@ -81,14 +99,17 @@ def open_input(config, directory, split, train, rows, vocab=None) -> pipeline.Au
 def ctc_vocabulary(config, directory, workdir):
   """The run's letter vocabulary: workdir/vocab.json if it exists (resume), else built from the train split."""
   from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
+
   path = storage.join(workdir, "vocab.json")
   if storage.exists(path):
     vocab = ctc.Vocabulary.load(path)
   else:
     transcripts = records.load_split(directory, config.data.train_split).transcripts()
     if not any(transcripts):
-      raise ValueError(f"config.data.train_split={config.data.train_split!r} in {directory} has no transcripts; "
-                       "CTC fine-tuning needs a labeled split")
+      raise ValueError(
+        f"config.data.train_split={config.data.train_split!r} in {directory} has no transcripts; "
+        "CTC fine-tuning needs a labeled split"
+      )
     vocab = ctc.Vocabulary.build(transcripts)
     if jax.process_index() == 0:
       vocab.save(path)
@@ -100,17 +121,22 @@ def beam_decoder(config, workdir, vocab):
   """The final evaluation's beam-search decoder (config.decode), or None; built before training so
   that a missing model or library fails at once, not after the last update."""
   from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+
   if not finetune.beam_decoding(config):
     return None
   from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
+
   decode = config.decode
   lm_path = decode.kenlm or None
   if lm_path == "corpus":
     if config.data.source != "corpus":
-      raise ValueError("config.decode.kenlm='corpus' estimates an n-gram from the offline corpus's LM text; "
-                       f"with config.data.source={config.data.source!r} give a KenLM file instead")
+      raise ValueError(
+        "config.decode.kenlm='corpus' estimates an n-gram from the offline corpus's LM text; "
+        f"with config.data.source={config.data.source!r} give a KenLM file instead"
+      )
     from w2v2_jax.decoding import ngram  # pylint: disable=import-outside-toplevel
     from w2v2_jax.demo import corpus  # pylint: disable=import-outside-toplevel
+
     text = corpus.lm_text(corpus_config(config), decode.lm_lines)
     kept = storage.join(workdir, "lm.arpa")
     lm_path = ngram.build_arpa(map(ctc.normalize, text), storage.local_path(kept), decode.lm_order)
@@ -121,8 +147,9 @@ def beam_decoder(config, workdir, vocab):
     raise ValueError(f"config.decode.kenlm={lm_path!r}: no such file (a KenLM .arpa/.bin, or 'corpus')")
   elif lm_path:
     lm_path = storage.local_copy(lm_path)  # KenLM opens local files only
-  return ctc.beam_search_decoder(vocab, kenlm_path=lm_path, alpha=decode.alpha, beta=decode.beta,
-                                 beam_width=max(decode.beam, 1))
+  return ctc.beam_search_decoder(
+    vocab, kenlm_path=lm_path, alpha=decode.alpha, beta=decode.beta, beam_width=max(decode.beam, 1)
+  )
 
 
 def validate(config, mesh) -> None:
@@ -132,23 +159,30 @@ def validate(config, mesh) -> None:
     raise ValueError(f"config.task={config.task!r}: use 'pretrain' or 'ctc'")
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % batch_shards:
-    raise ValueError(f"config.batch_size={config.batch_size} does not divide over the mesh's batch axes "
-                     f"(data x fsdp = {batch_shards})")
+    raise ValueError(
+      f"config.batch_size={config.batch_size} does not divide over the mesh's batch axes (data x fsdp = {batch_shards})"
+    )
   if config.batch_size % (config.train.microbatches * batch_shards):
-    raise ValueError(f"config.train.microbatches={config.train.microbatches}: each micro-batch of "
-                     f"{config.batch_size} // microbatches must divide over {batch_shards} batch shards")
+    raise ValueError(
+      f"config.train.microbatches={config.train.microbatches}: each micro-batch of "
+      f"{config.batch_size} // microbatches must divide over {batch_shards} batch shards"
+    )
   bucketing = config.data.get("bucketing", "geometric")
   if bucketing not in pipeline.BUCKETINGS:
     raise ValueError(f"config.data.bucketing={bucketing!r}: use one of {pipeline.BUCKETINGS}")
   shortest = config.data.min_sample_size  # the least real audio of a row, in either mode
   if shortest < cfg.receptive_field:
-    raise ValueError(f"config.data.min_sample_size={shortest}: the shortest utterance or crop is "
-                     f"shorter than the receptive field ({cfg.receptive_field} samples)")
+    raise ValueError(
+      f"config.data.min_sample_size={shortest}: the shortest utterance or crop is "
+      f"shorter than the receptive field ({cfg.receptive_field} samples)"
+    )
   frames = int(cfg.num_frames(shortest))
   if not is_ctc(config) and (frames < obj.mask_length + 1 or frames < obj.num_negatives // 4):
-    raise ValueError(f"config.data.min_sample_size={config.data.min_sample_size}: {frames} frames in the "
-                     f"shortest bucket cannot hold mask spans of config.objective.mask_length="
-                     f"{obj.mask_length} and draw config.objective.num_negatives={obj.num_negatives}")
+    raise ValueError(
+      f"config.data.min_sample_size={config.data.min_sample_size}: {frames} frames in the "
+      f"shortest bucket cannot hold mask spans of config.objective.mask_length="
+      f"{obj.mask_length} and draw config.objective.num_negatives={obj.num_negatives}"
+    )
   if config.data.mode not in ("crop", "pad"):
     raise ValueError(f"config.data.mode={config.data.mode!r}: use 'crop' or 'pad'")
 
@@ -156,12 +190,13 @@ def validate(config, mesh) -> None:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where everything lives: the mesh, the optimiser, and the state's shapes and shardings."""
+
   mesh: jax.sharding.Mesh
   tx: Any
-  abstract_state: Any       # steps.TrainState of ShapeDtypeStructs
-  state_shardings: Any      # steps.TrainState of NamedShardings
+  abstract_state: Any  # steps.TrainState of ShapeDtypeStructs
+  state_shardings: Any  # steps.TrainState of NamedShardings
   param_shardings: Any
-  table: str                # the printable parameter sharding table
+  table: str  # the printable parameter sharding table
 
 
 def plan_layout(config, devices=None) -> Layout:
@@ -177,18 +212,21 @@ def plan_layout(config, devices=None) -> Layout:
   kind = "ctc" if is_ctc(config) else "pretraining"
   boxed = jax.eval_shape(lambda k: init_params(cfg, k, kind, boxed=True), jax.random.key(0))
   param_sh = parallel.param_shardings(boxed, mesh, rules)
-  abstract_params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
-                                 is_leaf=lambda x: hasattr(x, "value"))
+  abstract_params = jax.tree.map(
+    lambda x: x.value if hasattr(x, "value") else x, boxed, is_leaf=lambda x: hasattr(x, "value")
+  )
   table, offenders = parallel.sharding_table(abstract_params, param_sh, mesh)
   if offenders:
     raise ValueError(f"config.mesh.rules leave large parameters replicated under FSDP: {offenders[:3]}")
   abstract_state = jax.eval_shape(lambda: steps.init_state(abstract_params_zeros(abstract_params), tx))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_sh = jax.tree.map(lambda _: replicated, abstract_state)
-  state_sh = dataclasses.replace(state_sh, params=param_sh,
-                                 opt_state=_shard_like_params(abstract_state.opt_state, param_sh, replicated))
-  abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                abstract_state, state_sh)
+  state_sh = dataclasses.replace(
+    state_sh, params=param_sh, opt_state=_shard_like_params(abstract_state.opt_state, param_sh, replicated)
+  )
+  abstract_state = jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract_state, state_sh
+  )
   return Layout(mesh, tx, abstract_state, state_sh, param_sh, table)
 
 
@@ -197,11 +235,15 @@ def jit_steps(config, layout: Layout):
   w2v2-bench compile these same two."""
   cfg, obj = model_config(config), objective_config(config)
   batch_sh = parallel.batch_sharding(layout.mesh)
-  train_step = jax.jit(steps.make_train_step(cfg, obj, layout.tx, config), donate_argnums=(0,),
-                       in_shardings=(layout.state_shardings, batch_sh, None),
-                       out_shardings=(layout.state_shardings, None))
-  eval_step = jax.jit(steps.make_eval_step(cfg, obj, config),
-                      in_shardings=(layout.param_shardings, batch_sh, None, None))
+  train_step = jax.jit(
+    steps.make_train_step(cfg, obj, layout.tx, config),
+    donate_argnums=(0,),
+    in_shardings=(layout.state_shardings, batch_sh, None),
+    out_shardings=(layout.state_shardings, None),
+  )
+  eval_step = jax.jit(
+    steps.make_eval_step(cfg, obj, config), in_shardings=(layout.param_shardings, batch_sh, None, None)
+  )
   return train_step, eval_step
 
 
@@ -262,8 +304,10 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
   with jax.set_mesh(mesh):
     if vocab is not None:
       from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+
       init = lambda k: jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(  # noqa: E731
-          finetune.initial_params(cfg, config, k, layout.param_shardings))
+        finetune.initial_params(cfg, config, k, layout.param_shardings)
+      )
     else:
       init = jax.jit(lambda k: steps.init_state(init_params(cfg, k), tx), out_shardings=state_sh)
     mgr = checkpointing.manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
@@ -289,31 +333,49 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
       batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
       state, metrics = train_step(state, batch, key)
       audio_s += metrics["audio_samples"]  # device scalar; summed without a host sync
-      step_flops += flops.train_flops(cfg, batch["audio"].shape[1], config.batch_size,
-                                      "ctc" if vocab is not None else "pretraining")
+      step_flops += flops.train_flops(
+        cfg, batch["audio"].shape[1], config.batch_size, "ctc" if vocab is not None else "pretraining"
+      )
       steps_since += 1
       done = step + 1
       if done % config.log_every_steps == 0 or done == config.num_train_steps:
         metrics = jax.device_get(metrics)
         if int(metrics["skipped_in_a_row"]) >= config.train.max_consecutive_skips:
           raise FloatingPointError(
-              f"{int(metrics['skipped_in_a_row'])} non-finite steps in a row at step {done}: lower "
-              "config.optim.lr, set config.optim.clip_norm, or raise config.train.max_consecutive_skips")
+            f"{int(metrics['skipped_in_a_row'])} non-finite steps in a row at step {done}: lower "
+            "config.optim.lr, set config.optim.clip_norm, or raise config.train.max_consecutive_skips"
+          )
         elapsed = time.time() - t_log
         last = {k: float(v) for k, v in metrics.items() if k != "audio_samples"}
-        last.update(audio_seconds_per_second=float(audio_s) / 16000 / elapsed, step_time=elapsed / steps_since,
-                    mfu=step_flops / elapsed / peak)
+        last.update(
+          audio_seconds_per_second=float(audio_s) / 16000 / elapsed,
+          step_time=elapsed / steps_since,
+          mfu=step_flops / elapsed / peak,
+        )
         eta = (config.num_train_steps - done) * last["step_time"]
         if vocab is None:
-          health = "acc %.3f ppl %.1f/%.1f temp %.3f" % (last["accuracy"], last["prob_perplexity"],
-                                                          last["code_perplexity"], last["temperature"])
+          health = "acc %.3f ppl %.1f/%.1f temp %.3f" % (
+            last["accuracy"],
+            last["prob_perplexity"],
+            last["code_perplexity"],
+            last["temperature"],
+          )
         else:
           health = "ctc %.3f" % last["ctc_loss"]
-        logging.info("step %d/%d loss %.3f %s lr %.2e gnorm %.2f skipped %d | "
-                     "%.1f audio-s/s %.2f s/step MFU %.1f%% ETA %s", done, config.num_train_steps, last["loss"],
-                     health, last["lr"], last["grad_norm"], int(last["skipped_total"]),
-                     last["audio_seconds_per_second"], last["step_time"], 100 * last["mfu"],
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        logging.info(
+          "step %d/%d loss %.3f %s lr %.2e gnorm %.2f skipped %d | %.1f audio-s/s %.2f s/step MFU %.1f%% ETA %s",
+          done,
+          config.num_train_steps,
+          last["loss"],
+          health,
+          last["lr"],
+          last["grad_norm"],
+          int(last["skipped_total"]),
+          last["audio_seconds_per_second"],
+          last["step_time"],
+          100 * last["mfu"],
+          time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
         if writer:
           for k, v in last.items():
             writer.scalar(f"train/{k}", v, done)
@@ -322,12 +384,25 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
           on_log(done, dict(last))
         t_log, audio_s, steps_since, step_flops = time.time(), 0.0, 0, 0.0
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-        ev = evaluate(config, valid_data, eval_step, state.params, batch_sharding, done, vocab,
-                      decoder if done == config.num_train_steps else None)
+        ev = evaluate(
+          config,
+          valid_data,
+          eval_step,
+          state.params,
+          batch_sharding,
+          done,
+          vocab,
+          decoder if done == config.num_train_steps else None,
+        )
         if ev and vocab is not None:
-          logging.info("step %d valid loss %.3f WER %.3f CER %.3f%s", done, ev["loss"], ev["wer"], ev["cer"],
-                       " (beam search: WER %.3f CER %.3f)" % (ev["beam_wer"], ev["beam_cer"])
-                       if "beam_wer" in ev else "")
+          logging.info(
+            "step %d valid loss %.3f WER %.3f CER %.3f%s",
+            done,
+            ev["loss"],
+            ev["wer"],
+            ev["cer"],
+            " (beam search: WER %.3f CER %.3f)" % (ev["beam_wer"], ev["beam_cer"]) if "beam_wer" in ev else "",
+          )
           if is_main:
             record_eval(workdir, {"step": done, "split": config.data.valid_split, **ev})
         elif ev:
@@ -343,9 +418,18 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
       # One process: our SIGTERM flag. Several: only Orbax's preemption sync point, which every
       # process reaches at the same step (a flag seen by some processes would deadlock the save).
       preempted = mgr.reached_preemption(done) or (preemption.requested and jax.process_count() == 1)
-      checkpointing.save(mgr, done, state, cfg, kind, experiment, train_data.state(), {"step": done, "time": time.time()},
-                         vocab=vocab.tokens if vocab is not None else None,
-                         force=preempted or done == config.num_train_steps)
+      checkpointing.save(
+        mgr,
+        done,
+        state,
+        cfg,
+        kind,
+        experiment,
+        train_data.state(),
+        {"step": done, "time": time.time()},
+        vocab=vocab.tokens if vocab is not None else None,
+        force=preempted or done == config.num_train_steps,
+      )
       if preempted:
         logging.warning("preempted: saved step %d; re-run the same command to resume", done)
         break
@@ -377,6 +461,7 @@ def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None, 
   if data is None:
     return {}
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   data.seek(0)
   sums, n, refs, hyps, beam_hyps = {}, 0, [], [], []
   for batch in data:
@@ -385,16 +470,18 @@ def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None, 
     log_probs = m.pop("log_probs", None)
     if vocab is not None:
       from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+
       argmax, frames, labels, label_lengths = multihost_utils.process_allgather(
-          (m.pop("logits_argmax"), m.pop("frame_lengths"), global_batch["labels"], global_batch["label_lengths"]),
-          tiled=True)
+        (m.pop("logits_argmax"), m.pop("frame_lengths"), global_batch["labels"], global_batch["label_lengths"]),
+        tiled=True,
+      )
       r, h = finetune.error_rates(vocab, argmax, frames, labels, label_lengths)
       keep = [i for i, ref in enumerate(r) if ref]  # rows without a transcript (padding) are not scored
       refs += [r[i] for i in keep]
       hyps += [h[i] for i in keep]
       if decoder is not None:
         log_probs = multihost_utils.process_allgather(log_probs, tiled=True)
-        beam_hyps += [decoder.decode(log_probs[i, :int(frames[i])]) for i in keep]
+        beam_hyps += [decoder.decode(log_probs[i, : int(frames[i])]) for i in keep]
     for k, v in jax.device_get(m).items():
       sums[k] = sums.get(k, 0.0) + float(v)
     n += 1
@@ -403,6 +490,7 @@ def evaluate(config, data, eval_step, params, batch_sharding, step, vocab=None, 
   out = {k: v / n for k, v in sums.items()} if n else {}
   if refs:
     from w2v2_jax.decoding import ctc  # pylint: disable=import-outside-toplevel
+
     out.update(wer=ctc.word_error_rate(refs, hyps), cer=ctc.char_error_rate(refs, hyps), utterances=len(refs))
     if beam_hyps:
       out.update(beam_wer=ctc.word_error_rate(refs, beam_hyps), beam_cer=ctc.char_error_rate(refs, beam_hyps))

@@ -1,4 +1,5 @@
 """fairseq's optimiser for wav2vec 2.0: Adam with decoupled weight decay and polynomial decay."""
+
 from __future__ import annotations
 
 import optax
@@ -14,16 +15,21 @@ def learning_rate(lr: float, warmup_steps: int, total_steps: int, end_lr: float 
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def tri_stage(lr: float, total_steps: int, phase_ratio=(0.1, 0.4, 0.5), init_scale: float = 0.01,
-              final_scale: float = 0.05):
+def tri_stage(
+  lr: float, total_steps: int, phase_ratio=(0.1, 0.4, 0.5), init_scale: float = 0.01, final_scale: float = 0.05
+):
   """fairseq's tri_stage: linear warm-up from init_scale*lr, hold lr, exponential decay to final_scale*lr."""
   warm, hold = (int(r * total_steps) for r in phase_ratio[:2])
   decay = max(total_steps - warm - hold, 1)
-  return optax.join_schedules([
+  return optax.join_schedules(
+    [
       optax.linear_schedule(init_scale * lr, lr, max(warm, 1)),
       optax.constant_schedule(lr),
       optax.exponential_decay(lr, decay, final_scale),  # lr * final_scale ** (k / decay)
-      optax.constant_schedule(final_scale * lr)], [warm, warm + hold, warm + hold + decay])
+      optax.constant_schedule(final_scale * lr),
+    ],
+    [warm, warm + hold, warm + hold + decay],
+  )
 
 
 def schedule(cfg):

@@ -1,4 +1,5 @@
 """The train state and the jitted pre-training steps (train with accumulation and skip; eval)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  skipped_in_a_row: jax.Array   # consecutive non-finite steps
+  skipped_in_a_row: jax.Array  # consecutive non-finite steps
   skipped_total: jax.Array
 
 
@@ -47,6 +48,7 @@ def task_loss_fn(model_cfg, obj_cfg, cfg):
   """The loss of config.task: "pretrain" (contrastive) or "ctc" (fine-tuning)."""
   if cfg.get("task", "pretrain") == "ctc":
     from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+
     return finetune.ctc_loss_fn(model_cfg, cfg)
   return pretraining_loss_fn(model_cfg, obj_cfg, cfg)
 
@@ -56,6 +58,7 @@ def frozen_updates(cfg):
   if cfg.get("task", "pretrain") != "ctc":
     return None
   from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
+
   return finetune.frozen(cfg)
 
 
@@ -67,9 +70,11 @@ def apply_if_finite(finite, tx, grads, state, zero_frozen):
   copies both moment trees, a slower step (docs/performance.md). Elsewhere the select form avoids a
   predicate read-back that a conditional costs on GPU.
   """
+
   def update(_):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return optax.apply_updates(state.params, zero_frozen(updates)), opt_state  # no decay on frozen ones
+
   if compile_platform() == "cpu":
     return jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
   params, opt_state = update(None)
@@ -108,35 +113,50 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
       # Piece i is rows [i * b, (i + 1) * b), spread over every batch shard: the plain reshape would leave each
       # piece on a fraction of the devices, and the scan's backward reshards through replicas.
       pieces = lambda x: constrain_batch(x.reshape((micro, x.shape[0] // micro) + x.shape[1:]), 1)  # noqa: E731
+
       def body(carry, xs):
         g_acc, l_acc, n_acc = carry
         piece, i = xs
         (loss, m), g = grad_fn(state.params, piece, jax.random.fold_in(key, i), state.step)
         return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + m["count"]), m
+
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, total, count), ms = jax.lax.scan(body, (zeros, 0.0, 0.0),
-                                               (jax.tree.map(pieces, batch), jnp.arange(micro)))
+      (grads, total, count), ms = jax.lax.scan(
+        body, (zeros, 0.0, 0.0), (jax.tree.map(pieces, batch), jnp.arange(micro))
+      )
       metrics = jax.tree.map(lambda v: v.mean(0), ms)
       metrics["count"] = count
       count = jnp.maximum(count, 1.0)
       grads = jax.tree.map(lambda g: g / count, grads)
       loss = total / count
+
     def zero_frozen(tree):
       if freeze is None:
         return tree
       return jax.tree_util.tree_map_with_path(
-          lambda path, x: jnp.where(freeze(tuple(p.key for p in path), state.step), jnp.zeros_like(x), x), tree)
+        lambda path, x: jnp.where(freeze(tuple(p.key for p in path), state.step), jnp.zeros_like(x), x), tree
+      )
+
     grads = zero_frozen(grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = apply_if_finite(finite, tx, grads, state, zero_frozen)
     new_state = TrainState(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
-        skipped_total=state.skipped_total + jnp.where(finite, 0, 1))
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, audio_samples=batch["lengths"].sum(),
-                   lr=schedule_lr_fn(state.step), skipped_total=new_state.skipped_total,
-                   skipped_in_a_row=new_state.skipped_in_a_row)
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
+      skipped_total=state.skipped_total + jnp.where(finite, 0, 1),
+    )
+    metrics = dict(
+      metrics,
+      loss=loss,
+      grad_norm=grad_norm,
+      audio_samples=batch["lengths"].sum(),
+      lr=schedule_lr_fn(state.step),
+      skipped_total=new_state.skipped_total,
+      skipped_in_a_row=new_state.skipped_in_a_row,
+    )
     return new_state, metrics
 
   return train_step
