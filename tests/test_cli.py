@@ -23,7 +23,7 @@ from w2v2_jax.train import checkpointing
 def _cli(module, *args):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   return subprocess.run(
-    [sys.executable, "-m", f"w2v2_jax.{module}", *args], capture_output=True, text=True, env=env, timeout=600
+    [sys.executable, "-m", f"w2v2_jax.cli.{module}", *args], capture_output=True, text=True, env=env, timeout=600
   )
 
 
@@ -62,6 +62,7 @@ def audio_files(tmp_path_factory):
   }
 
 
+@pytest.mark.slow
 def test_extract_equals_transformers_last_hidden_state(hf_dir, audio_files, tmp_path):
   out = tmp_path / "feats.npz"
   result = _cli(
@@ -81,6 +82,7 @@ def test_extract_equals_transformers_last_hidden_state(hf_dir, audio_files, tmp_
   np.testing.assert_allclose(np.load(out)["utt_a"], ref.hidden_states[1][0].numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_our_workdir_to_each_transformers_class(audio_files, tmp_path):
   cfg = presets.tiny(stable_layer_norm=True)
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
@@ -104,6 +106,7 @@ def test_export_our_workdir_to_each_transformers_class(audio_files, tmp_path):
   np.testing.assert_array_equal(np.load(a)["utt_a"], np.load(b)["utt_a"])
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_line_errors(hf_dir, audio_files, tmp_path):
   out = f"--output={tmp_path / 'x.npz'}"
   _one_line_error(
@@ -167,6 +170,7 @@ def _cpu_env_with_default_allocator() -> dict:
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
+@pytest.mark.slow
 def test_freed_host_memory_is_reused_without_page_faults():
   """cli.common.keep_freed_host_memory: a freed 256 MiB buffer comes back without faulting its pages in again
   (with glibc's defaults a worker thread faults all 65536 in on every allocation); MALLOC_* is respected."""
@@ -205,6 +209,7 @@ print(int(fields["Size"].split()[0]) // 1024, int(fields["Rss"].split()[0]) // 1
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
+@pytest.mark.slow
 def test_the_kept_heap_is_reserved_on_huge_pages():
   """cli.common._huge_page_heap: the heap is grown by half the RAM of address space only (resident: the
   written 64 MiB and Python's own), marked MADV_HUGEPAGE ('hg'), and the written temporary lands on

@@ -50,7 +50,7 @@ def _env(url, **extra):
 
 def _cli(url, module, *args, cwd, timeout=600, **env):
   return subprocess.run(
-    [sys.executable, "-m", f"w2v2_jax.{module}", *args],
+    [sys.executable, "-m", f"w2v2_jax.cli.{module}", *args],
     capture_output=True,
     text=True,
     env=_env(url, **env),
@@ -91,6 +91,7 @@ def _upload_corpus_as_flac(tmp_path) -> list[str]:
   return lines[1:]
 
 
+@pytest.mark.slow
 def test_pretraining_in_a_bucket_resumes_and_equals_local_disk(gcs, tmp_path):
   """Prepare from a manifest of gs:// FLAC files into the bucket, pre-train there (SIGKILLed after a
   committed checkpoint and during an async save, then resumed, the compilation cache in the bucket too),
@@ -163,6 +164,7 @@ def test_pretraining_in_a_bucket_resumes_and_equals_local_disk(gcs, tmp_path):
   assert not os.path.exists(tmp_path / "gs:"), "nothing goes to a local gs: folder"
 
 
+@pytest.mark.slow
 def test_fine_tuning_in_a_bucket_then_every_cli_reads_it(gcs, tmp_path):
   """A short CTC fine-tune with data and workdir in the bucket writes its events, plots, vocab.json and
   eval_results.json there; w2v2-export, -extract, -transcribe and -plot then read from the bucket."""
@@ -212,20 +214,22 @@ def _one_line(result, prog, *words):
     assert w in last, last
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_is_one_line_before_any_work(gcs, tmp_path):
   cfg = f"--config={TESTS}/train_config.py:gs://bkt/shards,1"
-  result = _cli(gcs, "train.main", cfg, "--workdir=gs://no-such-bucket/run", cwd=tmp_path, timeout=120)
+  result = _cli(gcs, "train", cfg, "--workdir=gs://no-such-bucket/run", cwd=tmp_path, timeout=120)
   _one_line(result, "w2v2-train", "gs://no-such-bucket", "no such bucket")
   assert not os.path.exists(tmp_path / "gs:")
 
 
+@pytest.mark.slow
 def test_a_missing_object_or_data_dir_is_one_line(gcs, tmp_path):
   result = _cli(
     gcs, "export", "--checkpoint=gs://bkt/no/such/run", f"--output={tmp_path / 'out'}", cwd=tmp_path, timeout=120
   )
   _one_line(result, "w2v2-export", "gs://bkt/no/such/run", "no such checkpoint")
   cfg = f"--config={TESTS}/train_config.py:gs://bkt/empty,1"
-  result = _cli(gcs, "train.main", cfg, f"--workdir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
+  result = _cli(gcs, "train", cfg, f"--workdir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
   _one_line(result, "w2v2-train", "gs://bkt/empty", "no shards")
   assert not os.path.exists(tmp_path / "gs:")
 
@@ -236,6 +240,7 @@ def test_a_scheme_no_backend_serves_is_refused(gcs, tmp_path):
 
 
 @pytest.mark.parametrize("status,words", [(401, ("not authenticated", "401")), (403, ("permission denied", "403"))])
+@pytest.mark.slow
 def test_refused_access_is_one_line_within_seconds(tmp_path, status, words, monkeypatch):
   with gcs_emulator.refusing_server(status) as url:
     for cli, args, named in (

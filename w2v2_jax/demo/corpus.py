@@ -44,7 +44,8 @@ class CorpusConfig:
     for name in _ADDED_LATER:  # at their defaults, the corpus is the one cached before they existed
       if fields[name] == CorpusConfig.__dataclass_fields__[name].default:
         del fields[name]
-    blob = json.dumps(fields, sort_keys=True) + espeak.__name__ + "v1"
+    # the synthesizer module's name when the hash was defined (it has moved since): caches stay valid
+    blob = json.dumps(fields, sort_keys=True) + "w2v2_jax.data.espeak" + "v1"
     if self.rooms:
       blob += repr(rooms.SETTINGS)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
