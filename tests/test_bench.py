@@ -35,6 +35,7 @@ def test_peers_get_our_architecture_and_objective():
   assert ours == theirs
 
 
+@pytest.mark.slow
 def test_torch_peer_worker_times_full_steps():
   """The worker protocol, run with this venv's transformers (the Flax peer needs the 4.46.3 venv)."""
   config = bench_peers.benchmark_config(2, "tiny")
@@ -47,6 +48,7 @@ def test_torch_peer_worker_times_full_steps():
   assert peer.proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_bench_measures_the_real_train_step(tmp_path):
   from w2v2_jax.train.defaults import pretraining_config
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from w2v2_jax.train import events
+
+pytestmark = pytest.mark.slow
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 

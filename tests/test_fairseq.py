@@ -175,6 +175,7 @@ def test_pretrained_checkpoint_loads_bitwise(tmp_path, stable_layer_norm, legacy
   assert fairseq.normalize(path, loaded_cfg) is stable_layer_norm
 
 
+@pytest.mark.slow
 def test_finetuned_checkpoint_transcribes_extracts_and_exports(tmp_path):
   cfg = model_config.tiny().replace(vocab_size=4 + 5)
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(4), "ctc"))

@@ -55,6 +55,7 @@ def test_tri_stage_schedule():
   assert float(lr(100)) == pytest.approx(0.05, rel=1e-3) and float(lr(1000)) == pytest.approx(0.05, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, tmp_path):
   workdir = str(tmp_path / "ctc")
   first = loop.train_and_evaluate(finetune_config.get_config(f"{labeled_shards},1,0"), str(tmp_path / "one"))
@@ -128,6 +129,7 @@ def test_finetune_lowers_ctc_loss_then_transcribes_and_exports(labeled_shards, t
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
   """Starting from a pre-training checkpoint with freeze_steps=3: after 3 updates the encoder is
   exactly the pre-trained one and only the head moved; after 5 the encoder moved too, and the

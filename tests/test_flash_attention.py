@@ -44,6 +44,7 @@ def _assert_close(got, want, atol=2e-6):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_flash_attention_is_the_xla_core_with_the_same_dropout_mask():
   """Values and gradients equal XLA's core: the kernels hash keep_mask's bits (rate 0.5: another mask
   would change most outputs), mask padded keys and pad the length to their block."""
@@ -55,6 +56,7 @@ def test_flash_attention_is_the_xla_core_with_the_same_dropout_mask():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the CPU suite forces 8)")
+@pytest.mark.slow
 def test_flash_attention_over_a_mesh_draws_the_one_device_mask():
   """Under a (data, fsdp, tensor) = 2x2x2 mesh the kernels run per device on their utterances and
   heads (shard_map), hashing global counters: the one-device XLA core's values and gradients."""
@@ -75,6 +77,7 @@ def _core(q, k, v, valid, key, rate):
 
 
 @pytest.mark.parametrize("counter_limit", [2**32, 2**12])
+@pytest.mark.slow
 def test_flash_attention_over_many_blocks(monkeypatch, counter_limit):
   """45 frames in blocks of 16 (queries and keys in three blocks, the last one padded), one utterance
   with valid keys in the first two blocks only: the online softmax, every block's offsets and the
@@ -104,6 +107,7 @@ def test_on_cpu_flash_attention_keeps_the_xla_core(monkeypatch):
   assert "pallas_call" not in jaxpr
 
 
+@pytest.mark.slow
 def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
   """The whole tiny model (two layers, LayerDrop, padded utterances): loss and every gradient equal."""
   runs = []

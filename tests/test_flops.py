@@ -18,6 +18,7 @@ def _xla_flops(fn, args):
 @pytest.mark.parametrize(
   "name,train,low,high", [("base", True, 0.99, 1.02), ("base", False, 0.99, 1.03), ("small", True, 1.0, 1.10)]
 )
+@pytest.mark.slow
 def test_analytic_flops_match_xla(name, train, low, high, monkeypatch):
   """XLA counts matmuls plus elementwise work, so it is about the analytic (matmul-only) figure or a little
   more: for BASE within a few percent, so the formula misses no matmul and double-counts none. The BASE

@@ -61,6 +61,7 @@ def _run_both(cfg, params, ref, padded):
 
 
 @pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.slow
 def test_hidden_states_match(pair, padded):
   """Equal on every real frame to 1e-4. Padded frames' context vectors are masked out of attention and every
   loss; on CPU the positional conv's DFT form rounds relative to the whole sequence (~1e-6), which a post-LN

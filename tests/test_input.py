@@ -207,6 +207,7 @@ def _run(*args, env=None):
   )
 
 
+@pytest.mark.slow
 def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, tmp_path):
   data_dir, _ = shards
   out = str(tmp_path / "r")
@@ -258,6 +259,7 @@ def test_close_stops_every_reading_thread_and_next_resumes_at_the_position(shard
   it.close()
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_rows_covering_the_epoch(shards, tmp_path):
   data_dir, _ = shards
   with socket.socket() as s:

@@ -44,6 +44,7 @@ def _loss_fn(cfg, audio, mask, negatives, deterministic=False, temperature=2.0):
   return jax.jit(loss)
 
 
+@pytest.mark.slow
 def test_straight_through_gumbel_is_one_hot_with_gradients():
   cfg = presets.tiny()
   params = init_params(cfg, jax.random.key(0))
@@ -62,6 +63,7 @@ def test_straight_through_gumbel_is_one_hot_with_gradients():
   assert np.abs(np.asarray(grads["quantizer"]["codevectors"])).max() > 0
 
 
+@pytest.mark.slow
 def test_eval_quantizer_is_argmax():
   cfg = presets.tiny()
   params = init_params(cfg, jax.random.key(0))
@@ -90,6 +92,7 @@ def test_eval_quantizer_is_argmax():
 
 
 @pytest.mark.parametrize("mult", [0.25, 0.1, 0.0])
+@pytest.mark.slow
 def test_feature_grad_mult_scales_encoder_gradients_exactly(mult):
   base_cfg = presets.tiny().replace(
     feature_grad_mult=1.0,
@@ -148,6 +151,7 @@ def test_layerdrop_rate_and_gradients():
   assert 0.38 < np.mean(dropped) < 0.62
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
   cfg = presets.tiny().replace(hidden_dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
   params = init_params(cfg, jax.random.key(0))
@@ -158,6 +162,7 @@ def test_remat_gives_the_same_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_loss():
   cfg = presets.tiny().replace(dtype="bfloat16")
   params = init_params(cfg, jax.random.key(0))
@@ -181,6 +186,7 @@ def test_config_rejects_inconsistent_values():
 @pytest.mark.parametrize(
   "frames,kernel,groups,channels", [(37, 8, 4, 6), (29, 7, 2, 5), (5, 16, 3, 4), (99, 128, 16, 3)]
 )
+@pytest.mark.slow
 def test_dft_positional_conv_has_the_plain_convs_values_and_gradients(frames, kernel, groups, channels):
   """The positional conv's CPU form (models/dft_conv.py) is the plain grouped conv, gradients included,
   for even and odd kernels, a kernel longer than the input and BASE's kernel; one DFT bin less aliases."""
@@ -199,6 +205,7 @@ def test_dft_positional_conv_has_the_plain_convs_values_and_gradients(frames, ke
   assert np.abs(np.asarray(aliased - y_ref)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):
   """The pre-LN residual-gradient barrier (models/layers.py) changes no value, and XLA:CPU keeps it."""
   from w2v2_jax.models import layers, transformer
@@ -243,6 +250,7 @@ def test_gelu_is_torchs_exact_gelu():
 
 @pytest.mark.parametrize("axis", [-1, -2])
 @pytest.mark.parametrize("shape,offset", [((3, 37, 16), 0.0), ((2, 5, 9, 7), 3.0), ((41, 512), -2.0)])
+@pytest.mark.slow
 def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset, axis):
   """layers.layer_norm_gelu (CPU's LayerNorm, or per-channel GroupNorm over time, + GELU with its own
   backward) against autodiff of the plain composition: values, and the gradients of input, scale and

@@ -19,6 +19,8 @@ from test_train import speech_like_shards  # noqa: F401  (a fixture)
 
 from w2v2_jax.train import checkpointing
 
+pytestmark = pytest.mark.slow
+
 STEPS = 8
 HOST_TIMEOUT = 10  # seconds; --host_timeout in these tests
 QUICK = ("--plots=false", "--config.data.valid_split=none")  # runs other than the reference: no plots, no eval

@@ -5,7 +5,10 @@ import re
 
 import conftest
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "experiments", "colab_workflow.ipynb")
 

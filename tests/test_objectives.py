@@ -18,6 +18,7 @@ def test_masked_fraction_at_500_frames():
   assert abs(fraction - 0.49) <= 0.02, fraction
 
 
+@pytest.mark.slow
 def test_equal_counts_and_never_in_padding():
   lengths = jnp.array([500, 431, 260, 120, 77, 500, 33, 301])
   for seed in range(20):
@@ -65,6 +66,7 @@ def test_negatives_are_other_masked_frames_of_same_utterance():
     assert mask[b][drawn].all(), "a negative is not a masked frame of this utterance"
 
 
+@pytest.mark.slow
 def test_negatives_are_uniform_chi_square():
   mask = objectives.compute_span_mask(jax.random.key(3), jnp.array([300]), 300, **MASK_ARGS)
   frames = np.flatnonzero(np.asarray(mask[0]))

@@ -130,6 +130,7 @@ def _aot(*args):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_aot_prints_each_process_rows_or_one_line_naming_the_key():
   config = os.path.join(EXPERIMENTS, "base_librispeech.py")
   ok = _aot(f"--config={config}", "--topology=v5p-64", "--rows_only")

@@ -72,6 +72,7 @@ def _prepare_cli(*args):
   )
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_converted_or_skipped_with_reasons_and_resume(messy_dir, tmp_path):
   out = tmp_path / "shards"
   args = [f"--input={messy_dir}", f"--output={out}", "--workers=2", "--shard_size=5", "--speaker_level=2"]
@@ -123,6 +124,7 @@ def test_bad_inputs_are_converted_or_skipped_with_reasons_and_resume(messy_dir, 
   )
 
 
+@pytest.mark.slow
 def test_unfinished_shard_is_redone(tmp_path):
   items = [Item(id=f"u{i}", audio=_tone(1.5), rate=RATE) for i in range(6)]
   cfg = writer.PrepareConfig(out_dir=str(tmp_path), shard_size=4, workers=1)
@@ -204,6 +206,7 @@ def test_tfds_dataset_source(tmp_path):
     list(sources.open_source("tfds:tiny_speech:test", tfds_data_dir=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_espeak_corpus_splits_voices_and_cache(tmp_path):
   from w2v2_jax.demo import corpus, espeak
 

@@ -13,6 +13,8 @@ import soundfile as sf
 
 from w2v2_jax.data import records, sources, writer
 
+pytestmark = pytest.mark.slow
+
 RATE = 16000
 
 

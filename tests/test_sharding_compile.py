@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 WARNING = "Involuntary full rematerialization"
 
 _PROBE = r"""
@@ -22,6 +24,7 @@ mesh, task, pinned, names, micro = sys.argv[1:6]
 from w2v2_jax import parallel
 from w2v2_jax.models import quantizer
 from w2v2_jax.train import loop
+
 if pinned == "unpinned":  # the quantizer without its batch constraints: the warning must show
   quantizer.constrain_batch = lambda x: x
 if task == "ctc":

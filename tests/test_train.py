@@ -72,6 +72,7 @@ def test_config_errors_name_the_key(speech_like_shards):
     c.optim.learning_rate = 1.0  # locked: unknown keys fail
 
 
+@pytest.mark.slow
 def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path):
   """w2v2-train gets SIGTERM mid-run (saves, exits 0) or SIGKILL (no save); the same command then
   resumes from the latest complete checkpoint and ends bitwise equal to an uninterrupted run."""
@@ -131,6 +132,7 @@ def test_preempted_and_resumed_run_is_bitwise_equal(speech_like_shards, tmp_path
   assert len({str(s.index) for s in big.addressable_shards}) > 1
 
 
+@pytest.mark.slow
 def test_compiled_programs_are_kept_under_the_cache_folder_unless_jax_names_one(tmp_path):
   """w2v2-train and w2v2-miniature call cli.common.use_compilation_cache(): XLA's programs go to
   $W2V2_JAX_CACHE/xla, or to JAX_COMPILATION_CACHE_DIR when the user sets it."""
@@ -152,6 +154,7 @@ def test_compiled_programs_are_kept_under_the_cache_folder_unless_jax_names_one(
   assert sorted(os.listdir(tmp_path / "w2v2" / "xla")) == default_entries, "the second run wrote there too"
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_abort(speech_like_shards, tmp_path):
   c = _config(speech_like_shards, 8)
   c.optim.lr = float("nan")  # the first update poisons every parameter; later losses are NaN
@@ -162,6 +165,7 @@ def test_non_finite_steps_are_skipped_then_abort(speech_like_shards, tmp_path):
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
+@pytest.mark.slow
 def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monkeypatch):
   """Both forms of the guard: the CPU's lax.cond and the select that GPU/TPU steps compile."""
   import jax.numpy as jnp
@@ -194,6 +198,7 @@ def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monke
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good.params)))
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
   """1, 2 and 4 micro-batches of one batch: the same loss, gradient norm and update.
 
@@ -279,6 +284,7 @@ def test_every_experiment_config_loads_and_validates(name):
 
 
 @pytest.mark.parametrize("mesh_shape,pos_conv", [((2, 2, 2), "dft"), ((8, 1, 1), "dft"), ((2, 2, 2), "xla")])
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, pos_conv, monkeypatch):
   """One train step on a (data, fsdp, tensor) mesh: same loss and updated parameters as on one device.
 
