@@ -43,9 +43,6 @@ def _timed(module, x, steps, input_grad, **kwargs):
 
 def main(argv):
   del argv
-  from w2v2_jax.cli.common import keep_freed_host_memory  # pylint: disable=import-outside-toplevel
-
-  keep_freed_host_memory()
   import jax  # pylint: disable=import-outside-toplevel
 
   from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel

@@ -10,9 +10,8 @@ contrastive + diversity loss, backward and an AdamW update. The peers run in a v
 builds once (transformers 4.46.3, torch 2.13.0 CPU, and our own jax/flax/optax versions, so the
 two JAX stacks share one XLA), each in its own process, waiting on stdin between steps. After
 one warm-up step each and --warmup_rounds untimed rounds, the rounds alternate ours, HF Flax, HF
-PyTorch, so machine noise falls on all three alike. Our process keeps freed host memory mapped, on
-huge pages (cli.common.keep_freed_host_memory); the peers keep glibc's defaults unless the allocator is
-set for all (MALLOC_* / GLIBC_TUNABLES, or launch/cpu_jemalloc.sh, which then applies to all three).
+PyTorch, so machine noise falls on all three alike. All three run under the same host allocator:
+whatever the environment sets (launch/cpu_glibc.sh, launch/cpu_jemalloc.sh, or glibc's defaults).
 Prints each median, audio-s/s, MFU (same analytic FLOPs for all) and our ratios.
 """
 
@@ -28,7 +27,7 @@ from importlib import metadata
 
 from absl import app, flags, logging
 
-from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, split_list, write_json
+from w2v2_jax.cli.common import one_line_errors, split_list, write_json
 
 FLAGS = flags.FLAGS
 PEERS = ("hf_flax", "hf_torch")
@@ -172,7 +171,6 @@ def _timed(call) -> float:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  keep_freed_host_memory()  # ours only: the peers' processes keep glibc's defaults
   import jax  # pylint: disable=import-outside-toplevel
 
   from w2v2_jax.cli.bench import OurStep  # pylint: disable=import-outside-toplevel

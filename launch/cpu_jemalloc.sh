@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a command (a CPU job) under jemalloc on transparent huge pages: XLA:CPU mallocs thousands of
 # scratch buffers a step, and glibc's bins cost ~5% of its CPU time; the stable-LN BASE step took
-# 0.92 of its time with glibc and our own setting (docs/performance.md). Needs libjemalloc.so.2
+# 0.92 of its time with glibc set by launch/cpu_glibc.sh (docs/performance.md). Needs libjemalloc.so.2
 # (Debian/Ubuntu: apt-get install libjemalloc2), or JEMALLOC=/path/to/libjemalloc.so.2.
 # Usage: launch/cpu_jemalloc.sh COMMAND [ARGS...]
 # e.g.   launch/cpu_jemalloc.sh w2v2-train --config=experiments/demo.py --workdir=/tmp/w2v2_demo
@@ -26,7 +26,6 @@ if [ -z "$JEMALLOC" ] || [ ! -f "$JEMALLOC" ]; then
   exit 1
 fi
 export LD_PRELOAD="$JEMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"
-# Huge pages, and freed pages kept for the next step (as cli.common.keep_freed_host_memory does for glibc,
-# which steps aside because MALLOC_CONF is set).
+# Huge pages, and freed pages kept for the next step (as launch/cpu_glibc.sh does for glibc).
 export MALLOC_CONF=${MALLOC_CONF:-thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1}
 exec "$@"

@@ -12,12 +12,15 @@ import pytest
 import soundfile as sf
 import torch
 from hf_reference import hf_config
+from test_train import speech_like_shards  # noqa: F401  (a fixture)
 from transformers import Wav2Vec2ForPreTraining as HFPreTraining
 from transformers import Wav2Vec2Model as HFModel
 
 from w2v2_jax.models import config as presets
 from w2v2_jax.models.init import init_params
 from w2v2_jax.train import checkpointing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(module, *args):
@@ -144,9 +147,7 @@ def test_bad_input_gives_one_line_errors(hf_dir, audio_files, tmp_path):
 
 
 _FAULTS_PROBE = """
-import ctypes, resource, sys, threading
-from w2v2_jax.cli.common import keep_freed_host_memory
-applied = keep_freed_host_memory() if sys.argv[1] == "on" else False
+import ctypes, resource, threading
 libc = ctypes.CDLL(None)
 libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, so the count does not depend on the host's THP mode
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -159,7 +160,7 @@ def work():  # as XLA:CPU does: a big temporary malloc'ed, written and freed on 
     libc.free(buf)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 t = threading.Thread(target=work); t.start(); t.join()
-print(applied, min(faults[1:]))
+print(min(faults[1:]))
 """
 
 
@@ -170,74 +171,86 @@ def _cpu_env_with_default_allocator() -> dict:
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
-@pytest.mark.slow
-def test_freed_host_memory_is_reused_without_page_faults():
-  """cli.common.keep_freed_host_memory: a freed 256 MiB buffer comes back without faulting its pages in again
-  (with glibc's defaults a worker thread faults all 65536 in on every allocation); MALLOC_* is respected."""
+def test_glibc_launcher_keeps_freed_memory_for_the_next_step():
+  """launch/cpu_glibc.sh: a freed 256 MiB buffer comes back without faulting its pages in again (with
+  glibc's defaults a worker thread faults all 65536 in on every allocation); a setting the user made
+  is kept."""
   env = _cpu_env_with_default_allocator()
+  launcher = os.path.join(REPO, "launch", "cpu_glibc.sh")
 
-  def probe(mode, extra=None):
-    out = subprocess.run(
-      [sys.executable, "-c", _FAULTS_PROBE, mode],
-      env={**env, **(extra or {})},
-      capture_output=True,
-      text=True,
-      check=True,
-    ).stdout.split()
-    return out[0] == "True", int(out[1])
+  def faults(*prefix, extra=None):
+    cmd = [*prefix, sys.executable, "-c", _FAULTS_PROBE]
+    return int(subprocess.run(cmd, env={**env, **(extra or {})}, capture_output=True, text=True, check=True).stdout)
 
-  applied, faults = probe("on")
-  assert applied and faults < 2000
-  assert probe("off")[1] > 60000
-  applied, faults = probe("on", {"MALLOC_ARENA_MAX": "4"})
-  assert not applied and faults > 60000
+  assert faults(launcher) < 2000
+  assert faults() > 60000
+  assert faults(launcher, extra={"MALLOC_MMAP_MAX_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}) > 60000
+  shown = subprocess.run(
+    [launcher, "sh", "-c", "echo $MALLOC_ARENA_MAX $GLIBC_TUNABLES"],
+    env={**env, "MALLOC_ARENA_MAX": "4"},
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.split()
+  assert shown == ["4", "glibc.malloc.hugetlb=1"]
 
 
-_HEAP_PROBE = """
-import ctypes, itertools, re, sys
-from w2v2_jax.cli.common import keep_freed_host_memory
-print(keep_freed_host_memory())
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-buf = libc.malloc(64 * 2**20)
-ctypes.memset(buf, 1, 64 * 2**20)
-lines = open("/proc/self/smaps").read().split("[heap]")[1].splitlines()[1:]
-fields = dict(line.split(":", 1) for line in itertools.takewhile(lambda l: re.match(r"[A-Za-z_]+:", l), lines))
-print(int(fields["Size"].split()[0]) // 1024, int(fields["Rss"].split()[0]) // 1024,
-      int(fields["AnonHugePages"].split()[0]) // 1024, fields["VmFlags"].split())
+_ALLOCATOR_AUDIT = """
+import runpy, sys
+calls = []
+def hook(event, args):  # every C function Python looks up through ctypes passes here
+  if event == "ctypes.dlsym" and args[1] in ("mallopt", "madvise", "malloc_trim", "sbrk", "brk"):
+    calls.append(args[1])
+sys.addaudithook(hook)
+target, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+  if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+  else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+  code = 0
+except SystemExit as e:
+  code = e.code
+print("allocator calls:", calls, "exit:", code)
 """
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
 @pytest.mark.slow
-def test_the_kept_heap_is_reserved_on_huge_pages():
-  """cli.common._huge_page_heap: the heap is grown by half the RAM of address space only (resident: the
-  written 64 MiB and Python's own), marked MADV_HUGEPAGE ('hg'), and the written temporary lands on
-  2 MiB pages; without the call the heap is small and plain."""
-  try:
-    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    overcommit = open("/proc/sys/vm/overcommit_memory").read().strip()
-    huge_page = int(open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read())
-  except (OSError, ValueError):
-    pytest.skip("no transparent huge pages on this kernel")
-  if "[never]" in thp or overcommit == "2":
-    pytest.skip("huge pages off or strict overcommit: the reservation is skipped by design")
-  if huge_page != 2 * 2**20 or "THP_enabled:\t0" in open("/proc/self/status").read():
-    pytest.skip("huge pages other than 2 MiB, or disabled for this process tree")
+def test_the_clis_leave_the_allocator_alone(speech_like_shards, tmp_path):  # noqa: F811
+  """w2v2-train, w2v2-bench and the component timing run to the end without looking up mallopt,
+  madvise or the heap's brk through ctypes; the same audit sees a deliberate mallopt."""
   env = _cpu_env_with_default_allocator()
-  total_mib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:")) // 1024
+  config = os.path.join(REPO, "tests", "train_config.py")
 
-  def probe(extra=None):
-    lines = subprocess.run(
-      [sys.executable, "-c", _HEAP_PROBE], env={**env, **(extra or {})}, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    size_mib, rss_mib, huge_mib, flags = lines[1].split(" ", 3)
-    return lines[0] == "True", int(size_mib), int(rss_mib), int(huge_mib), "'hg'" in flags
+  def audit(target, *args):
+    out = subprocess.run(
+      [sys.executable, "-c", _ALLOCATOR_AUDIT, target, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    line = [x for x in out.stdout.splitlines() if x.startswith("allocator calls:")]
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    return line[-1]
 
-  applied, size_mib, rss_mib, huge_mib, hg = probe()
-  assert applied and hg and size_mib >= total_mib // 2 and rss_mib < 256 and huge_mib >= 32
-  applied, size_mib, _, _, hg = probe({"MALLOC_ARENA_MAX": "1"})
-  assert not applied and not hg and size_mib < total_mib // 4
+  control = tmp_path / "control.py"
+  control.write_text("import ctypes\nctypes.CDLL(None).mallopt(-8, 1)\n")
+  assert audit(str(control)) == "allocator calls: ['mallopt'] exit: 0"
+  train = audit(
+    "w2v2_jax.cli.train",
+    f"--config={config}:{speech_like_shards},1",
+    f"--workdir={tmp_path / 'run'}",
+    "--plots=false",
+    "--config.data.valid_split=none",
+  )
+  assert train == "allocator calls: [] exit: 0"
+  bench = audit("w2v2_jax.cli.bench", f"--config={config}:unused,1", "--batch=8", "--seconds=1", "--steps=1")
+  assert bench == "allocator calls: [] exit: 0"
+  components = audit(
+    os.path.join(REPO, "benchmarks", "bench_components.py"),
+    "--preset=tiny",
+    "--batch=1",
+    "--seconds=0.5",
+    "--steps=1",
+  )
+  assert components == "allocator calls: [] exit: 0"
 
 
 def test_cpu_jemalloc_launcher_loads_jemalloc_or_says_what_to_install(tmp_path):

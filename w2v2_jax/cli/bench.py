@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, write_json
+from w2v2_jax.cli.common import one_line_errors, write_json
 
 FLAGS = flags.FLAGS
 
@@ -174,7 +174,6 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise ValueError("--config is required, e.g. --config=experiments/base_librispeech.py")
-  keep_freed_host_memory()
   batch = FLAGS.batch or config.batch_size
   samples = int(FLAGS.seconds * 16000) if FLAGS.seconds else config.data.max_sample_size
   figures = measure(config, batch, samples, FLAGS.steps, FLAGS.profile)

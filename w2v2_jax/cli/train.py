@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli.common import one_line_errors, quiet_libraries, use_compilation_cache
 from w2v2_jax.train import distributed, failures
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,7 +49,6 @@ def main(argv):
     raise ValueError("--workdir is required")
   if _CONFIG.value is None:
     raise ValueError("--config is required, e.g. --config=experiments/demo.py")
-  keep_freed_host_memory()
   initialize_distributed()
   failures.watch_processes()  # several processes: a lost one ends the job (--host_timeout)
   import jax  # pylint: disable=import-outside-toplevel

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from w2v2_jax import storage
-from w2v2_jax.cli.common import keep_freed_host_memory, one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli.common import one_line_errors, quiet_libraries, use_compilation_cache
 
 FLAGS = flags.FLAGS
 
@@ -62,7 +62,6 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}")
   if FLAGS.workdir is None:
     raise ValueError("--workdir is required")
-  keep_freed_host_memory()
   quiet_libraries()
   use_compilation_cache()  # the scratch run reuses the pre-trained one's programs where they are equal
   workdir = storage.absolute(FLAGS.workdir)
