@@ -16,11 +16,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 JAX_PLATFORMS=cuda python -m pytest -q -p no:cacheprovider --noconftest tests/test_flash_attention.py 2>&1 \
     | tee "$out/flash_test.log" || echo "the kernels' check FAILED (see above); timing them anyway"
 for batch in 8 32; do
-  for impl in xla flash; do
+  for impl in xla gpu_flash; do
     profile=()
-    if [[ $batch == 8 && $impl == flash ]]; then profile=(--profile="$out/profile_b8_flash"); fi
+    if [[ $batch == 8 && $impl == gpu_flash ]]; then profile=(--profile="$out/profile_b8_gpu_flash"); fi
     python -m w2v2_jax.cli.bench --config=experiments/base_librispeech.py --batch="$batch" --seconds=15.625 \
-        --steps="$steps" --config.model.dtype=bfloat16 --config.model.attention_impl="$impl" \
+        --steps="$steps" --config.model.dtype=bfloat16 --config.model.kernels="$impl" \
         --json="$out/base_b${batch}_${impl}.json" "${profile[@]}" 2>&1 | tee "$out/base_b${batch}_${impl}.log"
   done
 done

@@ -8,26 +8,25 @@ import pytest
 from w2v2_jax import parallel
 from w2v2_jax.models import config as presets
 from w2v2_jax.models import layers, objectives, transformer
-from w2v2_jax.models.flash_attention import dropout_seed_from, flash_attention
 from w2v2_jax.models.init import build, init_params
+from w2v2_jax.models.kernels.flash_attention import dropout_seed_from, flash_attention
 
 
 @pytest.fixture(autouse=True)
 def compiled_for_a_gpu(monkeypatch):
-  """transformer.py compiles as for a GPU (on CPU attention_impl="flash" keeps XLA's core), so the
-  kernels run, in interpret mode on this CPU host; layers.py keeps its CPU forms, in both runs compared."""
+  """The kernel switch resolves as for a GPU (on a CPU target gpu_flash keeps XLA's core), so the kernels
+  run, in interpret mode on this CPU host."""
   if jax.default_backend() == "cpu":
-    for module in (parallel, transformer):
-      monkeypatch.setattr(module, "compile_platform", lambda: "gpu")
+    monkeypatch.setattr(parallel, "compile_platform", lambda: "gpu")
 
 
-def _attention_run(attention_impl, batch=4, frames=21):
+def _attention_run(kernels, batch=4, frames=21):
   """(loss, grads wrt params and input) of one Attention call with dropout 0.5 and padded keys."""
-  cfg = presets.preset("tiny").replace(attention_dropout=0.5, attention_impl=attention_impl)
+  cfg = presets.preset("tiny").replace(attention_dropout=0.5, kernels=kernels)
   module = transformer.Attention(cfg, deterministic=False)
   x = jax.random.normal(jax.random.key(0), (batch, frames, cfg.hidden_size))
   key_mask = jnp.arange(frames)[None] < jnp.array([[frames], [15], [frames], [9]])
-  params = transformer.Attention(cfg.replace(attention_impl="xla"), deterministic=False).init(
+  params = transformer.Attention(cfg.replace(kernels="xla"), deterministic=False).init(
     {"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, key_mask
   )
   rngs = {"dropout": jax.random.key(3)}
@@ -48,7 +47,7 @@ def _assert_close(got, want, atol=2e-6):
 def test_flash_attention_is_the_xla_core_with_the_same_dropout_mask():
   """Values and gradients equal XLA's core: the kernels hash keep_mask's bits (rate 0.5: another mask
   would change most outputs), mask padded keys and pad the length to their block."""
-  flash, jaxpr = _attention_run("flash")
+  flash, jaxpr = _attention_run("gpu_flash")
   assert "pallas_call" in jaxpr
   xla, jaxpr = _attention_run("xla")
   assert "pallas_call" not in jaxpr
@@ -63,7 +62,7 @@ def test_flash_attention_over_a_mesh_draws_the_one_device_mask():
   want, _ = _attention_run("xla")
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   with jax.set_mesh(mesh):
-    got, jaxpr = _attention_run("flash")
+    got, jaxpr = _attention_run("gpu_flash")
   assert "shard_map" in jaxpr and "pallas_call" in jaxpr
   _assert_close(got, want)
 
@@ -103,7 +102,7 @@ def test_on_cpu_flash_attention_keeps_the_xla_core(monkeypatch):
   """A config trained with the kernels on GPUs runs on CPU with XLA's core (same values), not the
   kernels interpreted."""
   monkeypatch.undo()
-  _, jaxpr = _attention_run("flash")
+  _, jaxpr = _attention_run("gpu_flash")
   assert "pallas_call" not in jaxpr
 
 
@@ -111,8 +110,8 @@ def test_on_cpu_flash_attention_keeps_the_xla_core(monkeypatch):
 def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
   """The whole tiny model (two layers, LayerDrop, padded utterances): loss and every gradient equal."""
   runs = []
-  for impl in ("flash", "xla"):
-    cfg = presets.tiny().replace(attention_dropout=0.5, attention_impl=impl)
+  for impl in ("gpu_flash", "xla"):
+    cfg = presets.tiny().replace(attention_dropout=0.5, kernels=impl)
     params = init_params(cfg, jax.random.key(0))
     audio = jax.random.normal(jax.random.key(1), (2, 8000))
     lengths = jnp.array([8000, 5000])
@@ -129,17 +128,16 @@ def test_a_pretraining_step_with_flash_attention_is_the_xla_step():
       return objectives.pretraining_loss(out, mask, negatives, objectives.ObjectiveConfig(num_negatives=10))[0]
 
     runs.append(jax.jit(jax.value_and_grad(loss))(params))
-    assert ("pallas_call" in str(jax.make_jaxpr(loss)(params))) == (impl == "flash")
+    assert ("pallas_call" in str(jax.make_jaxpr(loss)(params))) == (impl == "gpu_flash")
   _assert_close(*runs)
 
 
 def test_flash_attention_refuses_what_it_cannot_run(monkeypatch):
-  with pytest.raises(ValueError, match="attention_impl must be"):
-    presets.preset("tiny").replace(attention_impl="cudnn")
-  for module in (parallel, transformer):
-    monkeypatch.setattr(module, "compile_platform", lambda: "tpu")
+  with pytest.raises(ValueError, match="kernels must be"):
+    presets.preset("tiny").replace(kernels="cudnn")
+  monkeypatch.setattr(parallel, "compile_platform", lambda: "tpu")
   with pytest.raises(ValueError, match="Triton"):
-    _attention_run("flash")
+    _attention_run("gpu_flash")
   q = jnp.zeros((1, 2, 37, 16))
   seed = jnp.zeros((4,), jnp.uint32)
   with pytest.raises(ValueError, match="power of two"):

@@ -188,9 +188,9 @@ def test_config_rejects_inconsistent_values():
 )
 @pytest.mark.slow
 def test_dft_positional_conv_has_the_plain_convs_values_and_gradients(frames, kernel, groups, channels):
-  """The positional conv's CPU form (models/dft_conv.py) is the plain grouped conv, gradients included,
+  """The positional conv's CPU form (models/kernels/dft_conv.py) is the plain grouped conv, gradients included,
   for even and odd kernels, a kernel longer than the input and BASE's kernel; one DFT bin less aliases."""
-  from w2v2_jax.models.dft_conv import dft_length, grouped_conv_dft
+  from w2v2_jax.models.kernels.dft_conv import dft_length, grouped_conv_dft
   from w2v2_jax.models.transformer import _conv
 
   h, pad = groups * channels, kernel // 2
@@ -207,11 +207,11 @@ def test_dft_positional_conv_has_the_plain_convs_values_and_gradients(frames, ke
 
 @pytest.mark.slow
 def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):
-  """The pre-LN residual-gradient barrier (models/layers.py) changes no value, and XLA:CPU keeps it."""
-  from w2v2_jax.models import layers, transformer
+  """The pre-LN residual-gradient barrier (models/kernels/cpu.py) changes no value, and XLA:CPU keeps it."""
+  from w2v2_jax.models.kernels import cpu
 
   x = jax.random.normal(jax.random.key(0), (2, 5, 3))
-  y, vjp = jax.vjp(layers.materialize_grad, x)
+  y, vjp = jax.vjp(cpu.materialize_grad, x)
   np.testing.assert_array_equal(y, x)
   np.testing.assert_array_equal(vjp(x * 3)[0], x * 3)
   assert np.isnan(np.asarray(vjp(x.at[0, 0, 0].set(jnp.inf))[0])).all()  # non-finite stays non-finite
@@ -224,7 +224,7 @@ def test_materialize_grad_is_the_identity_and_survives_xla(monkeypatch):
   grad = jax.jit(jax.grad(_loss_fn(cfg, audio, mask, negatives)))
   assert grad.lower(params, jax.random.key(1)).compile().as_text().count("conditional(") == cfg.num_hidden_layers
   g = grad(params, jax.random.key(1))
-  monkeypatch.setattr(transformer, "materialize_grad", lambda v: v)
+  monkeypatch.setattr(cpu, "materialize_grad", lambda v: v)
   g_plain = jax.grad(_loss_fn(cfg, audio, mask, negatives))(params, jax.random.key(1))
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
@@ -252,10 +252,11 @@ def test_gelu_is_torchs_exact_gelu():
 @pytest.mark.parametrize("shape,offset", [((3, 37, 16), 0.0), ((2, 5, 9, 7), 3.0), ((41, 512), -2.0)])
 @pytest.mark.slow
 def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset, axis):
-  """layers.layer_norm_gelu (CPU's LayerNorm, or per-channel GroupNorm over time, + GELU with its own
+  """kernels.cpu.layer_norm_gelu (CPU's LayerNorm, or per-channel GroupNorm over time, + GELU with its own
   backward) against autodiff of the plain composition: values, and the gradients of input, scale and
   bias, on odd sizes, offset inputs and groups whose variance is below eps."""
-  from w2v2_jax.models.layers import gelu, layer_norm_gelu
+  from w2v2_jax.models.kernels.cpu import layer_norm_gelu
+  from w2v2_jax.models.layers import gelu
 
   keys = jax.random.split(jax.random.key(5), 4)
   x = jax.random.normal(keys[0], shape) * 2.0 + offset
@@ -281,19 +282,19 @@ def test_layer_norm_gelu_has_autodiffs_values_and_gradients(shape, offset, axis)
 
 
 @pytest.mark.parametrize("reduce_axis", [-1, -2])
-def test_layer_norm_then_gelu_is_the_same_on_every_platform(monkeypatch, reduce_axis):
-  """LayerNorm(then_gelu=True) on CPU (the fused function) and as GPU/TPU compile it (LayerNorm, then
-  GELU) give the same values and parameter gradients, over channels and (BASE's GroupNorm) over time."""
+def test_layer_norm_then_gelu_is_the_same_with_every_kernels(reduce_axis):
+  """LayerNorm(then_gelu=True) with the cpu kernels (the fused function) and the plain ones (LayerNorm,
+  then GELU) give the same values and parameter gradients, over channels and (BASE's GroupNorm) over time."""
   from w2v2_jax.models import layers
 
-  module = layers.LayerNorm(1e-5, jnp.float32, reduce_axis=reduce_axis, then_gelu=True)
+  module = layers.LayerNorm(1e-5, jnp.float32, reduce_axis=reduce_axis, then_gelu=True, kernels="cpu")
   x = jax.random.normal(jax.random.key(0), (2, 23, 24)) + 1.0
   params = module.init(jax.random.key(1), x)
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
   loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
   assert "custom_vjp" in str(jax.make_jaxpr(module.apply)(params, x))
   cpu = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
-  monkeypatch.setattr(layers, "compile_platform", lambda: "gpu")
+  module = layers.LayerNorm(1e-5, jnp.float32, reduce_axis=reduce_axis, then_gelu=True, kernels="xla")
   assert "custom_vjp" not in str(jax.make_jaxpr(module.apply)(params, x))
   other = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
   for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(other)):
@@ -362,13 +363,13 @@ def test_dropout_keep_mask_is_bernoulli_and_independent():
   np.testing.assert_array_equal(zero_grad, np.zeros_like(x))
 
 
-def test_attention_in_two_halves_on_cpu_is_the_whole_batch_attention(monkeypatch):
-  """On one CPU device the attention core runs as two halves of the batch: the same values and
-  gradients as the whole batch at once (as GPU/TPU compile it), with the same dropout mask (rate 0.5,
-  so a different mask would change most outputs) and padded keys."""
+def test_attention_in_two_halves_on_cpu_is_the_whole_batch_attention():
+  """With the cpu kernels on one device the attention core runs as two halves of the batch: the same
+  values and gradients as the whole batch at once (the plain kernels), with the same dropout mask (rate
+  0.5, so a different mask would change most outputs) and padded keys."""
   from w2v2_jax.models import transformer
 
-  cfg = presets.preset("tiny").replace(attention_dropout=0.5)
+  cfg = presets.preset("tiny").replace(attention_dropout=0.5, kernels="cpu")
   module = transformer.Attention(cfg, deterministic=False)
   x = jax.random.normal(jax.random.key(0), (4, 21, cfg.hidden_size))
   key_mask = jnp.arange(21)[None] < jnp.array([[21], [15], [21], [9]])
@@ -380,25 +381,32 @@ def test_attention_in_two_halves_on_cpu_is_the_whole_batch_attention(monkeypatch
     str(jax.make_jaxpr(module.apply)(params, x, key_mask, rngs={"dropout": jax.random.key(3)})).count("dot_general")
     == 2 * 2 + 4
   )  # q, k, v, out projections + two batched matmuls per half
-  monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
+  module = transformer.Attention(cfg.replace(kernels="xla"), deterministic=False)
+  assert (
+    str(jax.make_jaxpr(module.apply)(params, x, key_mask, rngs={"dropout": jax.random.key(3)})).count("dot_general")
+    == 2 + 4
+  )
   whole = run()
   for a, b in zip(jax.tree.leaves(halves), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_dense_weight_gradient_from_matrices_is_autodiffs(monkeypatch):
-  """On CPU dense layers take their weight gradient from [rows, in] x [rows, out] matrices (a custom
-  VJP, faster on XLA:CPU): values and gradients equal autodiff's of the plain dot_general."""
+def test_dense_weight_gradient_from_matrices_is_autodiffs():
+  """With the cpu kernels dense layers take their weight gradient from [rows, in] x [rows, out] matrices
+  (a custom VJP, faster on XLA:CPU): values and gradients equal autodiff's of the plain dot_general."""
   from w2v2_jax.models import layers
 
-  module = layers.dense(48, ("embed", "mlp"), jnp.float32, name="d")
   x = jax.random.normal(jax.random.key(0), (3, 7, 32))
-  params = module.init(jax.random.key(1), x)
-  loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
-  ours = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
-  assert "custom_vjp" in str(jax.make_jaxpr(loss)(params, x))
-  monkeypatch.setattr(layers, "_matmul_dot_general", jax.lax.dot_general)
-  module = layers.dense(48, ("embed", "mlp"), jnp.float32, name="d")
-  plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+  def run(kernels):
+    module = layers.dense(48, ("embed", "mlp"), jnp.float32, name="d", kernels=kernels)
+    loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x), str(jax.make_jaxpr(loss)(params, x))
+
+  params = layers.dense(48, ("embed", "mlp"), jnp.float32, name="d").init(jax.random.key(1), x)
+  ours, jaxpr = run("cpu")
+  assert "custom_vjp" in jaxpr
+  plain, jaxpr = run("xla")
+  assert "custom_vjp" not in jaxpr
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -140,3 +140,38 @@ def test_aot_prints_each_process_rows_or_one_line_naming_the_key():
   bad = _aot(f"--config={config}", "--topology=v5p-64", "--rows_only", "--config.batch_size=100")
   errors = [line for line in bad.stderr.splitlines() if line.startswith("w2v2-aot: error:")]
   assert bad.returncode == 1 and len(errors) == 1 and "config.batch_size=100" in errors[0], bad.stderr[-2000:]
+
+
+def _lowered_train_step(config, devices) -> str:
+  """StableHLO of w2v2-train's step for `devices`, lowered (not compiled) on this host."""
+  import jax.numpy as jnp
+
+  from w2v2_jax.train import loop
+
+  layout = loop.plan_layout(config, devices)
+  batch_sh = parallel.batch_sharding(layout.mesh)
+  batch = {
+    "audio": jax.ShapeDtypeStruct((config.batch_size, 16000), jnp.int16, sharding=batch_sh),
+    "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh),
+  }
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # outside the mesh: no TPU runs it
+  train_step, _ = loop.jit_steps(config, layout)
+  with jax.set_mesh(layout.mesh):
+    return train_step.lower(layout.abstract_state, batch, key).as_text()
+
+
+@needs_libtpu
+def test_the_kernel_switch_follows_the_compile_target_not_the_host():
+  """model.kernels=auto: the step lowered on this CPU host for a v5p slice has XLA's grouped positional
+  conv; lowered for this host's own CPU devices it has the CPU form instead (DFT-domain matmuls)."""
+  import re
+
+  import train_config
+
+  config = train_config.get_config("unused,2")
+  config.mesh.data, config.mesh.fsdp = 1, 4
+  assert config.model.kernels == "auto"
+  grouped = lambda text: {int(g) for g in re.findall(r"feature_group_count = (\d+)", text)} - {1}  # noqa: E731
+  groups = config.model.num_conv_pos_embedding_groups
+  assert grouped(_lowered_train_step(config, slice_devices("v5p-8"))) == {groups}
+  assert grouped(_lowered_train_step(config, jax.devices()[:4])) == set()

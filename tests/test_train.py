@@ -166,16 +166,16 @@ def test_non_finite_steps_are_skipped_then_abort(speech_like_shards, tmp_path):
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
 @pytest.mark.slow
-def test_skipped_step_leaves_state_untouched(speech_like_shards, platform, monkeypatch):
-  """Both forms of the guard: the CPU's lax.cond and the select that GPU/TPU steps compile."""
+def test_skipped_step_leaves_state_untouched(speech_like_shards, platform):
+  """Both forms of the guard: the cpu kernels' lax.cond and the select that GPU/TPU steps compile."""
   import jax.numpy as jnp
 
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import optim
   from w2v2_jax.train import step as steps
 
-  monkeypatch.setattr(steps, "compile_platform", lambda: platform)
   c = _config(speech_like_shards, 1)
+  c.model.kernels = "cpu" if platform == "cpu" else "xla"
   c.optim.warmup_steps = 0
   cfg, obj = loop.model_config(c), loop.objective_config(c)
   tx = optim.optimizer(c.optim)
@@ -285,26 +285,23 @@ def test_every_experiment_config_loads_and_validates(name):
 
 @pytest.mark.parametrize("mesh_shape,pos_conv", [((2, 2, 2), "dft"), ((8, 1, 1), "dft"), ((2, 2, 2), "xla")])
 @pytest.mark.slow
-def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, pos_conv, monkeypatch):
+def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, pos_conv):
   """One train step on a (data, fsdp, tensor) mesh: same loss and updated parameters as on one device.
 
   Adam's first update is ~lr * sign(g), which turns reduction-order noise in near-zero gradients into
   full-size parameter differences; eps = 1 makes the update ~lr * g, so parameters compare gradients.
-  pos_conv="xla" runs the positional conv as GPU/TPU compile it (XLA's grouped conv, whose doubled
-  weight gradient on a tensor axis models/transformer.py works around) instead of CPU's DFT form.
+  pos_conv="xla" runs the plain kernels, as GPU/TPU compile them (XLA's grouped conv, whose doubled
+  weight gradient on a tensor axis models/transformer.py works around), instead of CPU's DFT form.
   """
   import jax.numpy as jnp
 
   from w2v2_jax import parallel
-  from w2v2_jax.models import transformer
   from w2v2_jax.models.init import init_params
   from w2v2_jax.train import step as steps
 
-  if pos_conv == "xla":
-    monkeypatch.setattr(transformer, "compile_platform", lambda: "gpu")
-
   def config(mesh):
     c = _config(speech_like_shards, 1)
+    c.model.kernels = "cpu" if pos_conv == "dft" else "xla"
     c.optim.lr, c.optim.eps, c.optim.warmup_steps = 1.0, 1.0, 0
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     return c

@@ -45,6 +45,11 @@ def compile_platform() -> str:
   return jax.default_backend()
 
 
+def mesh_platform(mesh: jax.sharding.Mesh) -> str:
+  """The platform of a mesh's devices (a TPU topology's, when compiling ahead of time on a CPU host)."""
+  return mesh.devices.flat[0].platform
+
+
 def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
   """Mesh over (data, fsdp, tensor); one size may be -1 (the rest of the devices). Devices in jax's physical
   order, with the batch positions grouped by process (batch_slots_by_process)."""

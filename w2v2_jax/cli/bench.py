@@ -146,7 +146,7 @@ def measure(config, batch: int, samples: int, steps: int, profile_dir: str | Non
     "seconds": seconds,
     "dtype": ours.cfg.dtype,
     "remat": ours.cfg.remat,
-    "attention_impl": ours.cfg.attention_impl,
+    "kernels": ours.cfg.kernels,
     "mesh": dict(ours.mesh.shape),
     "device": str(jax.devices()[0].device_kind),
     "compile_s": round(ours.compile_s, 2),

@@ -36,7 +36,7 @@ _HF_ONLY_DEFAULTS = {
   "ctc_zero_infinity": False,
   "pad_token_id": 0,
 }
-_NOT_EXPORTED = ("dtype", "remat", "attention_impl", "vocab_size")
+_NOT_EXPORTED = ("dtype", "remat", "kernels", "vocab_size")
 _WEIGHT_NORM = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
 
 

@@ -48,7 +48,7 @@ class ModelConfig:
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat: bool = False  # rematerialise each transformer layer in the backward pass
-  attention_impl: str = "xla"  # "flash": attention's core as fused Pallas/Triton kernels (GPU)
+  kernels: str = "auto"  # auto | xla | cpu | gpu_flash: platform kernels, resolved when built (models/kernels/)
 
   def __post_init__(self):
     n = len(self.conv_dim)
@@ -74,10 +74,10 @@ class ModelConfig:
       )
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-    if self.attention_impl not in ("xla", "flash"):
-      raise ValueError(f"attention_impl must be 'xla' or 'flash', got {self.attention_impl!r}")
-    if self.attention_impl == "flash" and self.attention_dropout >= 1.0:
-      raise ValueError("attention_impl='flash' needs attention_dropout < 1")
+    if self.kernels not in ("auto", "xla", "cpu", "gpu_flash"):
+      raise ValueError(f"kernels must be one of auto, xla, cpu, gpu_flash, got {self.kernels!r}")
+    if self.kernels == "gpu_flash" and self.attention_dropout >= 1.0:
+      raise ValueError("kernels='gpu_flash' needs attention_dropout < 1")
     if not 0.0 <= self.feature_grad_mult:
       raise ValueError(f"feature_grad_mult must be >= 0, got {self.feature_grad_mult}")
 
@@ -108,6 +108,9 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
+    if "attention_impl" in d:  # checkpoints written before model.kernels: xla -> auto, flash -> gpu_flash
+      d = dict(d)
+      d.setdefault("kernels", "gpu_flash" if d.pop("attention_impl") == "flash" else "auto")
     unknown = sorted(set(d) - fields)
     if unknown:
       raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(fields)}")

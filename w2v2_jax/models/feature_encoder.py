@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from w2v2_jax.models import kernels
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.layers import Dropout, LayerNorm, gelu, partitioned, uniform_range
 
@@ -38,7 +39,8 @@ class ConvLayer(nn.Module):
     if self.norm is None:
       return gelu(x)
     axis = -2 if self.norm == "group" else -1
-    return LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, reduce_axis=axis, then_gelu=True, name="layer_norm")(x)
+    impl = kernels.resolve(cfg.kernels)
+    return LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, axis, then_gelu=True, kernels=impl, name="layer_norm")(x)
 
 
 class FeatureEncoder(nn.Module):

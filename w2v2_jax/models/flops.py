@@ -5,7 +5,7 @@ softmax are left out, as in the usual MFU convention). A train step is 3x the fo
 computes gradients with respect to both inputs and weights. Rematerialised recomputation is NOT
 counted, so MFU measures useful work only. The positional conv counts as the direct conv it is,
 even where it is computed with fewer operations (on CPU, as DFT-domain matmuls:
-models/dft_conv.py). Cross-checked against XLA's cost_analysis in
+models/kernels/dft_conv.py). Cross-checked against XLA's cost_analysis in
 tests/test_flops.py.
 """
 

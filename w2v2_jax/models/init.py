@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2v2_jax.models import kernels
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.wav2vec2 import Wav2Vec2ForCTC, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
@@ -13,7 +14,9 @@ _MODELS = {"pretraining": Wav2Vec2ForPreTraining, "ctc": Wav2Vec2ForCTC}
 
 
 def build(cfg: ModelConfig, kind: str = "pretraining") -> nn.Module:
-  """The Flax module for a kind: "pretraining", "ctc", or "model" (the bare encoder, under wav2vec2/)."""
+  """The Flax module for a kind: "pretraining", "ctc", or "model" (the bare encoder, under wav2vec2/), with
+  `cfg.kernels` resolved for the current compile target (models/kernels/)."""
+  cfg = kernels.resolved(cfg)
   if kind == "model":
     return _Bare(cfg)
   return _MODELS[kind](cfg)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from w2v2_jax.parallel import compile_platform
+from w2v2_jax.models.kernels import cpu
 
 
 def partitioned(init, names):
@@ -31,15 +31,15 @@ class LayerNorm(nn.Module):
   """LayerNorm over the last axis, computed in float32 (two-pass variance); output in `dtype`.
 
   With `reduce_axis=-2` it normalises each channel over time instead: GroupNorm with one group per
-  channel, the BASE extractor's norm on conv 0. With `then_gelu` it returns gelu(LayerNorm(x)): on CPU
-  as one function with its own gradient (`layer_norm_gelu`; GELU in float32, then the cast to
-  `dtype`), elsewhere GELU after the cast, in `dtype`.
+  channel, the BASE extractor's norm on conv 0. With `then_gelu` it returns gelu(LayerNorm(x)), GELU
+  after the cast, in `dtype` (kernels="cpu": one function with its own gradient, GELU in float32).
   """
 
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
   reduce_axis: int = -1
   then_gelu: bool = False
+  kernels: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -47,65 +47,12 @@ class LayerNorm(nn.Module):
     scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
     bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (x.shape[-1],), jnp.float32)
     axis = self.reduce_axis - x.ndim if self.reduce_axis >= 0 else self.reduce_axis
-    if self.then_gelu and axis in (-1, -2) and compile_platform() == "cpu":
-      return layer_norm_gelu(x, scale, bias, self.eps, axis).astype(self.dtype)
+    if self.then_gelu and axis in (-1, -2) and self.kernels == "cpu":
+      return cpu.layer_norm_gelu(x, scale, bias, self.eps, axis).astype(self.dtype)
     mean = x.mean(axis, keepdims=True)
     var = jnp.square(x - mean).mean(axis, keepdims=True)
     y = ((x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
     return gelu(y) if self.then_gelu else y
-
-
-def _row_mean(x, weights=None):
-  """Mean over the last axis of x (times `weights`) as a matrix-vector product, [..., 1]."""
-  w = jnp.ones(x.shape[-1:], x.dtype) if weights is None else weights
-  return jnp.dot(x, (w / x.shape[-1])[:, None], precision=jax.lax.Precision.HIGHEST)
-
-
-def _mean(x, axis: int):
-  """Mean over `axis` (-1: channels, as a matrix-vector product; -2: time, XLA's column reduction)."""
-  return _row_mean(x) if axis == -1 else jnp.mean(x, axis, keepdims=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def layer_norm_gelu(x, scale, bias, eps: float, axis: int = -1):
-  """gelu(LayerNorm(x)) over axis -1 (or GroupNorm per channel over time, axis -2), with a hand-written
-  backward (reverse mode only: no jvp). `scale` and `bias` are per channel (the last axis).
-
-  XLA:CPU's YNNPACK reduction fusions take their broadcast operands materialised: autodiff's
-  LayerNorm + GELU writes the scale and 1/std broadcast to full size. Here row means are
-  matrix-vector products (the scale folded into the vector) and each full-size quantity is written
-  once, which is faster (docs/performance.md).
-  """
-  return _layer_norm_gelu_fwd(x, scale, bias, eps, axis)[0]
-
-
-def _layer_norm_gelu_fwd(x, scale, bias, eps, axis):
-  mean = _mean(x, axis)
-  rstd = jax.lax.rsqrt(_mean(jnp.square(x - mean), axis) + eps)
-  return gelu((x - mean) * rstd * scale + bias), (x, mean, rstd, scale, bias)
-
-
-def _layer_norm_gelu_bwd(eps, axis, residuals, grad):
-  del eps
-  x, mean, rstd, scale, bias = residuals
-  x_hat = (x - mean) * rstd
-  z = x_hat * scale + bias
-  # d gelu(z) / dz = Phi(z) + z phi(z)
-  dz = grad * (0.5 * (1 + jax.lax.erf(z * 0.7071067811865476)) + z * jnp.exp(-0.5 * z * z) * 0.3989422804014327)
-  dz_x_hat = dz * x_hat
-  # the norm's input gradient: rstd (dx_hat - mean(dx_hat) - x_hat mean(dx_hat x_hat)), dx_hat = dz scale
-  rows = tuple(range(x.ndim - 1))
-  if axis == -1:
-    dx = rstd * (dz * scale - _row_mean(dz, scale) - x_hat * _row_mean(dz_x_hat, scale))
-    return dx, jnp.sum(dz_x_hat, rows), jnp.sum(dz, rows)
-  # over time the scale is constant along the axis; the parameter sums reuse the means
-  dz_mean, dz_x_hat_mean = jnp.mean(dz, axis, keepdims=True), jnp.mean(dz_x_hat, axis, keepdims=True)
-  dx = rstd * scale * (dz - dz_mean - x_hat * dz_x_hat_mean)
-  n = x.shape[axis]
-  return dx, n * jnp.sum(dz_x_hat_mean, rows), n * jnp.sum(dz_mean, rows)
-
-
-layer_norm_gelu.defvjp(_layer_norm_gelu_fwd, _layer_norm_gelu_bwd)
 
 
 def _rotate_left(x, bits: int):
@@ -202,7 +149,7 @@ class Dropout(nn.Module):
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-def dense(features, names, dtype, kernel_init=nn.initializers.normal(0.02), use_bias=True, name=None):
+def dense(features, names, dtype, kernel_init=nn.initializers.normal(0.02), use_bias=True, name=None, kernels="xla"):
   """nn.Dense with fp32 parameters, a compute dtype, and logical axis names (in, out) on the kernel."""
   return nn.Dense(
     features,
@@ -212,37 +159,8 @@ def dense(features, names, dtype, kernel_init=nn.initializers.normal(0.02), use_
     kernel_init=partitioned(kernel_init, names),
     bias_init=partitioned(nn.initializers.zeros, names[1:]),
     name=name,
-    dot_general=_matmul_dot_general if compile_platform() == "cpu" else None,
+    dot_general=cpu.matmul_dot_general if kernels == "cpu" else None,
   )
-
-
-@jax.custom_vjp
-def _matmul(x, w):
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def _matmul_fwd(x, w):
-  return _matmul(x, w), (x, w)
-
-
-def _matmul_bwd(residuals, g):
-  """The weight gradient from [rows, in] x [rows, out] matrices: with autodiff's [b, t, .] operands
-  XLA:CPU first copies one into a transposed layout, which costs step time (docs/performance.md)."""
-  x, w = residuals
-  dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-  rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
-  dw = jax.lax.dot_general(rows(x), rows(g), (((0,), (0,)), ((), ())))
-  return dx, dw
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def _matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """nn.Dense's dot_general on CPU: x [..., in] x w [in, out], differentiated by _matmul_bwd."""
-  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or precision or preferred_element_type:
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
-  return _matmul(lhs, rhs)
 
 
 def uniform_range(low, high):
@@ -265,29 +183,3 @@ def _grad_multiply_bwd(scale, _, g):
 
 
 grad_multiply.defvjp(_grad_multiply_fwd, _grad_multiply_bwd)
-
-
-@jax.custom_vjp
-def materialize_grad(x):
-  """Identity forward; backward, the incoming gradient is computed once, in memory, before it flows on.
-
-  XLA:CPU fuses a pre-LN stack's residual-gradient chain (adds across all layers) into every
-  consumer and recomputes it there: in the stable-LN BASE step, 59 fusions each re-added up to 12
-  layers, slowing both the step and its compile (docs/performance.md). It deletes optimization
-  barriers, but not a conditional, so the gradient goes through one. Its other branch fills NaN when
-  the first element is already non-finite: a non-finite gradient stays non-finite, and the train
-  step skips it either way.
-  """
-  return x
-
-
-def _materialize_grad_fwd(x):
-  return x, None
-
-
-def _materialize_grad_bwd(_, g):
-  finite = jnp.isfinite(g.reshape(-1)[0])
-  return (jax.lax.cond(finite, lambda g: g, lambda g: jnp.full_like(g, jnp.nan), g),)
-
-
-materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)

@@ -6,11 +6,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2v2_jax.models import kernels
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.models.dft_conv import grouped_conv_dft
-from w2v2_jax.models.flash_attention import fused_attention
-from w2v2_jax.models.layers import Dropout, LayerNorm, dense, gelu, materialize_grad, partitioned
-from w2v2_jax.parallel import compile_platform
+from w2v2_jax.models.kernels import cpu
+from w2v2_jax.models.kernels.dft_conv import grouped_conv_dft
+from w2v2_jax.models.kernels.flash_attention import fused_attention
+from w2v2_jax.models.layers import Dropout, LayerNorm, dense, gelu, partitioned
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -48,9 +49,7 @@ class WeightNormConv(nn.Module):
       # batch is sharded while a mesh axis (tensor) is replicated; sharding the channels (whole
       # groups) over that axis avoids it. Caught by tests/test_train.py's 2x2x2 mesh test (its "xla" case).
       x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
-    # XLA:CPU runs this conv far below its matmul peak (its weight gradient slower still): on CPU it is
-    # the same linear map as DFT-domain matmuls (models/dft_conv.py).
-    conv = grouped_conv_dft if compile_platform() == "cpu" else _conv
+    conv = grouped_conv_dft if kernels.resolve(cfg.kernels) == "cpu" else _conv  # the same linear map
     y = conv(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype), groups, k // 2)
     return y + bias.astype(cfg.compute_dtype)
 
@@ -71,13 +70,8 @@ class PositionalConvEmbedding(nn.Module):
 class Attention(nn.Module):
   """Multi-head self-attention; q scaled by head_dim^-0.5, softmax in float32, padded keys masked.
 
-  Heads are moved ahead of time ([b, t, h*d] -> [b, h, t, d]) before the two batched matmuls: XLA:CPU
-  then runs them faster than with the heads left in place. On CPU the core runs as two independent
-  halves of the batch: XLA:CPU runs a batched matmul on one core, and runs parts of the halves side
-  by side (both in docs/performance.md). Not under a mesh of more than one device, where the halves
-  would reshard a sharded batch. Same dropout mask either way.
-  `attention_impl="flash"` runs the core as fused GPU kernels (flash_attention.py), same mask again;
-  on CPU it keeps this core (the kernels would run interpreted), so a GPU-trained config runs here too.
+  The core, softmax(q k^T) v over [b, h, t, d], is the same map whichever kernels run it (models/kernels/),
+  with the same dropout mask.
   """
 
   cfg: ModelConfig
@@ -89,16 +83,17 @@ class Attention(nn.Module):
     b, t, h = x.shape
     nh = cfg.num_attention_heads
     hd = h // nh
-    proj = lambda name: dense(h, ("embed", "joined_kv"), cfg.compute_dtype, name=name)
+    impl = kernels.resolve(cfg.kernels)
+    proj = lambda name: dense(h, ("embed", "joined_kv"), cfg.compute_dtype, name=name, kernels=impl)
     heads = lambda y: y.reshape(b, t, nh, hd).transpose(0, 2, 1, 3)
     q = heads(proj("q_proj")(x) * jnp.asarray(hd**-0.5, cfg.compute_dtype))
     k = heads(proj("k_proj")(x))
     v = heads(proj("v_proj")(x))
     dropout = Dropout(cfg.attention_dropout)
-    out_proj = lambda out: dense(h, ("joined_kv", "embed"), cfg.compute_dtype, name="out_proj")(
+    out_proj = lambda out: dense(h, ("joined_kv", "embed"), cfg.compute_dtype, name="out_proj", kernels=impl)(
       out.transpose(0, 2, 1, 3).reshape(b, t, h)
     )
-    if cfg.attention_impl == "flash" and compile_platform() != "cpu":  # on CPU XLA's core is the same map
+    if impl == "gpu_flash":
       return out_proj(fused_attention(q, k, v, key_mask, dropout.key(self.deterministic), cfg.attention_dropout))
     keep = dropout.mask((b, nh, t, t), self.deterministic)
 
@@ -109,9 +104,7 @@ class Attention(nn.Module):
       probs = dropout.apply_mask(jax.nn.softmax(scores, axis=-1), None if keep is None else keep[rows])
       return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(cfg.compute_dtype), v[rows])
 
-    mesh = jax.sharding.get_abstract_mesh()
-    one_device = mesh.empty or mesh.size == 1  # else halves would reshard the batch
-    pieces = 2 if compile_platform() == "cpu" and one_device and b % 2 == 0 else 1
+    pieces = cpu.attention_pieces(b) if impl == "cpu" else 1
     return out_proj(jnp.concatenate([core(slice(i * b // pieces, (i + 1) * b // pieces)) for i in range(pieces)]))
 
 
@@ -122,10 +115,11 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    x = dense(cfg.intermediate_size, ("embed", "mlp"), cfg.compute_dtype, name="intermediate_dense")(x)
+    impl = kernels.resolve(cfg.kernels)
+    x = dense(cfg.intermediate_size, ("embed", "mlp"), cfg.compute_dtype, name="intermediate_dense", kernels=impl)(x)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_mlp"))
     x = Dropout(cfg.activation_dropout)(gelu(x), deterministic=self.deterministic)
-    x = dense(cfg.hidden_size, ("mlp", "embed"), cfg.compute_dtype, name="output_dense")(x)
+    x = dense(cfg.hidden_size, ("mlp", "embed"), cfg.compute_dtype, name="output_dense", kernels=impl)(x)
     return Dropout(cfg.hidden_dropout)(x, deterministic=self.deterministic)
 
 
@@ -149,8 +143,8 @@ class EncoderLayer(nn.Module):
     else:
       x = ln(x + drop(attention(x, key_mask), deterministic=self.deterministic))
       x = final_ln(x + ffn(x))
-    if cfg.do_stable_layer_norm and compile_platform() == "cpu":
-      x = materialize_grad(x)  # post-LN's LayerNorms already cut the chain
+    if cfg.do_stable_layer_norm and kernels.resolve(cfg.kernels) == "cpu":
+      x = cpu.materialize_grad(x)  # post-LN's LayerNorms already cut the chain
     return nn.with_logical_constraint(x, _ACT)
 
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2v2_jax.models import kernels
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.feature_encoder import FeatureEncoder, FeatureProjection
 from w2v2_jax.models.layers import Dropout, dense, grad_multiply, partitioned, uniform_range
@@ -134,6 +135,11 @@ class Wav2Vec2ForCTC(nn.Module):
     enc = Wav2Vec2Model(cfg, name="wav2vec2")(audio, lengths, mask_time_indices, deterministic, mask_channel_indices)
     x = Dropout(cfg.final_dropout)(enc.last_hidden_state, deterministic=deterministic)
     logits = dense(
-      cfg.vocab_size, ("embed", "vocab"), jnp.float32, kernel_init=nn.initializers.xavier_uniform(), name="lm_head"
+      cfg.vocab_size,
+      ("embed", "vocab"),
+      jnp.float32,
+      kernel_init=nn.initializers.xavier_uniform(),
+      name="lm_head",
+      kernels=kernels.resolve(cfg.kernels),
     )(x.astype(jnp.float32))
     return logits, enc

@@ -18,7 +18,7 @@ from absl import logging
 
 from w2v2_jax import parallel, storage
 from w2v2_jax.data import pipeline, records
-from w2v2_jax.models import flops, objectives
+from w2v2_jax.models import flops, kernels, objectives
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import init_params
 from w2v2_jax.train import checkpointing, events, optim
@@ -234,6 +234,7 @@ def jit_steps(config, layout: Layout):
   """w2v2-train's jitted train step (donated state) and eval step for a layout; w2v2-aot and
   w2v2-bench compile these same two."""
   cfg, obj = model_config(config), objective_config(config)
+  cfg = kernels.resolved(cfg, parallel.mesh_platform(layout.mesh))  # the compile target's, not the host's
   batch_sh = parallel.batch_sharding(layout.mesh)
   train_step = jax.jit(
     steps.make_train_step(cfg, obj, layout.tx, config),

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from w2v2_jax.data.pipeline import waveform
+from w2v2_jax.models import kernels
 from w2v2_jax.models.quantizer import gumbel_temperature
-from w2v2_jax.parallel import compile_platform, constrain_batch
+from w2v2_jax.parallel import constrain_batch
 from w2v2_jax.train.optim import schedule
 from w2v2_jax.train.pretrain import make_loss_fn
 
@@ -62,20 +63,20 @@ def frozen_updates(cfg):
   return finetune.frozen(cfg)
 
 
-def apply_if_finite(finite, tx, grads, state, zero_frozen):
+def apply_if_finite(finite, tx, grads, state, zero_frozen, under_cond: bool):
   """(params, opt_state) after the optimizer update, or unchanged when the loss or gradients are not finite.
 
-  On CPU the update runs inside a lax.cond: with the select form, XLA:CPU (no multi-output fusion)
-  recomputes the new moments inside the parameter update after writing them in place, so it first
-  copies both moment trees, a slower step (docs/performance.md). Elsewhere the select form avoids a
-  predicate read-back that a conditional costs on GPU.
+  `under_cond` (the cpu kernels) runs the update inside a lax.cond: with the select form, XLA:CPU (no
+  multi-output fusion) recomputes the new moments inside the parameter update after writing them in
+  place, so it first copies both moment trees (docs/performance.md). Elsewhere the select form avoids
+  a predicate read-back that a conditional costs on GPU.
   """
 
   def update(_):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return optax.apply_updates(state.params, zero_frozen(updates)), opt_state  # no decay on frozen ones
 
-  if compile_platform() == "cpu":
+  if under_cond:
     return jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
   params, opt_state = update(None)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -140,7 +141,8 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
     grads = zero_frozen(grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = apply_if_finite(finite, tx, grads, state, zero_frozen)
+    under_cond = kernels.resolve(model_cfg.kernels) == "cpu"  # at trace time: the compile target's kernels
+    params, opt_state = apply_if_finite(finite, tx, grads, state, zero_frozen, under_cond)
     new_state = TrainState(
       step=state.step + 1,
       params=params,

@@ -159,7 +159,7 @@ class _Plan:
       wide = layers.wide_counters((*whole, t, t))
       if wide is None:
         raise ValueError(
-          f"--config.model.attention_impl=flash: {t} frames x {whole[1]} heads is past keep_mask's "
+          f"--config.model.kernels=gpu_flash: {t} frames x {whole[1]} heads is past keep_mask's "
           "counters (it falls back to jax.random.bernoulli, which the kernels cannot draw); use xla"
         )
       self.drop = {
@@ -301,11 +301,9 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
 
   A Pallas call is opaque to XLA's partitioner, so under a mesh of several devices it runs in a
   shard_map over the batch axes (utterances) and `tensor` (heads). On a CPU host (tests, compiling
-  for another platform) the kernels run in Pallas's interpret mode, slowly; TPU has no Triton.
+  for another platform) the kernels run in Pallas's interpret mode, slowly; TPU has no Triton (the
+  kernel switch refuses it, models/kernels/__init__.py).
   """
-  platform = parallel.compile_platform()
-  if platform == "tpu":
-    raise ValueError("--config.model.attention_impl=flash: the fused kernels are Triton (GPU); use xla on TPU")
   b, heads, t, _ = q.shape
   if key_mask is None:
     key_mask = jnp.ones((b, t), bool)
@@ -313,7 +311,7 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
     words, rate = jnp.zeros((2,), jnp.uint32), 0.0
   elif str(jax.random.key_impl(key)) != "threefry2x32":
     raise ValueError(
-      "--config.model.attention_impl=flash draws dropout with threefry2x32 keys; "
+      "--config.model.kernels=gpu_flash draws dropout with threefry2x32 keys; "
       f"set --config.rng_impl=threefry2x32 (got {jax.random.key_impl(key)})"
     )
   else:
@@ -326,7 +324,7 @@ def fused_attention(q, k, v, key_mask, key, rate: float):
   tensor, rows = mesh.shape.get("tensor", 1), math.prod(mesh.shape.get(a, 1) for a in parallel.BATCH_AXES)
   if heads % tensor or b % rows:
     raise ValueError(
-      f"--config.model.attention_impl=flash: {b} utterances x {heads} heads do not split over "
+      f"--config.model.kernels=gpu_flash: {b} utterances x {heads} heads do not split over "
       f"the mesh's batch axes ({rows}) and tensor ({tensor})"
     )
 
