@@ -96,7 +96,7 @@ def benchmark_config(batch: int, preset: str = "base"):
     feat_proj_dropout=0.1,
     feat_quantizer_dropout=0.1,
     dtype="float32",
-    remat=False,
+    remat_policy="none",
   )
   c.objective.feature_penalty_weight = 0.0  # HF computes none
   c.mesh.fsdp = -1

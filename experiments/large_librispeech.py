@@ -23,5 +23,6 @@ def get_config(arg=None):
   c.objective.feature_penalty_weight = 0.0
   c.model["layerdrop"] = 0.2
   c.model["dtype"] = "bfloat16"
-  c.model["remat"] = True
+  c.model["remat_policy"] = "full"
+  c.model["scan_layers"] = True
   return c

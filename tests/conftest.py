@@ -25,3 +25,24 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, "tests expect 8 forced CPU devices"
+
+
+@pytest.fixture(scope="module")
+def speech_like_shards(tmp_path_factory):
+  """40 utterances of 1-2 s of a random-pitch harmonic signal with noise, as train (32) and valid (8) shards."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from w2v2_jax.data import records  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path_factory.mktemp("train_shards")
+  rng = np.random.default_rng(0)
+  utts = []
+  for i in range(40):
+    n = int(rng.integers(16000, 32000))
+    t = np.arange(n) / 16000
+    f0 = rng.uniform(100, 250) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
+    x = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / 16000) / k for k in range(1, 6)) + 0.1 * rng.standard_normal(n)
+    utts.append(records.Utterance(f"u{i}", (x / np.abs(x).max() * 12000).astype(np.int16)))
+  records.write_split(str(root), "train", utts[:32], shard_size=32)
+  records.write_split(str(root), "valid", utts[32:], shard_size=32)
+  return str(root)

@@ -12,7 +12,6 @@ import pytest
 import soundfile as sf
 import torch
 from hf_reference import hf_config
-from test_train import speech_like_shards  # noqa: F401  (a fixture)
 from transformers import Wav2Vec2ForPreTraining as HFPreTraining
 from transformers import Wav2Vec2Model as HFModel
 
@@ -216,7 +215,7 @@ print("allocator calls:", calls, "exit:", code)
 
 
 @pytest.mark.slow
-def test_the_clis_leave_the_allocator_alone(speech_like_shards, tmp_path):  # noqa: F811
+def test_the_clis_leave_the_allocator_alone(speech_like_shards, tmp_path):
   """w2v2-train, w2v2-bench and the component timing run to the end without looking up mallopt,
   madvise or the heap's brk through ctypes; the same audit sees a deliberate mallopt."""
   env = _cpu_env_with_default_allocator()

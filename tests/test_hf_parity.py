@@ -14,7 +14,7 @@ from transformers import Wav2Vec2Model as HFModel
 
 from w2v2_jax.interop import hf
 from w2v2_jax.models import config as presets
-from w2v2_jax.models import objectives
+from w2v2_jax.models import layer_stack, objectives
 from w2v2_jax.models.init import build, init_params
 
 STYLES = {"base_style": presets.tiny(stable_layer_norm=False), "lv60_style": presets.tiny(stable_layer_norm=True)}
@@ -22,16 +22,22 @@ LENGTHS = [16000, 12345, 8000]
 NUM_NEGATIVES = 20
 
 
-@pytest.fixture(scope="module", params=sorted(STYLES))
+@pytest.fixture(scope="module", params=[(s, f) for s in sorted(STYLES) for f in ("looped", "scanned")])
 def pair(request):
-  """(our config, our params converted from HF, the HF PyTorch model in eval mode)."""
-  cfg = STYLES[request.param]
-  assert cfg.do_stable_layer_norm == (request.param == "lv60_style")
+  """(our config, our params converted from HF, the HF PyTorch model in eval mode), with our layers
+  looped or scanned (model.scan_layers, the HF weights stacked)."""
+  style, form = request.param
+  cfg = STYLES[style]
+  assert cfg.do_stable_layer_norm == (style == "lv60_style")
   torch.manual_seed(0)
   ref = HFPreTraining(hf_config(cfg)).eval()
   params, kind = hf.hf_to_params(state_numpy(ref))
   assert kind == "pretraining"
   hf.check_params_match(cfg, params, kind, "hf")
+  if form == "scanned":
+    cfg = cfg.replace(scan_layers=True)
+    params = layer_stack.to_form(params, scanned=True)
+    hf.check_params_match(cfg, params, kind, "hf")
   return cfg, params, ref
 
 

@@ -151,13 +151,14 @@ def test_layerdrop_rate_and_gradients():
   assert 0.38 < np.mean(dropped) < 0.62
 
 
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 @pytest.mark.slow
-def test_remat_gives_the_same_gradients():
+def test_remat_gives_the_same_gradients(policy):
   cfg = presets.tiny().replace(hidden_dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
   params = init_params(cfg, jax.random.key(0))
   audio, mask, negatives = _batch(cfg)
   g = jax.grad(_loss_fn(cfg, audio, mask, negatives))(params, jax.random.key(1))
-  gr = jax.grad(_loss_fn(cfg.replace(remat=True), audio, mask, negatives))(params, jax.random.key(1))
+  gr = jax.grad(_loss_fn(cfg.replace(remat_policy=policy), audio, mask, negatives))(params, jax.random.key(1))
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gr)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 

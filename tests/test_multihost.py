@@ -15,7 +15,6 @@ import conftest
 import jax
 import numpy as np
 import pytest
-from test_train import speech_like_shards  # noqa: F401  (a fixture)
 
 from w2v2_jax.train import checkpointing
 
@@ -135,7 +134,7 @@ def _assert_params(a, b, atol=0.0):
 
 
 @pytest.fixture(scope="module")
-def straight(speech_like_shards, tmp_path_factory, worker_id):  # noqa: F811
+def straight(speech_like_shards, tmp_path_factory, worker_id):
   """An uninterrupted run on 2 processes x 4 devices, plots on: (workdir, [process 0's output, process 1's]).
 
   Under pytest-xdist the first worker to need it runs it; the others wait for it and share it.
@@ -171,7 +170,7 @@ def _preempted(data, workdir, targets):
   return saved[0]
 
 
-def test_preempted_processes_save_the_same_step_and_resume_bitwise(speech_like_shards, straight, tmp_path):  # noqa: F811
+def test_preempted_processes_save_the_same_step_and_resume_bitwise(speech_like_shards, straight, tmp_path):
   """SIGTERM to both processes; the same command then ends bitwise equal to the uninterrupted run."""
   workdir = str(tmp_path / "preempted")
   stopped = _preempted(speech_like_shards, workdir, (0, 1))
@@ -184,7 +183,7 @@ def test_preempted_processes_save_the_same_step_and_resume_bitwise(speech_like_s
   _assert_params(params, straight_params)
 
 
-def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(speech_like_shards, straight, tmp_path):  # noqa: F811
+def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(speech_like_shards, straight, tmp_path):
   """SIGTERM to process 1 alone (one preempted VM) stops both at the same step; the run goes on as
   1 process x 8 devices for two steps, then as 2 x 4 again to the end, with the same global batch:
   the data position continues exactly, and the parameters equal the uninterrupted run's within
@@ -206,7 +205,7 @@ def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(s
   _assert_params(params, straight_params, atol=1e-5)
 
 
-def test_a_lost_process_ends_the_others(speech_like_shards, tmp_path):  # noqa: F811
+def test_a_lost_process_ends_the_others(speech_like_shards, tmp_path):
   """SIGKILL to process 1: process 0 exits non-zero within --host_timeout (and a few seconds), with
   one line naming process 1."""
   killed = {}

@@ -11,25 +11,7 @@ import numpy as np
 import pytest
 import train_config
 
-from w2v2_jax.data import records
 from w2v2_jax.train import loop
-
-
-@pytest.fixture(scope="module")
-def speech_like_shards(tmp_path_factory):
-  """40 utterances of 1-2 s of a random-pitch harmonic signal with noise."""
-  root = tmp_path_factory.mktemp("train_shards")
-  rng = np.random.default_rng(0)
-  utts = []
-  for i in range(40):
-    n = int(rng.integers(16000, 32000))
-    t = np.arange(n) / 16000
-    f0 = rng.uniform(100, 250) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
-    x = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / 16000) / k for k in range(1, 6)) + 0.1 * rng.standard_normal(n)
-    utts.append(records.Utterance(f"u{i}", (x / np.abs(x).max() * 12000).astype(np.int16)))
-  records.write_split(str(root), "train", utts[:32], shard_size=32)
-  records.write_split(str(root), "valid", utts[32:], shard_size=32)
-  return str(root)
 
 
 def _config(data_dir, steps):
@@ -261,6 +243,7 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
     "large_librispeech",
     "large_lv60",
     "xlsr_300m",
+    "xlsr_2b",
     "demo_finetune",
     "base_10m",
     "base_1h",

@@ -33,6 +33,7 @@ DEFAULT_RULES = (
   ("mlp", "fsdp"),
   ("joined_kv", "fsdp"),
   ("vq_dim", "fsdp"),
+  ("layers", None),  # the stacked layer axis of model.scan_layers: each device holds its share of every layer
 )
 REPLICATED_LIMIT = 2**20  # elements; a bigger parameter replicated under FSDP is an error
 

@@ -11,6 +11,7 @@ and XLA's FLOPs per step, for the largest bucket (the most memory-hungry shape).
 from __future__ import annotations
 
 import os
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,7 +20,20 @@ from w2v2_jax.cli.common import one_line_errors, write_json
 
 FLAGS = flags.FLAGS
 # The slices the docs and tests name; any size of these chips works.
-SLICES = ("v4-8", "v4-32", "v4-64", "v5p-8", "v5p-16", "v5p-64", "v5p-128", "v5e-8", "v5e-256", "v6e-8", "v6e-64")
+SLICES = (
+  "v4-8",
+  "v4-32",
+  "v4-64",
+  "v5p-8",
+  "v5p-16",
+  "v5p-64",
+  "v5p-128",
+  "v5p-256",
+  "v5e-8",
+  "v5e-256",
+  "v6e-8",
+  "v6e-64",
+)
 
 
 def define_flags():
@@ -105,7 +119,11 @@ def main(argv):
   key = jax.ShapeDtypeStruct((), jax.random.key(0, impl=config.rng_impl).dtype)
   train_step, _ = loop.jit_steps(config, layout)
   with jax.set_mesh(layout.mesh):
-    compiled = train_step.lower(layout.abstract_state, batch, key).compile()
+    start = time.perf_counter()
+    lowered = train_step.lower(layout.abstract_state, batch, key)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -120,7 +138,10 @@ def main(argv):
     "batch": config.batch_size,
     "crop_samples": widest,
     "dtype": config.model.dtype,
-    "remat": config.model.remat,
+    "remat_policy": config.model.remat_policy,
+    "scan_layers": config.model.scan_layers,
+    "lower_s": round(lowered_at - start, 1),
+    "compile_s": round(compiled_at - lowered_at, 1),
     "per_chip_gib": round(per_chip, 2),
     "hbm_gib": hbm_gib,
     "fits": per_chip < 0.95 * hbm_gib,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from w2v2_jax.models import layer_stack
 from w2v2_jax.models.config import ModelConfig
 
 PREFIX = "wav2vec2"
@@ -36,7 +37,7 @@ _HF_ONLY_DEFAULTS = {
   "ctc_zero_infinity": False,
   "pad_token_id": 0,
 }
-_NOT_EXPORTED = ("dtype", "remat", "kernels", "vocab_size")
+_NOT_EXPORTED = ("dtype", "remat_policy", "scan_layers", "kernels", "vocab_size")
 _WEIGHT_NORM = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
 
 
@@ -136,6 +137,7 @@ def params_to_hf(params: dict, kind: str) -> dict[str, np.ndarray]:
   missing = [w for w in wanted if w not in params]
   if missing:
     raise CheckpointError(f"cannot write a {kind} checkpoint: the parameters have no {missing}")
+  params = layer_stack.to_form(params, scanned=False)  # HF's per-layer names
   out = {}
 
   def walk(node, path):

@@ -8,6 +8,17 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# jax.checkpoint_policies that are policies themselves (the others build one from names)
+REMAT_POLICIES = (
+  "none",
+  "full",
+  "nothing_saveable",
+  "everything_saveable",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "checkpoint_dots",
+  "checkpoint_dots_with_no_batch_dims",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +58,8 @@ class ModelConfig:
   final_dropout: float = 0.0
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype; parameters are always float32
-  remat: bool = False  # rematerialise each transformer layer in the backward pass
+  remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name: what a layer keeps for the backward
+  scan_layers: bool = False  # one nn.scan over the stacked layers (compile time flat in depth), else a loop
   kernels: str = "auto"  # auto | xla | cpu | gpu_flash: platform kernels, resolved when built (models/kernels/)
 
   def __post_init__(self):
@@ -74,6 +86,8 @@ class ModelConfig:
       )
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
     if self.kernels not in ("auto", "xla", "cpu", "gpu_flash"):
       raise ValueError(f"kernels must be one of auto, xla, cpu, gpu_flash, got {self.kernels!r}")
     if self.kernels == "gpu_flash" and self.attention_dropout >= 1.0:
@@ -108,9 +122,11 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
+    d = dict(d)
     if "attention_impl" in d:  # checkpoints written before model.kernels: xla -> auto, flash -> gpu_flash
-      d = dict(d)
       d.setdefault("kernels", "gpu_flash" if d.pop("attention_impl") == "flash" else "auto")
+    if "remat" in d:  # checkpoints written before model.remat_policy: a bool
+      d.setdefault("remat_policy", "full" if d.pop("remat") else "none")
     unknown = sorted(set(d) - fields)
     if unknown:
       raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(fields)}")

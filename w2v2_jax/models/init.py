@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from w2v2_jax.models import kernels
+from w2v2_jax.models import kernels, layer_stack
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.wav2vec2 import Wav2Vec2ForCTC, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
@@ -37,7 +37,13 @@ def _dummy_audio(cfg: ModelConfig):
 
 
 def init_params(cfg: ModelConfig, key, kind: str = "pretraining", boxed: bool = False):
-  """Freshly initialised float32 parameters (boxed=True keeps the logical-axis metadata)."""
+  """Freshly initialised float32 parameters (boxed=True keeps the logical-axis metadata).
+
+  With cfg.scan_layers the values are the looped model's, stacked: a seed gives the same model in
+  either form.
+  """
+  if cfg.scan_layers and not boxed:
+    return layer_stack.to_form(init_params(cfg.replace(scan_layers=False), key, kind), scanned=True)
   variables = build(cfg, kind).init({"params": key}, _dummy_audio(cfg))
   params = variables["params"]
   return params if boxed else nn.meta.unbox(params)

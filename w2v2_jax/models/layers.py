@@ -125,21 +125,22 @@ class Dropout(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    return self.apply_mask(x, self.mask(x.shape, deterministic))
+  def __call__(self, x, deterministic: bool, rng=None):
+    return self.apply_mask(x, self.mask(x.shape, deterministic, rng))
 
-  def mask(self, shape, deterministic: bool):
+  def mask(self, shape, deterministic: bool, rng=None):
     """The keep mask a call on an array of `shape` draws (None: nothing dropped), to apply in pieces."""
     if self.rate == 1.0 and not deterministic:
       return jnp.zeros(shape, bool)  # needs no dropout rng, as before
-    key = self.key(deterministic)
+    key = self.key(deterministic, rng)
     return None if key is None else keep_mask(key, shape, 1.0 - self.rate)
 
-  def key(self, deterministic: bool):
-    """The dropout key that mask() hashes (None: nothing dropped), for kernels that draw the mask inside."""
+  def key(self, deterministic: bool, rng=None):
+    """The dropout key that mask() hashes (None: nothing dropped), for kernels that draw the mask inside:
+    `rng` when the caller hands one down (the encoder layers do), else the module's "dropout" stream."""
     if deterministic or self.rate == 0.0:
       return None
-    return self.make_rng("dropout")
+    return self.make_rng("dropout") if rng is None else rng
 
   def apply_mask(self, x, keep):
     if keep is None:

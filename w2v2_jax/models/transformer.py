@@ -78,7 +78,7 @@ class Attention(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x, key_mask):
+  def __call__(self, x, key_mask, rng=None):
     cfg = self.cfg
     b, t, h = x.shape
     nh = cfg.num_attention_heads
@@ -94,8 +94,8 @@ class Attention(nn.Module):
       out.transpose(0, 2, 1, 3).reshape(b, t, h)
     )
     if impl == "gpu_flash":
-      return out_proj(fused_attention(q, k, v, key_mask, dropout.key(self.deterministic), cfg.attention_dropout))
-    keep = dropout.mask((b, nh, t, t), self.deterministic)
+      return out_proj(fused_attention(q, k, v, key_mask, dropout.key(self.deterministic, rng), cfg.attention_dropout))
+    keep = dropout.mask((b, nh, t, t), self.deterministic, rng)
 
     def core(rows):
       scores = jnp.einsum("bhqd,bhkd->bhqk", q[rows], k[rows], preferred_element_type=jnp.float32)
@@ -113,43 +113,69 @@ class FeedForward(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, rngs=(None, None)):
     cfg = self.cfg
     impl = kernels.resolve(cfg.kernels)
     x = dense(cfg.intermediate_size, ("embed", "mlp"), cfg.compute_dtype, name="intermediate_dense", kernels=impl)(x)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_mlp"))
-    x = Dropout(cfg.activation_dropout)(gelu(x), deterministic=self.deterministic)
+    x = Dropout(cfg.activation_dropout)(gelu(x), self.deterministic, rngs[0])
     x = dense(cfg.hidden_size, ("mlp", "embed"), cfg.compute_dtype, name="output_dense", kernels=impl)(x)
-    return Dropout(cfg.hidden_dropout)(x, deterministic=self.deterministic)
+    return Dropout(cfg.hidden_dropout)(x, self.deterministic, rngs[1])
 
 
 class EncoderLayer(nn.Module):
-  """One transformer block: post-LN (x = LN(x + f(x))) or pre-LN (x = x + f(LN(x)))."""
+  """One transformer block: post-LN (x = LN(x + f(x))) or pre-LN (x = x + f(LN(x))), under LayerDrop.
+
+  (x, key_mask, rng, keep) -> (output, x). The layer's dropout key `rng` and its LayerDrop draw `keep`
+  come in as arguments, so a loop over the layers and an nn.scan over this same module draw the same
+  masks. A dropped layer (keep False) is skipped by a cond and costs no compute. The second output,
+  the layer's input, is its entry in the encoder's hidden states.
+  """
 
   cfg: ModelConfig
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x, key_mask):
+  def __call__(self, x, key_mask, rng=None, keep=None):
     cfg = self.cfg
-    attention = Attention(cfg, self.deterministic, name="attention")
-    drop = Dropout(cfg.hidden_dropout)
-    ln = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="layer_norm")
-    final_ln = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="final_layer_norm")
-    ffn = FeedForward(cfg, self.deterministic, name="feed_forward")
-    if cfg.do_stable_layer_norm:
-      x = x + drop(attention(ln(x), key_mask), deterministic=self.deterministic)
-      x = x + ffn(final_ln(x))
-    else:
-      x = ln(x + drop(attention(x, key_mask), deterministic=self.deterministic))
-      x = final_ln(x + ffn(x))
-    if cfg.do_stable_layer_norm and kernels.resolve(cfg.kernels) == "cpu":
-      x = cpu.materialize_grad(x)  # post-LN's LayerNorms already cut the chain
-    return nn.with_logical_constraint(x, _ACT)
+    rngs = (None,) * 4 if rng is None else tuple(jax.random.split(rng, 4))
+
+    def block(layer, x):
+      del layer  # the submodules below are created in its scope
+      attention = Attention(cfg, self.deterministic, name="attention")
+      drop = Dropout(cfg.hidden_dropout)
+      ln = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="layer_norm")
+      final_ln = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, name="final_layer_norm")
+      ffn = FeedForward(cfg, self.deterministic, name="feed_forward")
+      if cfg.do_stable_layer_norm:
+        x = x + drop(attention(ln(x), key_mask, rngs[0]), self.deterministic, rngs[1])
+        x = x + ffn(final_ln(x), rngs[2:])
+      else:
+        x = ln(x + drop(attention(x, key_mask, rngs[0]), self.deterministic, rngs[1]))
+        x = final_ln(x + ffn(x, rngs[2:]))
+      if cfg.do_stable_layer_norm and kernels.resolve(cfg.kernels) == "cpu":
+        x = cpu.materialize_grad(x)  # post-LN's LayerNorms already cut the chain
+      return nn.with_logical_constraint(x, _ACT)
+
+    y = block(self, x) if keep is None else nn.cond(keep, block, lambda layer, x: x, self, x)
+    return y, x
+
+
+def _remat(layer_cls, cfg: ModelConfig):
+  """The layer under cfg.remat_policy: none, full (keep only the layer's input), or a jax.checkpoint_policies name."""
+  if cfg.remat_policy == "none":
+    return layer_cls
+  policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
+  return nn.remat(layer_cls, prevent_cse=not cfg.scan_layers, policy=policy)
 
 
 class Encoder(nn.Module):
   """Position embedding, LayerDrop over the layers, and the post-LN / pre-LN placement of LayerNorms.
+
+  The layers run as a Python loop (parameters layers_0 ... layers_{N-1}) or, with cfg.scan_layers, as one
+  nn.scan over parameters stacked on a leading "layers" axis (models/layer_stack.py converts between the
+  two). Either way layer i draws its dropout from split(dropout key, N)[i] and its LayerDrop from
+  uniform(layerdrop key, [N])[i].
 
   Returns the last hidden state and, like HF's output_hidden_states, the input of every layer plus the
   output of the last one (before the final LayerNorm of a pre-LN model).
@@ -169,16 +195,30 @@ class Encoder(nn.Module):
     x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), _ACT)
 
-    layer_cls = nn.remat(EncoderLayer, prevent_cse=True) if cfg.remat else EncoderLayer
-    hidden_states = []
-    for i in range(cfg.num_hidden_layers):
-      hidden_states.append(x)
-      layer = layer_cls(cfg, deterministic, name=f"layers_{i}")
-      if deterministic or cfg.layerdrop == 0.0:
-        x = layer(x, frame_mask)
-      else:
-        keep = jax.random.uniform(self.make_rng("layerdrop")) >= cfg.layerdrop
-        x = nn.cond(keep, lambda mdl, y, m: mdl(y, m), lambda mdl, y, m: y, layer, x, frame_mask)
+    n = cfg.num_hidden_layers
+    drops = max(cfg.hidden_dropout, cfg.attention_dropout, cfg.activation_dropout) > 0.0
+    rngs = None if deterministic or not drops else jax.random.split(self.make_rng("dropout"), n)
+    keeps = None
+    if not deterministic and cfg.layerdrop > 0.0:
+      keeps = jax.random.uniform(self.make_rng("layerdrop"), (n,)) >= cfg.layerdrop
+    layer_cls = _remat(EncoderLayer, cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, 0, 0),
+        length=n,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, inputs = stack(cfg, deterministic, name="layers")(x, frame_mask, rngs, keeps)
+      hidden_states = [inputs[i] for i in range(n)]
+    else:
+      hidden_states = []
+      for i in range(n):
+        pick = lambda a: None if a is None else a[i]  # noqa: B023
+        x, layer_input = layer_cls(cfg, deterministic, name=f"layers_{i}")(x, frame_mask, pick(rngs), pick(keeps))
+        hidden_states.append(layer_input)
     hidden_states.append(x)
     if cfg.do_stable_layer_norm:
       x = final_ln(x)

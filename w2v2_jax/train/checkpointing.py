@@ -13,6 +13,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from w2v2_jax import storage
+from w2v2_jax.models import layer_stack
 from w2v2_jax.models.config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -117,11 +118,8 @@ def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
 
   step_dir = storage.absolute(step_dir)
   ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
-  meta = ckptr.metadata(storage.join(step_dir, "state"))
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), _saved_tree(step_dir))
   state = ckptr.restore(storage.join(step_dir, "state"), target)
   config = load_config(step_dir)
   params = jax.tree.map(np.asarray, state["params"])
@@ -129,12 +127,33 @@ def load_params(step_dir: str) -> tuple[ModelConfig, Any, str, dict]:
   return ModelConfig.from_dict(config["model"]), params, config["kind"], experiment
 
 
+def _saved_tree(step_dir: str) -> Any:
+  """The shapes and dtypes of a step folder's state, read from its metadata by this process alone."""
+  ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+  meta = ckptr.metadata(storage.join(step_dir, "state"))
+  tree = getattr(meta, "item_metadata", meta)
+  return getattr(tree, "tree", tree)
+
+
 def restore_run(mgr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any, dict] | None:
-  """Latest complete checkpoint restored onto `abstract_state`'s shardings (any topology), or None."""
+  """Latest complete checkpoint restored onto `abstract_state`'s shardings (any topology), or None.
+
+  A checkpoint whose encoder layers are in the other form (stacked by model.scan_layers, or per layer)
+  is read in its own form and converted, optimizer state included.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
   step = mgr.latest_step()
   if step is None:
     return None
+  wanted = layer_stack.is_scanned(abstract_state)
+  saved = layer_stack.is_scanned(_saved_tree(storage.join(str(mgr.directory), str(step))))
+  target = abstract_state if saved is None or saved == wanted else layer_stack.to_form(abstract_state, saved)
   restored = mgr.restore(
-    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
   )
-  return step, restored["state"], restored["data"]
+  state = restored["state"]
+  if target is not abstract_state:
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    state = jax.jit(lambda s: layer_stack.to_form(s, wanted), out_shardings=shardings)(state)
+  return step, state, restored["data"]

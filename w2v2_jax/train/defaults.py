@@ -78,7 +78,8 @@ def stable_layer_norm_recipe(model_preset: str) -> ml_collections.ConfigDict:
   c.objective.feature_penalty_weight = 0.0
   c.model["layerdrop"] = 0.0
   c.model["dtype"] = "bfloat16"
-  c.model["remat"] = True
+  c.model["remat_policy"] = "full"
+  c.model["scan_layers"] = True  # one scanned layer stack: compile time flat in depth
   return c
 
 

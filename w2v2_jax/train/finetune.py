@@ -16,7 +16,7 @@ from absl import logging
 
 from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.decoding import ctc
-from w2v2_jax.models import objectives
+from w2v2_jax.models import layer_stack, objectives
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import build, init_params
 
@@ -129,6 +129,7 @@ def initial_params(cfg: ModelConfig, config, key, shardings=None):
       f"config.finetune.init={path}: its architecture differs from config.model in {diff}; "
       "set config.model_preset / config.model to match the checkpoint"
     )
+  src = layer_stack.to_form(src, cfg.scan_layers)  # the checkpoint's layer form -> this run's
   params["wav2vec2"] = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params["wav2vec2"], src["wav2vec2"])
   logging.info("encoder initialised from %s", path)
   return params
