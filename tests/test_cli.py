@@ -209,7 +209,7 @@ try:
     runpy.run_module(target, run_name="__main__", alter_sys=True)
   code = 0
 except SystemExit as e:
-  code = e.code
+  code = 0 if e.code is None else e.code  # absl's app.run exits with None on success
 print("allocator calls:", calls, "exit:", code)
 """
 

@@ -29,6 +29,8 @@ class _Run:
   """One w2v2-train command on `processes` x `devices` CPU devices, its output read as it comes.
 
   `when(text, action)`: once `text` appears in process 0's output, `action(run)` (e.g. a signal).
+  Several processes scan their layers, as the pod recipes do; one process loops them, so a run that
+  moves between the two also resumes across the two parameter forms.
   """
 
   def __init__(self, data, workdir, steps=STEPS, processes=2, devices=None, extra=()):
@@ -45,6 +47,7 @@ class _Run:
       "--config.checkpoint_every_steps=3",
       f"--config.optim.total_steps={STEPS}",
       f"--host_timeout={HOST_TIMEOUT}",
+      f"--config.model.scan_layers={processes > 1}",
       *extra,
     ]
     env = {
@@ -187,7 +190,7 @@ def test_one_preempted_process_stops_both_and_the_run_resumes_on_other_layouts(s
   """SIGTERM to process 1 alone (one preempted VM) stops both at the same step; the run goes on as
   1 process x 8 devices for two steps, then as 2 x 4 again to the end, with the same global batch:
   the data position continues exactly, and the parameters equal the uninterrupted run's within
-  float rounding."""
+  float rounding. The one-process run loops the layers that the two-process runs scan."""
   workdir = str(tmp_path / "moved")
   stopped = _preempted(speech_like_shards, workdir, (1,))
   single = _Run(speech_like_shards, workdir, steps=stopped + 2, processes=1, extra=QUICK)

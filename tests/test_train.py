@@ -160,7 +160,7 @@ def test_skipped_step_leaves_state_untouched(speech_like_shards, platform):
   c.model.kernels = "cpu" if platform == "cpu" else "xla"
   c.optim.warmup_steps = 0
   cfg, obj = loop.model_config(c), loop.objective_config(c)
-  tx = optim.optimizer(c.optim)
+  tx = optim.optimizer(c.optim, c.num_train_steps)
   params = init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {
@@ -209,9 +209,9 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
     vocab_size=20,
   )
   c.optim.lr, c.optim.eps, c.optim.warmup_steps, c.optim.schedule, c.optim.end_lr = 1.0, 1.0, 0, "polynomial", 1.0
-  assert float(optim.schedule(c.optim)(0)) == 1.0
+  assert float(optim.schedule(c.optim, c.num_train_steps)(0)) == 1.0
   cfg, obj = loop.model_config(c), loop.objective_config(c)
-  tx = optim.optimizer(c.optim)
+  tx = optim.optimizer(c.optim, c.num_train_steps)
   state = steps.init_state(init_params(cfg, jax.random.key(0), "ctc"), tx)
   rng = np.random.default_rng(0)
   lengths = np.array([16000, 9000, 12000, 16000, 8000, 15000, 11000, 16000], np.int32)
@@ -319,3 +319,25 @@ def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, 
   np.testing.assert_allclose(float(sharded["loss"]), float(single["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(single_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_starved_loop_logs_its_input_wait(speech_like_shards, tmp_path, monkeypatch):
+  """Batches that take 1 s each to arrive: the logged input wait is most of the wall time."""
+  from w2v2_jax.data import pipeline
+
+  to_global = pipeline.to_global
+
+  def slow(*args, **kwargs):
+    time.sleep(1.0)
+    return to_global(*args, **kwargs)
+
+  c = _config(speech_like_shards, 4)
+  c.log_every_steps = 1
+  logs = []
+  monkeypatch.setattr(pipeline, "to_global", slow)
+  loop.train_and_evaluate(c, str(tmp_path / "starved"), on_log=lambda step, m: logs.append((step, m)))
+  waits = [m["input_wait"] for step, m in logs if "input_wait" in m]
+  assert len(waits) == 4 and all(0.0 <= w <= 1.0 for w in waits)
+  # Steps that compile (the first, a new bucket length) wait less; the others mostly wait on the input.
+  assert sum(w > 0.6 for w in waits) >= 2, waits

@@ -101,8 +101,6 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise ValueError("--config is required")
-  if config.optim.total_steps < 0:
-    config.optim.total_steps = config.num_train_steps
   devices, hbm_gib = topology_devices(FLAGS.topology)
   layout = loop.plan_layout(config, devices)
   batch_sh = parallel.batch_sharding(layout.mesh)

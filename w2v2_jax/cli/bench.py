@@ -80,8 +80,6 @@ class OurStep:
     if loop.is_ctc(config):
       raise ValueError("--config: w2v2-bench times pre-training configs (config.task='pretrain')")
     config.batch_size = batch
-    if config.optim.total_steps < 0:
-      config.optim.total_steps = config.num_train_steps
     self.cfg = loop.model_config(config)
     self.batch, self.samples = batch, samples
     layout = loop.plan_layout(config)

@@ -208,7 +208,7 @@ def plan_layout(config, devices=None) -> Layout:
   mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.AXES}, devices)
   validate(config, mesh)
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
-  tx = optim.optimizer(config.optim)
+  tx = optim.optimizer(config.optim, config.num_train_steps)
   kind = "ctc" if is_ctc(config) else "pretraining"
   boxed = jax.eval_shape(lambda k: init_params(cfg, k, kind, boxed=True), jax.random.key(0))
   param_sh = parallel.param_shardings(boxed, mesh, rules)
@@ -280,8 +280,6 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
   decoder = beam_decoder(config, workdir, vocab) if vocab is not None else None
   kind = "ctc" if vocab is not None else "pretraining"
   cfg = model_config(config)
-  if config.optim.total_steps < 0:
-    config.optim.total_steps = config.num_train_steps
 
   # -- mesh and state layout ------------------------------------------------------------------
   layout = plan_layout(config)
@@ -329,9 +327,11 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
     experiment = json.loads(config.to_json())
     preemption = Preemption()
     key = jax.random.key(config.seed + 1, impl=config.rng_impl)
-    last, t_log, audio_s, steps_since, step_flops = {}, time.time(), 0.0, 0, 0.0
+    last, t_log, audio_s, steps_since, step_flops, input_s = {}, time.time(), 0.0, 0, 0.0, 0.0
     for step in range(start, config.num_train_steps):
+      waited = time.perf_counter()
       batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
+      input_s += time.perf_counter() - waited  # the host blocked on input: near 1 of the time, a starved step
       state, metrics = train_step(state, batch, key)
       audio_s += metrics["audio_samples"]  # device scalar; summed without a host sync
       step_flops += flops.train_flops(
@@ -352,6 +352,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
           audio_seconds_per_second=float(audio_s) / 16000 / elapsed,
           step_time=elapsed / steps_since,
           mfu=step_flops / elapsed / peak,
+          input_wait=input_s / elapsed,
         )
         eta = (config.num_train_steps - done) * last["step_time"]
         if vocab is None:
@@ -364,7 +365,8 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
         else:
           health = "ctc %.3f" % last["ctc_loss"]
         logging.info(
-          "step %d/%d loss %.3f %s lr %.2e gnorm %.2f skipped %d | %.1f audio-s/s %.2f s/step MFU %.1f%% ETA %s",
+          "step %d/%d loss %.3f %s lr %.2e gnorm %.2f skipped %d | %.1f audio-s/s %.2f s/step MFU %.1f%% "
+          "input wait %.0f%% ETA %s",
           done,
           config.num_train_steps,
           last["loss"],
@@ -375,6 +377,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
           last["audio_seconds_per_second"],
           last["step_time"],
           100 * last["mfu"],
+          100 * last["input_wait"],
           time.strftime("%H:%M:%S", time.gmtime(eta)),
         )
         if writer:
@@ -383,7 +386,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
           writer.flush()
         if on_log is not None and is_main:
           on_log(done, dict(last))
-        t_log, audio_s, steps_since, step_flops = time.time(), 0.0, 0, 0.0
+        t_log, audio_s, steps_since, step_flops, input_s = time.time(), 0.0, 0, 0.0, 0.0
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
         ev = evaluate(
           config,

@@ -32,16 +32,18 @@ def tri_stage(
   )
 
 
-def schedule(cfg):
-  """The lr schedule named by cfg.schedule: "polynomial" (pre-training) or "tri_stage" (fine-tuning)."""
+def schedule(cfg, num_train_steps: int):
+  """The lr schedule named by cfg.schedule: "polynomial" (pre-training) or "tri_stage" (fine-tuning),
+  over cfg.total_steps updates (-1: the run's num_train_steps)."""
+  total = cfg.total_steps if cfg.total_steps >= 0 else num_train_steps
   if cfg.get("schedule", "polynomial") == "tri_stage":
-    return tri_stage(cfg.lr, cfg.total_steps, tuple(cfg.phase_ratio), cfg.init_scale, cfg.final_scale)
-  return learning_rate(cfg.lr, cfg.warmup_steps, cfg.total_steps, cfg.end_lr, cfg.power)
+    return tri_stage(cfg.lr, total, tuple(cfg.phase_ratio), cfg.init_scale, cfg.final_scale)
+  return learning_rate(cfg.lr, cfg.warmup_steps, total, cfg.end_lr, cfg.power)
 
 
-def optimizer(cfg) -> optax.GradientTransformation:
+def optimizer(cfg, num_train_steps: int) -> optax.GradientTransformation:
   """AdamW with fairseq's betas/eps/decay over every parameter; optional global-norm clipping."""
-  schedule_fn = schedule(cfg)
+  schedule_fn = schedule(cfg, num_train_steps)
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts.append(optax.adamw(schedule_fn, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
   return optax.chain(*parts)

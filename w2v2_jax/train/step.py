@@ -95,7 +95,7 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
   loss_fn = task_loss_fn(model_cfg, obj_cfg, cfg)
   freeze = frozen_updates(cfg)
   micro = cfg.train.microbatches
-  schedule_lr_fn = schedule(cfg.optim)
+  schedule_lr_fn = schedule(cfg.optim, cfg.num_train_steps)
 
   def summed_loss(params, batch, key, step):
     loss, metrics = loss_fn(params, batch, key, step)
