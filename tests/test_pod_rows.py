@@ -8,6 +8,7 @@ the process_index of their TPU host, so every process's rows are computed on thi
 import functools
 import glob
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -140,6 +141,27 @@ def test_aot_prints_each_process_rows_or_one_line_naming_the_key():
   bad = _aot(f"--config={config}", "--topology=v5p-64", "--rows_only", "--config.batch_size=100")
   errors = [line for line in bad.stderr.splitlines() if line.startswith("w2v2-aot: error:")]
   assert bad.returncode == 1 and len(errors) == 1 and "config.batch_size=100" in errors[0], bad.stderr[-2000:]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_aot_compiles_a_scanned_tiny_model_for_a_slice_and_writes_its_figures(tmp_path):
+  """The documented command to completion, at tiny size: exit 0, the verdict line, and the JSON figures."""
+  config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_config.py")
+  out = tmp_path / "aot.json"
+  run = _aot(
+    f"--config={config}:unused,2",
+    "--topology=v5p-8",
+    "--config.mesh.data=1",
+    "--config.model.scan_layers=True",
+    f"--json={out}",
+  )
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "FITS:" in run.stdout, run.stdout[-2000:]
+  figures = json.loads(out.read_text())
+  assert figures["chips"] == 4 and figures["scan_layers"] is True and figures["fits"] is True
+  assert figures["compile_s"] > 0 and figures["lower_s"] > 0 and 0 < figures["per_chip_gib"] < 95
+  assert figures["analytic_tflop_per_step_per_chip"] > 0
 
 
 def _lowered_train_step(config, devices) -> str:
