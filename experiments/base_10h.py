@@ -21,5 +21,4 @@ def get_config(arg=None):
   c.finetune.mask_prob = 0.65
   c.finetune.mask_channel_prob = 0.5
   c.model["layerdrop"] = 0.05
-  c.model["scan_layers"] = True  # one scanned layer stack: compile time flat in depth
   return c

@@ -21,5 +21,4 @@ def get_config(arg=None):
   c.finetune.mask_prob = 0.65
   c.finetune.mask_channel_prob = 0.25
   c.model["layerdrop"] = 0.1
-  c.model["scan_layers"] = True  # one scanned layer stack: compile time flat in depth
   return c

@@ -29,6 +29,5 @@ def get_config(arg=None):
   c.objective.latent_temp = (2.0, 0.5, 0.999995)
   c.model["layerdrop"] = 0.05  # encoder_layerdrop
   c.model["dtype"] = "bfloat16"
-  c.model["scan_layers"] = True  # one scanned layer stack: compile time flat in depth
   c.mesh.fsdp = -1
   return c
