@@ -24,5 +24,4 @@ def get_config(arg=None):
   c.model["layerdrop"] = 0.2
   c.model["dtype"] = "bfloat16"
   c.model["remat_policy"] = "full"
-  c.model["scan_layers"] = True
   return c

@@ -129,31 +129,35 @@ def _config(data_dir, scan, steps=4):
 
 @pytest.mark.slow
 def test_a_run_resumes_across_the_two_forms_with_its_optimizer_state(speech_like_shards, tmp_path):
-  """A loop run's checkpoint restores into the scanned form bitwise (optimizer state included), and the
-  other way round; a run resumed in the other form ends where the uninterrupted run did."""
-  straight = loop.train_and_evaluate(_config(speech_like_shards, False), str(tmp_path / "straight"))
-  for first, second in ((False, True), (True, False)):
-    workdir = str(tmp_path / f"{first}_{second}")
-    loop.train_and_evaluate(_config(speech_like_shards, first), workdir)
+  """Looped and scanned runs of 4 steps (checkpoints at 2 and 4) end alike; each one's step-4 checkpoint
+  restores into the other form bitwise, optimizer state included; and each, resumed from step 2 in the
+  other form, ends where the looped run did."""
+  runs = {}
+  for scan in (False, True):
+    workdir = str(tmp_path / f"scan_{scan}")
+    runs[scan] = (workdir, loop.train_and_evaluate(_config(speech_like_shards, scan), workdir))
+  straight = runs[False][1]
+  for first, (workdir, _) in runs.items():
     mgr = checkpointing.manager(workdir, async_save=False)
     own = checkpointing.restore_run(mgr, loop.plan_layout(_config(speech_like_shards, first)).abstract_state)
-    other = checkpointing.restore_run(mgr, loop.plan_layout(_config(speech_like_shards, second)).abstract_state)
+    other = checkpointing.restore_run(mgr, loop.plan_layout(_config(speech_like_shards, not first)).abstract_state)
     mgr.close()
-    assert own[0] == other[0] == 4 and layer_stack.is_scanned(other[1]) is second
+    assert own[0] == other[0] == 4 and layer_stack.is_scanned(other[1]) is (not first)
     converted = layer_stack.to_form(jax.device_get(other[1]), first)
     assert jax.tree.structure(converted) == jax.tree.structure(own[1])
     for a, b in zip(jax.tree.leaves(jax.device_get(own[1])), jax.tree.leaves(converted)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
-    resumed = loop.train_and_evaluate(_config(speech_like_shards, second), workdir)
+    resumed = loop.train_and_evaluate(_config(speech_like_shards, not first), workdir)
     assert resumed["step"] == 4
-    params = layer_stack.to_form(jax.device_get(resumed["params"]), False)
-    for (path, a), b in zip(
-      jax.tree_util.tree_flatten_with_path(jax.device_get(straight["params"]))[0], jax.tree.leaves(params)
-    ):
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-    np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-5)
+    for ended in (runs[True][1], resumed):
+      params = layer_stack.to_form(jax.device_get(ended["params"]), False)
+      for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(jax.device_get(straight["params"]))[0], jax.tree.leaves(params)
+      ):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_allclose(ended["loss"], straight["loss"], rtol=1e-5)
 
 
 def test_hf_export_of_scanned_parameters_equals_the_looped_export():

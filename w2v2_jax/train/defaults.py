@@ -79,7 +79,6 @@ def stable_layer_norm_recipe(model_preset: str) -> ml_collections.ConfigDict:
   c.model["layerdrop"] = 0.0
   c.model["dtype"] = "bfloat16"
   c.model["remat_policy"] = "full"
-  c.model["scan_layers"] = True  # one scanned layer stack: compile time flat in depth
   return c
 
 
