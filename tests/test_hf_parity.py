@@ -22,7 +22,14 @@ LENGTHS = [16000, 12345, 8000]
 NUM_NEGATIVES = 20
 
 
-@pytest.fixture(scope="module", params=[(s, f) for s in sorted(STYLES) for f in ("looped", "scanned")])
+@pytest.fixture(
+  scope="module",
+  params=[
+    pytest.param((s, f), marks=[pytest.mark.slow] if f == "scanned" else [])
+    for s in sorted(STYLES)
+    for f in ("looped", "scanned")
+  ],
+)
 def pair(request):
   """(our config, our params converted from HF, the HF PyTorch model in eval mode), with our layers
   looped or scanned (model.scan_layers, the HF weights stacked)."""

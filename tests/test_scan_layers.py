@@ -32,7 +32,12 @@ def _loss_and_grads(cfg, params, batch, key):
 
 
 @pytest.mark.parametrize(
-  "stable_layer_norm,remat_policy", [(False, "none"), (True, "full"), (False, "dots_with_no_batch_dims_saveable")]
+  "stable_layer_norm,remat_policy",
+  [
+    (True, "full"),
+    pytest.param(False, "none", marks=pytest.mark.slow),
+    pytest.param(False, "dots_with_no_batch_dims_saveable", marks=pytest.mark.slow),
+  ],
 )
 def test_scanned_and_looped_encoders_give_the_same_loss_and_gradients(stable_layer_norm, remat_policy):
   """Dropout everywhere and LayerDrop at 0.4 over 4 layers; the key is one under which some layers drop and
@@ -169,3 +174,13 @@ def test_hf_export_of_scanned_parameters_equals_the_looped_export():
   assert looped.keys() == scanned.keys() and "wav2vec2.encoder.layers.1.attention.q_proj.weight" in looped
   for k in looped:
     np.testing.assert_array_equal(looped[k], scanned[k])
+
+
+def test_configs_written_with_the_remat_bool_load():
+  saved = presets.tiny().to_dict()
+  for key in ("remat_policy", "scan_layers"):
+    del saved[key]
+  assert presets.ModelConfig.from_dict({**saved, "remat": True}).remat_policy == "full"
+  assert presets.ModelConfig.from_dict({**saved, "remat": False}).remat_policy == "none"
+  with pytest.raises(ValueError, match="remat_policy must be one of"):
+    presets.tiny().replace(remat_policy="dots")
