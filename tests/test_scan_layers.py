@@ -9,26 +9,19 @@ import numpy as np
 import optax
 import pytest
 import train_config
-from test_model import _batch
+from test_model import _batch, _loss_fn
 
 from w2v2_jax import parallel
 from w2v2_jax.models import config as presets
-from w2v2_jax.models import layer_stack, objectives
+from w2v2_jax.models import layer_stack
 from w2v2_jax.models.init import build, init_params
 from w2v2_jax.train import checkpointing, loop
 from w2v2_jax.train import step as steps
 
 
 def _loss_and_grads(cfg, params, batch, key):
-  audio, mask, negatives = batch
-  model = build(cfg)
-
-  def loss(params):
-    rngs = {k: jax.random.fold_in(key, i) for i, k in enumerate(("dropout", "gumbel", "layerdrop"))}
-    out = model.apply({"params": params}, audio, None, mask, 2.0, False, rngs=rngs)
-    return objectives.pretraining_loss(out, mask, negatives, objectives.ObjectiveConfig(num_negatives=10))[0]
-
-  return jax.jit(jax.value_and_grad(loss))(params)
+  """test_model's pre-training loss (dropout, Gumbel and LayerDrop keys folded from `key`) and its gradients."""
+  return jax.value_and_grad(_loss_fn(cfg, *batch))(params, key)
 
 
 @pytest.mark.parametrize(

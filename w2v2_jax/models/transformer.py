@@ -169,6 +169,11 @@ def _remat(layer_cls, cfg: ModelConfig):
   return nn.remat(layer_cls, prevent_cse=not cfg.scan_layers, policy=policy)
 
 
+def _row(per_layer, i: int):
+  """Layer i's entry of a per-layer array (its key or its LayerDrop draw), or None when there is none."""
+  return None if per_layer is None else per_layer[i]
+
+
 class Encoder(nn.Module):
   """Position embedding, LayerDrop over the layers, and the post-LN / pre-LN placement of LayerNorms.
 
@@ -216,8 +221,8 @@ class Encoder(nn.Module):
     else:
       hidden_states = []
       for i in range(n):
-        pick = lambda a: None if a is None else a[i]  # noqa: B023
-        x, layer_input = layer_cls(cfg, deterministic, name=f"layers_{i}")(x, frame_mask, pick(rngs), pick(keeps))
+        layer = layer_cls(cfg, deterministic, name=f"layers_{i}")
+        x, layer_input = layer(x, frame_mask, _row(rngs, i), _row(keeps, i))
         hidden_states.append(layer_input)
     hidden_states.append(x)
     if cfg.do_stable_layer_norm:
