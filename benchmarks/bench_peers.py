@@ -106,10 +106,11 @@ def benchmark_config(batch: int, preset: str = "base"):
 def hf_fields(config) -> dict:
   """The same model and objective as transformers' Wav2Vec2Config fields."""
   from w2v2_jax.interop.hf import config_to_hf  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.train.loop import model_config, objective_config  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train.pretrain import PretrainingTask  # pylint: disable=import-outside-toplevel
 
-  fields = config_to_hf(model_config(config), "pretraining")
-  obj = objective_config(config)
+  task = PretrainingTask(config)
+  fields = config_to_hf(task.model_config, "pretraining")
+  obj = task.objective
   fields.update(
     mask_time_prob=obj.mask_prob,
     mask_time_length=obj.mask_length,

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from w2v2_jax.data import records
 from w2v2_jax.decoding import ctc, ngram
-from w2v2_jax.train import loop, optim
+from w2v2_jax.train import loop, optim, tasks
 
 LETTERS = "ABCDE"
 
@@ -142,10 +142,14 @@ def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
   source = checkpointing.save_params(str(tmp_path / "pretrained"), pretrained, loop.model_config(c), "pretraining")
   run = str(tmp_path / "run")
   c = finetune_config.get_config(f"{labeled_shards},3,3,{source}")
-  loop.ctc_vocabulary(c, labeled_shards, run)
-  start = init_params(loop.model_config(c), jax.random.key(c.seed), "ctc")
+  c.train.profile_steps, c.train.profile_first_step = 1, 1  # clu's Profile: one trace, steps 1-2
+  start = init_params(tasks.make(c, labeled_shards, run).model_config, jax.random.key(c.seed), "ctc")
   start["wav2vec2"] = pretrained["wav2vec2"]
+  before = c.to_json()
   after3 = loop.train_and_evaluate(c, run)["params"]
+  assert c.to_json() == before  # the vocabulary's size is derived, not written into the config
+  traces = [n for _, _, names in os.walk(os.path.join(run, "profile")) for n in names if n.endswith(".xplane.pb")]
+  assert len(traces) == 1, traces
   after5 = loop.train_and_evaluate(finetune_config.get_config(f"{labeled_shards},5,3,{source}"), run)["params"]
 
   def same(a, b):

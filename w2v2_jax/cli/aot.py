@@ -97,7 +97,7 @@ def main(argv):
   from w2v2_jax import parallel  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import inputs, loop, tasks  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config
   if config is None:
@@ -110,7 +110,8 @@ def main(argv):
   print("\n".join(rows_summary(rows)))
   if FLAGS.rows_only:
     return
-  widest = pipeline.widest_bucket(loop.input_config(config, "", "", True))
+  task = tasks.make(config)
+  widest = pipeline.widest_bucket(inputs.input_config(config, "", "", True, task.whole_utterances))
   batch = {
     "audio": jax.ShapeDtypeStruct((config.batch_size, widest), jnp.int16, sharding=batch_sh),
     "lengths": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh),

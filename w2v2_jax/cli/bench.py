@@ -73,16 +73,17 @@ class OurStep:
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     from w2v2_jax import parallel  # pylint: disable=import-outside-toplevel
-    from w2v2_jax.models.init import init_params  # pylint: disable=import-outside-toplevel
-    from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.train import loop, tasks  # pylint: disable=import-outside-toplevel
     from w2v2_jax.train import step as steps
 
-    if loop.is_ctc(config):
+    if config.get("task", "pretrain") != "pretrain":
       raise ValueError("--config: w2v2-bench times pre-training configs (config.task='pretrain')")
+    config = config.copy_and_resolve_references()  # the caller's config stays as it was
     config.batch_size = batch
-    self.cfg = loop.model_config(config)
+    task = tasks.make(config)
+    self.cfg = task.model_config
     self.batch, self.samples = batch, samples
-    layout = loop.plan_layout(config)
+    layout = loop.plan_layout(config, task=task)
     self.mesh = layout.mesh
     batch_sh = parallel.batch_sharding(layout.mesh)
     rng = np.random.default_rng(0)
@@ -90,12 +91,12 @@ class OurStep:
       "audio": np.clip(rng.normal(0, 3000, (batch, samples)), -32768, 32767).astype(np.int16),
       "lengths": np.full((batch,), samples, np.int32),
     }
-    train_step, eval_step = loop.jit_steps(config, layout)
+    train_step, eval_step = loop.jit_steps(config, layout, task)
     with jax.set_mesh(layout.mesh):
       self.data = jax.device_put(host, batch_sh)
-      self.state = jax.jit(
-        lambda k: steps.init_state(init_params(self.cfg, k), layout.tx), out_shardings=layout.state_shardings
-      )(jax.random.key(0))
+      self.state = jax.jit(lambda p: steps.init_state(p, layout.tx), out_shardings=layout.state_shardings)(
+        task.initial_params(jax.random.key(0), layout.param_shardings)
+      )
       self.key = jax.random.key(1, impl=config.rng_impl)
       self.train_fn, self.compile_s, self.xla_flops, self.peak_bytes = compile_stats(
         train_step.lower(self.state, self.data, self.key)

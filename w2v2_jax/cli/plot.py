@@ -98,13 +98,13 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
 
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.init import build  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.train import checkpointing, loop  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import checkpointing, inputs  # pylint: disable=import-outside-toplevel
 
   cfg, params, kind, experiment = checkpointing.load_params(step_dir)
   if kind != "pretraining":
     raise ValueError(f"{step_dir}: codebook usage needs a pre-training checkpoint (this one is {kind!r})")
   config = ml_collections.ConfigDict(experiment)
-  directory = loop.data_dir(config)
+  directory = inputs.data_dir(config)
   from w2v2_jax.data import records  # pylint: disable=import-outside-toplevel
 
   split = (
@@ -112,7 +112,7 @@ def codebook_counts(step_dir: str, batches: int) -> tuple[np.ndarray, int]:
   )
   # The first few rows of each global batch, on one device: a pod-sized batch would not fit there.
   rows = (0, min(config.batch_size, 8))
-  data = pipeline.AudioInput(loop.input_config(config, directory, split, False), rows=rows)
+  data = pipeline.AudioInput(inputs.input_config(config, directory, split, False), rows=rows)
   model = build(cfg, "pretraining")
 
   @jax.jit

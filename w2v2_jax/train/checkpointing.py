@@ -40,14 +40,12 @@ def save(
   experiment: dict | None = None,
   data_state: dict | None = None,
   metadata: dict | None = None,
-  vocab: list | None = None,
+  extras: dict | None = None,
   force: bool = False,
 ) -> bool:
-  """Train state (at least {"params"}) + data-iterator state + configs; `force` saves off the interval
-  (end, preemption, an import)."""
-  config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": experiment or {}}
-  if vocab is not None:
-    config["vocab"] = list(vocab)  # CTC: the letter vocabulary travels with the weights
+  """Train state (at least {"params"}) + data-iterator state + configs, and the task's `extras` (CTC:
+  its "vocab"); `force` saves off the interval (end, preemption, an import)."""
+  config = {"model": model_cfg.to_dict(), "kind": kind, "experiment": experiment or {}, **(extras or {})}
   return mgr.save(
     step,
     args=ocp.args.Composite(

@@ -59,7 +59,15 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
       clip_norm=0.0,
     )
   )
-  c.train = ml_collections.ConfigDict(dict(microbatches=1, max_consecutive_skips=20))
+  c.train = ml_collections.ConfigDict(
+    dict(
+      microbatches=1,
+      max_consecutive_skips=20,
+      profile_steps=0,  # > 0: a profiler trace of this many steps into WORKDIR/profile (docs/training.md)
+      profile_first_step=10,  # the first trace starts here, after compilation
+      profile_every_secs=3600.0,  # and another one this often; 0: only the first
+    )
+  )
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.mesh.rules = parallel.DEFAULT_RULES  # logical axis -> mesh axes, first free match wins
   return c

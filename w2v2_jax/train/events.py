@@ -45,6 +45,11 @@ class EventWriter:
     self._open().add_scalar(tag, value, step)
     self._pending = True
 
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    """clu's MetricWriter call (its periodic actions write through it)."""
+    for tag, value in scalars.items():
+      self.scalar(tag, float(value), step)
+
   def flush(self) -> None:
     if not self.remote:
       if self._writer is not None:

@@ -1,4 +1,5 @@
-"""The train state and the jitted pre-training steps (train with accumulation and skip; eval)."""
+"""The train state and a task's jitted steps: train (micro-batch accumulation, frozen parameters,
+non-finite skip) and eval."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.models import kernels
-from w2v2_jax.models.quantizer import gumbel_temperature
 from w2v2_jax.parallel import constrain_batch
 from w2v2_jax.train.optim import schedule
-from w2v2_jax.train.pretrain import make_loss_fn
 
 
 @jax.tree_util.register_dataclass
@@ -32,35 +30,16 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(zero, params, tx.init(params), zero, zero)
 
 
-def pretraining_loss_fn(model_cfg, obj_cfg, cfg):
-  """loss(params, batch, key, step, deterministic) -> (loss, metrics with the normaliser in "count")."""
-  loss_fn = make_loss_fn(model_cfg, obj_cfg)
+def zero_frozen(task, step, tree):
+  """`tree` (gradients or updates) with zeros where the task freezes the parameter at `step`."""
 
-  def loss(params, batch, key, step, deterministic=False):
-    temperature = gumbel_temperature(step, *cfg.objective.latent_temp)
-    audio = waveform(batch["audio"], batch["lengths"], cfg.data.normalize)
-    value, metrics = loss_fn(params, audio, batch["lengths"], key, temperature, deterministic)
-    return value, dict(metrics, count=metrics["num_masked"], temperature=temperature)
+  def leaf(path, x):
+    frozen = task.is_frozen(tuple(p.key for p in path), step)
+    if frozen is False or frozen is True:  # known when tracing: no select in the program
+      return jnp.zeros_like(x) if frozen else x
+    return jnp.where(frozen, jnp.zeros_like(x), x)
 
-  return loss
-
-
-def task_loss_fn(model_cfg, obj_cfg, cfg):
-  """The loss of config.task: "pretrain" (contrastive) or "ctc" (fine-tuning)."""
-  if cfg.get("task", "pretrain") == "ctc":
-    from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
-
-    return finetune.ctc_loss_fn(model_cfg, cfg)
-  return pretraining_loss_fn(model_cfg, obj_cfg, cfg)
-
-
-def frozen_updates(cfg):
-  """is_frozen(param path, step) -> bool: fine-tuning's freeze schedule, or None (nothing frozen)."""
-  if cfg.get("task", "pretrain") != "ctc":
-    return None
-  from w2v2_jax.train import finetune  # pylint: disable=import-outside-toplevel
-
-  return finetune.frozen(cfg)
+  return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def apply_if_finite(finite, tx, grads, state, zero_frozen, under_cond: bool):
@@ -83,7 +62,7 @@ def apply_if_finite(finite, tx, grads, state, zero_frozen, under_cond: bool):
   return keep(params, state.params), keep(opt_state, state.opt_state)
 
 
-def make_train_step(model_cfg, obj_cfg, tx, cfg):
+def make_train_step(task, model_cfg, tx, cfg):
   """train_step(state, batch, key) -> (state, metrics). Non-finite loss/grads skip the update.
 
   The batch is split into cfg.train.microbatches pieces; gradients of each piece's summed loss
@@ -92,8 +71,7 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
   per piece). One piece takes the gradient of the batch-mean loss directly.
   Parameters the task freezes at this step get neither gradient nor update.
   """
-  loss_fn = task_loss_fn(model_cfg, obj_cfg, cfg)
-  freeze = frozen_updates(cfg)
+  loss_fn = task.loss_fn(model_cfg)
   micro = cfg.train.microbatches
   schedule_lr_fn = schedule(cfg.optim, cfg.num_train_steps)
 
@@ -131,18 +109,12 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
       grads = jax.tree.map(lambda g: g / count, grads)
       loss = total / count
 
-    def zero_frozen(tree):
-      if freeze is None:
-        return tree
-      return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.where(freeze(tuple(p.key for p in path), state.step), jnp.zeros_like(x), x), tree
-      )
-
-    grads = zero_frozen(grads)
+    frozen = lambda tree: zero_frozen(task, state.step, tree)  # noqa: E731
+    grads = frozen(grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     under_cond = kernels.resolve(model_cfg.kernels) == "cpu"  # at trace time: the compile target's kernels
-    params, opt_state = apply_if_finite(finite, tx, grads, state, zero_frozen, under_cond)
+    params, opt_state = apply_if_finite(finite, tx, grads, state, frozen, under_cond)
     new_state = TrainState(
       step=state.step + 1,
       params=params,
@@ -164,9 +136,9 @@ def make_train_step(model_cfg, obj_cfg, tx, cfg):
   return train_step
 
 
-def make_eval_step(model_cfg, obj_cfg, cfg):
+def make_eval_step(task, model_cfg):
   """eval_step(params, batch, key, step) -> metrics: the task's loss without dropout or masking."""
-  loss_fn = task_loss_fn(model_cfg, obj_cfg, cfg)
+  loss_fn = task.loss_fn(model_cfg)
 
   def eval_step(params, batch, key, step):
     loss, metrics = loss_fn(params, batch, key, step, deterministic=True)
