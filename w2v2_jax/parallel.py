@@ -38,6 +38,18 @@ DEFAULT_RULES = (
 REPLICATED_LIMIT = 2**20  # elements; a bigger parameter replicated under FSDP is an error
 
 
+def with_axis_rules(fn, rules):
+  """`fn` traced under flax's logical axis `rules`, so that nn.with_logical_constraint inside binds."""
+  import functools  # pylint: disable=import-outside-toplevel
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
 def compile_platform() -> str:
   """The platform a step is being compiled for: the mesh's devices (AOT for TPU from a CPU host), else the default."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -68,6 +68,7 @@ class Layout:
   state_shardings: Any  # steps.TrainState of NamedShardings
   param_shardings: Any
   table: str  # the printable parameter sharding table
+  rules: tuple  # logical axis -> mesh axes (config.mesh.rules), for parameters and activations
 
 
 def plan_layout(config, devices=None, task=None) -> Layout:
@@ -99,7 +100,7 @@ def plan_layout(config, devices=None, task=None) -> Layout:
   abstract_state = jax.tree.map(
     lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract_state, state_sh
   )
-  return Layout(mesh, tx, abstract_state, state_sh, param_sh, table)
+  return Layout(mesh, tx, abstract_state, state_sh, param_sh, table, rules)
 
 
 def jit_steps(config, layout: Layout, task=None):
@@ -108,13 +109,18 @@ def jit_steps(config, layout: Layout, task=None):
   task = task or tasks.make(config)
   cfg = kernels.resolved(task.model_config, parallel.mesh_platform(layout.mesh))  # the compile target's
   batch_sh = parallel.batch_sharding(layout.mesh)
+  # Traced under the rules, so that the model's activation constraints bind (outside them flax makes
+  # nn.with_logical_constraint a no-op): the scanned layers' carry and residuals keep the batch sharding.
+  under_rules = lambda fn: parallel.with_axis_rules(fn, layout.rules)  # noqa: E731
   train_step = jax.jit(
-    steps.make_train_step(task, cfg, layout.tx, config),
+    under_rules(steps.make_train_step(task, cfg, layout.tx, config)),
     donate_argnums=(0,),
     in_shardings=(layout.state_shardings, batch_sh, None),
     out_shardings=(layout.state_shardings, None),
   )
-  eval_step = jax.jit(steps.make_eval_step(task, cfg), in_shardings=(layout.param_shardings, batch_sh, None, None))
+  eval_step = jax.jit(
+    under_rules(steps.make_eval_step(task, cfg)), in_shardings=(layout.param_shardings, batch_sh, None, None)
+  )
   return train_step, eval_step
 
 

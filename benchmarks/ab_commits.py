@@ -1,0 +1,137 @@
+"""A/B of w2v2-bench's train step between an earlier commit and the working tree, in one process.
+
+The earlier commit's package is exported (git archive) as `w2v2_jax_base` beside this tree's `w2v2_jax`;
+each builds its own compiled step from its own experiment config, and the two steps alternate, round
+by round (which goes first alternates too), so both see the same host, allocator and load.
+
+  python benchmarks/ab_commits.py --base=efa12be --config=experiments/base_librispeech.py \\
+      --batch=4 --seconds=4 --steps=3 --rounds=8 --set=model.dtype=float32
+
+Prints each round's step times and ratio (this tree / base; below 1 is faster), and the median with
+its spread. A ratio is firmer than either absolute time on a shared host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def export_base(rev: str, into: str) -> str:
+  """git archive REV's w2v2_jax/ and experiments/ into `into`, renamed so both versions import side by side."""
+  tar = os.path.join(into, "base.tar")
+  subprocess.run(["git", "-C", REPO, "archive", "-o", tar, rev, "w2v2_jax", "experiments"], check=True)
+  with tarfile.open(tar) as t:
+    t.extractall(into, filter="data")
+  os.rename(os.path.join(into, "w2v2_jax"), os.path.join(into, "w2v2_jax_base"))
+  os.rename(os.path.join(into, "experiments"), os.path.join(into, "experiments_base"))
+  for root, _, names in os.walk(into):
+    for name in names:
+      if name.endswith(".py"):
+        path = os.path.join(root, name)
+        text = open(path, encoding="utf-8").read()
+        open(path, "w", encoding="utf-8").write(re.sub(r"\bw2v2_jax\b", "w2v2_jax_base", text))
+  return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", rev], capture_output=True, text=True).stdout.strip()
+
+
+def load_config(package_root: str, config_path: str, overrides: list[str]):
+  """experiments/NAME.py of one version, with KEY=VALUE overrides (VALUE parsed as JSON, else a string)."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{abs(hash(package_root))}", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, value = item.split("=", 1)
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError:
+      pass
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--base", required=True, help="the earlier commit (any git revision)")
+  parser.add_argument("--config", default="experiments/base_librispeech.py")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--seconds", type=float, default=4.0)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps of each version per round")
+  parser.add_argument("--rounds", type=int, default=8)
+  parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override, for both")
+  parser.add_argument("--json", default="", help="also write the figures here")
+  args = parser.parse_args()
+
+  tmp = tempfile.mkdtemp(prefix="w2v2_ab_")
+  base_rev = export_base(args.base, tmp)
+  head_rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+  sys.path[:0] = [tmp, REPO]
+  samples = int(args.seconds * 16000)
+  versions = {}
+  for name, package, root in (("base", "w2v2_jax_base", tmp), ("this", "w2v2_jax", REPO)):
+    bench = importlib.import_module(f"{package}.cli.bench")
+    config_dir = "experiments_base" if name == "base" else "experiments"
+    config = load_config(root, os.path.join(root, config_dir, os.path.basename(args.config)), args.set)
+    started = time.perf_counter()
+    step = bench.OurStep(config, args.batch, samples)
+    print(f"{name}: compiled in {step.compile_s:.1f} s ({time.perf_counter() - started:.1f} s to build)", flush=True)
+    step.train()  # one untimed step each: first-run allocations
+    versions[name] = step
+
+  rounds = []
+  for r in range(args.rounds):
+    order = ("base", "this") if r % 2 == 0 else ("this", "base")
+    times = {}
+    for name in order:
+      per_step = []
+      for _ in range(args.steps):
+        start = time.perf_counter()
+        versions[name].train()
+        per_step.append(time.perf_counter() - start)
+      times[name] = statistics.median(per_step)
+    ratio = times["this"] / times["base"]
+    rounds.append(dict(base=times["base"], this=times["this"], ratio=ratio))
+    print(f"round {r + 1}: base {times['base']:.3f} s, this {times['this']:.3f} s, ratio {ratio:.3f}", flush=True)
+
+  ratios = sorted(x["ratio"] for x in rounds)
+  dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet"]).returncode != 0
+  summary = dict(
+    base=base_rev,
+    this=head_rev.stdout.strip() + ("+dirty" if dirty else ""),
+    config=args.config,
+    batch=args.batch,
+    seconds=args.seconds,
+    overrides=args.set,
+    compile_s={k: v.compile_s for k, v in versions.items()},
+    median_step_s={k: statistics.median(x[k] for x in rounds) for k in ("base", "this")},
+    median_ratio=statistics.median(ratios),
+    ratio_range=(ratios[0], ratios[-1]),
+    rounds=rounds,
+  )
+  print(
+    f"this / base step time: median {summary['median_ratio']:.3f} over {len(rounds)} rounds "
+    f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}); compile base {versions['base'].compile_s:.1f} s, "
+    f"this {versions['this'].compile_s:.1f} s"
+  )
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
