@@ -1,6 +1,7 @@
 """A/B of w2v2-bench's train step between an earlier commit and the working tree, in one process.
 
-The earlier commit's package is exported (git archive) as `w2v2_jax_base` beside this tree's `w2v2_jax`;
+The earlier commit's package is exported (git archive) as `w2v2_jax_base` beside this tree's `w2v2_jax`
+(or a later commit's, `--this=REV`, as `w2v2_jax_this`);
 each builds its own compiled step from its own experiment config, and the two steps alternate, round
 by round (which goes first alternates too), so both see the same host, allocator and load.
 
@@ -28,20 +29,22 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def export_base(rev: str, into: str) -> str:
-  """git archive REV's w2v2_jax/ and experiments/ into `into`, renamed so both versions import side by side."""
-  tar = os.path.join(into, "base.tar")
+def export(rev: str, into: str, name: str) -> str:
+  """git archive REV's w2v2_jax/ and experiments/ into into/NAME, the package renamed to w2v2_jax_NAME so that
+  both versions import side by side; returns REV's short hash."""
+  root = os.path.join(into, name)
+  os.makedirs(root)
+  tar = os.path.join(root, "tree.tar")
   subprocess.run(["git", "-C", REPO, "archive", "-o", tar, rev, "w2v2_jax", "experiments"], check=True)
   with tarfile.open(tar) as t:
-    t.extractall(into, filter="data")
-  os.rename(os.path.join(into, "w2v2_jax"), os.path.join(into, "w2v2_jax_base"))
-  os.rename(os.path.join(into, "experiments"), os.path.join(into, "experiments_base"))
-  for root, _, names in os.walk(into):
-    for name in names:
-      if name.endswith(".py"):
-        path = os.path.join(root, name)
+    t.extractall(root, filter="data")
+  os.rename(os.path.join(root, "w2v2_jax"), os.path.join(root, f"w2v2_jax_{name}"))
+  for folder, _, names in os.walk(root):
+    for file in names:
+      if file.endswith(".py"):
+        path = os.path.join(folder, file)
         text = open(path, encoding="utf-8").read()
-        open(path, "w", encoding="utf-8").write(re.sub(r"\bw2v2_jax\b", "w2v2_jax_base", text))
+        open(path, "w", encoding="utf-8").write(re.sub(r"\bw2v2_jax\b", f"w2v2_jax_{name}", text))
   return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", rev], capture_output=True, text=True).stdout.strip()
 
 
@@ -68,6 +71,7 @@ def load_config(package_root: str, config_path: str, overrides: list[str]):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--base", required=True, help="the earlier commit (any git revision)")
+  parser.add_argument("--this", default="", help="the later commit (default: the working tree)")
   parser.add_argument("--config", default="experiments/base_librispeech.py")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seconds", type=float, default=4.0)
@@ -78,15 +82,20 @@ def main():
   args = parser.parse_args()
 
   tmp = tempfile.mkdtemp(prefix="w2v2_ab_")
-  base_rev = export_base(args.base, tmp)
-  head_rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-  sys.path[:0] = [tmp, REPO]
+  trees = {"base": ("w2v2_jax_base", os.path.join(tmp, "base"))}
+  revs = {"base": export(args.base, tmp, "base")}
+  if args.this:
+    trees["this"], revs["this"] = ("w2v2_jax_this", os.path.join(tmp, "this")), export(args.this, tmp, "this")
+  else:
+    dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet"]).returncode != 0
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    trees["this"], revs["this"] = ("w2v2_jax", REPO), head.stdout.strip() + ("+dirty" if dirty else "")
+  sys.path[:0] = [root for _, root in trees.values()]
   samples = int(args.seconds * 16000)
   versions = {}
-  for name, package, root in (("base", "w2v2_jax_base", tmp), ("this", "w2v2_jax", REPO)):
+  for name, (package, root) in trees.items():
     bench = importlib.import_module(f"{package}.cli.bench")
-    config_dir = "experiments_base" if name == "base" else "experiments"
-    config = load_config(root, os.path.join(root, config_dir, os.path.basename(args.config)), args.set)
+    config = load_config(root, os.path.join(root, "experiments", os.path.basename(args.config)), args.set)
     started = time.perf_counter()
     step = bench.OurStep(config, args.batch, samples)
     print(f"{name}: compiled in {step.compile_s:.1f} s ({time.perf_counter() - started:.1f} s to build)", flush=True)
@@ -109,10 +118,9 @@ def main():
     print(f"round {r + 1}: base {times['base']:.3f} s, this {times['this']:.3f} s, ratio {ratio:.3f}", flush=True)
 
   ratios = sorted(x["ratio"] for x in rounds)
-  dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet"]).returncode != 0
   summary = dict(
-    base=base_rev,
-    this=head_rev.stdout.strip() + ("+dirty" if dirty else ""),
+    base=revs["base"],
+    this=revs["this"],
     config=args.config,
     batch=args.batch,
     seconds=args.seconds,

@@ -114,6 +114,33 @@ def test_stacked_layers_shard_as_each_layer_does_with_the_layer_axis_replicated(
   assert parallel.DEFAULT_RULES[-1] == ("layers", None)
 
 
+def test_the_jitted_step_binds_the_activation_constraints():
+  """loop.jit_steps traces under config.mesh.rules: the encoder's nn.with_logical_constraint calls (no-ops
+  outside a rules context) become sharding constraints over the batch axes, inside the scan too."""
+  import jax.numpy as jnp
+
+  c = train_config.get_config("/nonexistent,1")
+  c.model.scan_layers = True
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
+  layout = loop.plan_layout(c)
+  sh = parallel.batch_sharding(layout.mesh)
+  batch = {
+    "audio": jax.ShapeDtypeStruct((c.batch_size, 16000), jnp.int16, sharding=sh),
+    "lengths": jax.ShapeDtypeStruct((c.batch_size,), jnp.int32, sharding=sh),
+  }
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  train_step, _ = loop.jit_steps(c, layout)
+  bare = jax.jit(steps.make_train_step(loop.tasks.make(c), loop.model_config(c), layout.tx, c))
+
+  def constraints(fn):
+    with jax.set_mesh(layout.mesh):
+      text = fn.lower(layout.abstract_state, batch, key).as_text()
+    return sum(line.count("sharding_constraint") for line in text.splitlines() if '"data", "fsdp"' in line)
+
+  bound, unbound = constraints(train_step), constraints(bare)
+  assert bound >= unbound + 3, (bound, unbound)  # the encoder's input, each layer's output, the FFN's
+
+
 def _config(data_dir, scan, steps=4):
   """Adam with eps = 1 at lr 1: updates ~ the gradient, so the end-to-end comparison compares gradients
   (Adam's early sign(g) updates would turn reduction-order noise into lr-sized differences)."""
