@@ -8,8 +8,9 @@ by round (which goes first alternates too), so both see the same host, allocator
   python benchmarks/ab_commits.py --base=efa12be --config=experiments/base_librispeech.py \\
       --batch=4 --seconds=4 --steps=3 --rounds=8 --set=model.dtype=float32
 
-Prints each round's step times and ratio (this tree / base; below 1 is faster), and the median with
-its spread. A ratio is firmer than either absolute time on a shared host.
+Prints each round's step times and ratio (this tree / base; below 1 is faster), their median and
+range, and the geometric mean with its 95% t-interval (over log ratios). With --steps=1 each round is
+one step of each, back to back. A ratio is firmer than either absolute time on a shared host.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import statistics
@@ -25,6 +27,8 @@ import sys
 import tarfile
 import tempfile
 import time
+
+from scipy import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +122,10 @@ def main():
     print(f"round {r + 1}: base {times['base']:.3f} s, this {times['this']:.3f} s, ratio {ratio:.3f}", flush=True)
 
   ratios = sorted(x["ratio"] for x in rounds)
+  logs = [math.log(x) for x in ratios]  # ratios multiply: their spread is symmetric in log space
+  half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+  geo = math.exp(statistics.mean(logs))
+  interval = (geo * math.exp(-half), geo * math.exp(half))
   summary = dict(
     base=revs["base"],
     this=revs["this"],
@@ -129,11 +137,14 @@ def main():
     median_step_s={k: statistics.median(x[k] for x in rounds) for k in ("base", "this")},
     median_ratio=statistics.median(ratios),
     ratio_range=(ratios[0], ratios[-1]),
+    geometric_mean_ratio=geo,
+    ratio_95_interval=interval,
     rounds=rounds,
   )
   print(
     f"this / base step time: median {summary['median_ratio']:.3f} over {len(rounds)} rounds "
-    f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}); compile base {versions['base'].compile_s:.1f} s, "
+    f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}; geometric mean {geo:.3f}, 95% interval "
+    f"{interval[0]:.3f}-{interval[1]:.3f}); compile base {versions['base'].compile_s:.1f} s, "
     f"this {versions['this'].compile_s:.1f} s"
   )
   if args.json:

@@ -2,15 +2,22 @@
 
 w2v2-train --config=experiments/demo.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
     [--coordinator=HOST:PORT --num_processes=N --process_id=I]   # multi-host; TPU/SLURM auto-detect
+
+Exit status: 0 done or preempted (re-run to resume); 1 an error (one line); 3 stopped on a collapse
+alarm (config.health.stop_on_collapse; the last step is saved).
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from w2v2_jax.cli.common import one_line_errors, quiet_libraries, use_compilation_cache
 from w2v2_jax.train import distributed, failures
+
+COLLAPSE_EXIT = 3
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (experiments/*.py).", lock_config=True
@@ -61,7 +68,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
   result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  finished = result.get("step", 0) >= _CONFIG.value.num_train_steps  # not after a preemption: exit promptly
+  stopped = result.get("stopped") == "collapse"
+  # not after a preemption: exit promptly
+  finished = result.get("step", 0) >= _CONFIG.value.num_train_steps or stopped
   failures.finished()  # the other processes may leave first: they have nothing left to do together
   if _PLOTS.value and finished and jax.process_index() == 0:
     # Process-local work only: its checkpoint reads (checkpointing.load_params) join no barrier.
@@ -72,7 +81,10 @@ def main(argv):
         logging.info("wrote %s", path)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("plots not written (the run itself is complete): %s: %s", type(e).__name__, e)
-  distributed.leave_together()  # several processes: all leave at once, none aborts at exit
+  status = COLLAPSE_EXIT if stopped else 0
+  distributed.leave_together(status)  # several processes: all leave at once, none aborts at exit
+  if status:
+    sys.exit(status)
 
 
 def run():

@@ -68,6 +68,22 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
       profile_every_secs=3600.0,  # and another one this often; 0: only the first
     )
   )
+  c.health = ml_collections.ConfigDict(
+    dict(  # train/health.py's alarms; what each means and what to do: docs/faq.md
+      stop_on_collapse=False,  # True: a collapse alarm saves and ends the run (w2v2-train exits 3)
+      chance_margin=0.05,
+      chance_accuracy=3.0,
+      chance_wait_warmups=10.0,
+      chance_wait_fraction=0.25,
+      codebook_fraction=0.1,
+      codebook_drop=0.5,
+      codebook_falling_logs=4,
+      trivial_accuracy=0.95,
+      trivial_perplexity=2.0,
+      min_grad_norm=1e-6,
+      nonfinite_streak=5,
+    )
+  )
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.mesh.rules = parallel.DEFAULT_RULES  # logical axis -> mesh axes, first free match wins
   return c

@@ -254,9 +254,9 @@ def initialize(
   return line
 
 
-def leave_together() -> None:
+def leave_together(status: int = 0) -> None:
   """Ends this process of a finished multi-process job (nothing with one process): it drops its backends
-  (their collectives' sockets), meets the others at jax.distributed's shutdown barrier, and exits 0 at once.
+  (their collectives' sockets), meets the others at jax.distributed's shutdown barrier, and exits with `status` at once.
 
   Left to the interpreter, a process may still be tearing down after the barrier while process 0 has
   already closed the coordination service, or a peer its sockets; it then aborts (SIGABRT), and a run
@@ -274,4 +274,4 @@ def leave_together() -> None:
   jax.distributed.shutdown()
   for stream in (sys.stdout, sys.stderr):
     stream.flush()
-  os._exit(0)  # pylint: disable=protected-access
+  os._exit(status)  # pylint: disable=protected-access

@@ -21,7 +21,7 @@ from w2v2_jax.decoding import ctc
 from w2v2_jax.models import layer_stack, objectives
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import build, init_params
-from w2v2_jax.train import inputs
+from w2v2_jax.train import health, inputs
 
 
 class CtcTask:
@@ -70,6 +70,11 @@ class CtcTask:
 
   def checkpoint_extras(self) -> dict:
     return {"vocab": list(self.vocab.tokens)}  # the letter vocabulary travels with the weights
+
+  def health_monitor(self):
+    c = self.config
+    run = health.Run(0, 0, c.optim.get("warmup_steps", 0), c.num_train_steps)
+    return health.Monitor(health.ANY_TASK, run, health.Thresholds.from_config(c.get("health")))
 
 
 class WordErrors:

@@ -169,7 +169,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
     experiment = json.loads(config.to_json())
     preemption = Preemption()
     key = jax.random.key(config.seed + 1, impl=config.rng_impl)
-    last = {}
+    last, stop = {}, False
     for step in range(start, config.num_train_steps):
       with meter.waiting_for_input():
         batch = pipeline.to_global(next(train_data), batch_sharding, config.batch_size)
@@ -180,7 +180,7 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
       if done % config.log_every_steps == 0 or final:
         last = meter.summary(jax.device_get(metrics))
         refuse_a_diverged_run(config, last, done)
-        report.train(done, last)
+        stop = report.train(done, last)
       if done % config.eval_every_steps == 0 or final:
         with report.timed("eval"):
           ev = evaluate(config, task, valid_data, eval_step, state.params, batch_sharding, done, final)
@@ -200,10 +200,14 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
           train_data.state(),
           {"step": done, "time": time.time()},
           extras=task.checkpoint_extras(),
-          force=preempted or final,
+          force=preempted or final or stop,
         )
       if preempted:
         logging.warning("preempted: saved step %d; re-run the same command to resume", done)
+        break
+      if stop:
+        logging.error("stopped on a collapse alarm (config.health.stop_on_collapse): saved step %d", done)
+        last["stopped"] = "collapse"
         break
     mgr.wait_until_finished()
     mgr.close()

@@ -10,6 +10,7 @@ from w2v2_jax.models import objectives
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.init import build, init_params
 from w2v2_jax.models.quantizer import gumbel_temperature
+from w2v2_jax.train import health
 
 
 def make_loss_fn(cfg: ModelConfig, obj: objectives.ObjectiveConfig):
@@ -101,6 +102,16 @@ class PretrainingTask:
 
   def checkpoint_extras(self) -> dict:
     return {}
+
+  def health_monitor(self):
+    cfg, c = self.model_config, self.config
+    run = health.Run(
+      num_negatives=self.objective.num_negatives,
+      codebook_size=cfg.num_codevector_groups * cfg.num_codevectors_per_group,
+      warmup_steps=c.optim.get("warmup_steps", 0),
+      num_train_steps=c.num_train_steps,
+    )
+    return health.Monitor(health.PRETRAINING, run, health.Thresholds.from_config(c.get("health")))
 
 
 class _NoScorer:

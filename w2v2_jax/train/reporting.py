@@ -70,6 +70,8 @@ class Reporter:
     self.progress = periodic_actions.ReportProgress(
       num_train_steps=config.num_train_steps, writer=self.writer, every_steps=config.log_every_steps, every_secs=None
     )
+    self.health = task.health_monitor()
+    self.stop_on_collapse = bool(config.get("health", {}).get("stop_on_collapse", False))
     self.actions = [self.progress]
     self._profile_dir, self._profile = None, None
     t = config.train
@@ -94,7 +96,9 @@ class Reporter:
     """A part of the loop whose share of the wall time the progress report shows."""
     return self.progress.timed(name, wait_jax_async_dispatch=False)
 
-  def train(self, step: int, m: dict) -> None:
+  def train(self, step: int, m: dict) -> bool:
+    """Logs one training log step and checks the run's health; True: stop (a collapse, with
+    config.health.stop_on_collapse). Every process decides alike: the metrics are global."""
     eta = (self.config.num_train_steps - step) * m["step_time"]
     logging.info(
       "step %d/%d loss %.3f %s lr %.2e gnorm %.2f skipped %d | %.1f audio-s/s %.2f s/step MFU %.1f%% "
@@ -113,6 +117,12 @@ class Reporter:
       time.strftime("%H:%M:%S", time.gmtime(eta)),
     )
     self._write("train", step, m)
+    scalars, alarms = self.health.update(step, m)
+    for line in alarms:
+      logging.warning("%s", line)
+    if self.writer:
+      self.writer.write_scalars(step, scalars)
+    return self.stop_on_collapse and self.health.collapsed(scalars)
 
   def eval(self, step: int, ev: dict) -> None:
     if not ev:

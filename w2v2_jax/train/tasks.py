@@ -59,6 +59,9 @@ class Task(Protocol):
   def checkpoint_extras(self) -> dict:
     """What every checkpoint of the run carries in its config item besides the model config."""
 
+  def health_monitor(self) -> Any:
+    """The alarms (train/health.py) that watch this task's logged metrics."""
+
 
 def make(config, directory: str | None = None, workdir: str | None = None) -> Task:
   """The task of `config.task` ("pretrain" or "ctc"). With the data `directory` and the run's `workdir`
