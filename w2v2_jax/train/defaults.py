@@ -24,6 +24,9 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
 
   c.model_preset = model_preset
   c.model = preset(model_preset).to_dict()  # every ModelConfig field, overridable
+  # The pod recipes scan their layers (compile time flat in depth, docs/training.md); the tiny CPU demo
+  # and the tests loop.
+  c.model["scan_layers"] = model_preset != "tiny"
 
   obj = objectives.ObjectiveConfig()
   c.objective = ml_collections.ConfigDict({f: getattr(obj, f) for f in obj.__dataclass_fields__})
