@@ -15,6 +15,19 @@ pytestmark = pytest.mark.slow
 REPO = os.path.join(os.path.dirname(__file__), "..")
 
 
+def _demo(workdir, *flags):
+  """`w2v2-train --config=experiments/demo.py` as a user runs it (one process, one CPU device)."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run(
+    [sys.executable, "-m", "w2v2_jax.cli.train", "--config=experiments/demo.py", *flags, f"--workdir={workdir}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
+
+
 def test_demo_pretraining_learns(tmp_path):
   """`w2v2-train --config=experiments/demo.py` as a user runs it (one process, one CPU device), stopped
   after 400 of its 800 updates (same schedule): it leaves chance at ~200; this is the suite's longest test.
@@ -22,23 +35,7 @@ def test_demo_pretraining_learns(tmp_path):
   Chance is ln(1 + 100 distractors) = 4.615 with accuracy 1/101; collapse would show as a prob
   perplexity near 1 of the 64 codewords (2 groups x 32).
   """
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "w2v2_jax.cli.train",
-      "--config=experiments/demo.py",
-      "--config.num_train_steps=400",
-      "--config.optim.total_steps=800",
-      f"--workdir={tmp_path}",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1800,
-  )
+  run = _demo(tmp_path, "--config.num_train_steps=400", "--config.optim.total_steps=800")
   assert run.returncode == 0, run.stderr[-3000:]
   s = {tag: np.array([v for _, v in points]) for tag, points in events.read_scalars(str(tmp_path)).items()}
   chance = math.log(101)
@@ -59,25 +56,13 @@ def test_the_demo_with_fairseqs_feature_settings_sits_at_chance_and_is_stopped(t
   """fairseq's feature_grad_mult 0.1 and feature penalty 10 keep the tiny model at ln 101 (docs/faq.md).
   The at-chance alarm fires once its wait, max(10 x 50 warm-up updates, 25% of 800) = 500, is over;
   with health.stop_on_collapse the run saves that step and w2v2-train exits 3."""
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "w2v2_jax.cli.train",
-      "--config=experiments/demo.py",
-      "--config.model.feature_grad_mult=0.1",
-      "--config.objective.feature_penalty_weight=10",
-      "--config.health.stop_on_collapse=true",
-      "--config.eval_every_steps=1000",
-      "--plots=false",
-      f"--workdir={tmp_path}",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1800,
+  run = _demo(
+    tmp_path,
+    "--config.model.feature_grad_mult=0.1",
+    "--config.objective.feature_penalty_weight=10",
+    "--config.health.stop_on_collapse=true",
+    "--config.eval_every_steps=1000",
+    "--plots=false",
   )
   assert run.returncode == 3, run.stderr[-3000:]
   alarms = [line for line in run.stderr.splitlines() if "health alarm" in line]
