@@ -42,7 +42,8 @@ class Task(Protocol):
     """The loss of one batch, for a model config with its kernels resolved."""
 
   def is_frozen(self, path: tuple[str, ...], step) -> Any:
-    """Whether the parameter at `path` gets no gradient and no update at `step` (a traced bool)."""
+    """Whether the parameter at `path` gets no gradient and no update at `step`: a Python bool when the
+    answer does not depend on the step (no select in the program), else a traced bool."""
 
   def initial_params(self, key, shardings=None) -> Any:
     """The parameters of a fresh run, laid out by `shardings`."""
