@@ -15,7 +15,7 @@ from w2v2_jax import parallel
 from w2v2_jax.models import config as presets
 from w2v2_jax.models import layer_stack
 from w2v2_jax.models.init import build, init_params
-from w2v2_jax.train import checkpointing, loop
+from w2v2_jax.train import checkpointing, loop, tasks
 from w2v2_jax.train import step as steps
 
 
@@ -130,7 +130,8 @@ def test_the_jitted_step_binds_the_activation_constraints():
   }
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   train_step, _ = loop.jit_steps(c, layout)
-  bare = jax.jit(steps.make_train_step(loop.tasks.make(c), loop.model_config(c), layout.tx, c))
+  task = tasks.make(c)
+  bare = jax.jit(steps.make_train_step(task, task.model_config, layout.tx, c))
 
   def constraints(fn):
     with jax.set_mesh(layout.mesh):
