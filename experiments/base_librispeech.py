@@ -10,7 +10,9 @@ HARDWARE: fairseq: 64 V100 x 1.6 days, max_tokens 1.4M samples per GPU, 400k upd
           Fit: see the README's recipe table (w2v2-aot --config=experiments/base_librispeech.py
           --topology=v5p-16 for the per-chip memory).
 EXPECTED: the loss falls from ~4.6 to ~2 within the first 20k updates; prob perplexity rises
-          to several hundred of 640 codewords; accuracy of ~0.6 at the end (fairseq's logs).
+          to several hundred of 640 codewords; accuracy of ~0.6 at the end (fairseq's logs). The
+          reference curves below are drawn by w2v2-plot; the trainer warns when valid accuracy
+          leaves their band.
 """
 
 from w2v2_jax.train.defaults import pretraining_config
@@ -30,4 +32,29 @@ def get_config(arg=None):
   c.model["layerdrop"] = 0.05  # encoder_layerdrop
   c.model["dtype"] = "bfloat16"
   c.mesh.fsdp = -1
+  c.reference = {
+    "nvidia_hourglass_base": dict(
+      metric="valid/accuracy",
+      source="NVIDIA DeepLearningExamples wav2vec2 README: mean of 8 seeds (std ~0.01) of their Hourglass "
+      "variant of BASE on LibriSpeech 960 h; band +-0.05 for the variant's difference",
+      points=tuple(
+        (update, accuracy, 0.05)
+        for update, accuracy in (
+          (50_000, 0.491),
+          (100_000, 0.537),
+          (150_000, 0.564),
+          (200_000, 0.580),
+          (250_000, 0.599),
+          (300_000, 0.610),
+          (350_000, 0.619),
+          (400_000, 0.629),
+        )
+      ),
+    ),
+    "fairseq_base": dict(
+      metric="valid/accuracy",
+      source="fairseq#2949 (a fairseq author): BASE on LibriSpeech ends near 62% accuracy",
+      points=((400_000, 0.62, 0.03),),
+    ),
+  }
   return c

@@ -331,9 +331,10 @@ def test_sharded_step_equals_single_device_step(speech_like_shards, mesh_shape, 
 @pytest.mark.slow
 def test_a_starved_loop_logs_its_input_wait(speech_like_shards, tmp_path, monkeypatch):
   """Batches that take 1 s each to arrive: the logged input wait is most of the wall time. The same
-  run writes clu's progress figures and leaves its config as it was."""
+  run writes clu's progress figures, warns once (one line) about a reference curve it is far from, and
+  leaves its config as it was."""
   from w2v2_jax.data import pipeline
-  from w2v2_jax.train import events
+  from w2v2_jax.train import events, reporting
 
   to_global = pipeline.to_global
 
@@ -343,12 +344,18 @@ def test_a_starved_loop_logs_its_input_wait(speech_like_shards, tmp_path, monkey
 
   c = _config(speech_like_shards, 4)
   c.log_every_steps = 1
+  c.reference = {"unreachable": dict(metric="train/loss", source="a test", points=((1, 100.0, 1.0), (9, 100.0, 1.0)))}
   before = c.to_json()
   logs = []
   monkeypatch.setattr(pipeline, "to_global", slow)
   workdir = str(tmp_path / "starved")
+  warnings = []
+  monkeypatch.setattr(reporting.logging, "warning", lambda fmt, *a: warnings.append(fmt % a))
   loop.train_and_evaluate(c, workdir, on_log=lambda step, m: logs.append((step, m)))
   assert c.to_json() == before
+  warned = [w for w in warnings if w.startswith("reference:")]
+  assert len(warned) == 1 and "train/loss" in warned[0], warnings
+  assert "at update 1 is outside the band 99.000-101.000 of unreachable" in warned[0], warned
   assert [step for step, _ in events.read_scalars(workdir)["steps_per_sec"]] == [2, 3, 4]
   waits = [m["input_wait"] for step, m in logs if "input_wait" in m]
   assert len(waits) == 4 and all(0.0 <= w <= 1.0 for w in waits)

@@ -1,9 +1,11 @@
 """w2v2-plot: PNGs of a run's health, written into its workdir (also at the end of every run).
 
-  w2v2-plot --workdir=DIR [--batches=8]
+  w2v2-plot --workdir=DIR [--batches=8] [--reference=experiments/base_librispeech.py]
 
 curves.png: loss terms, accuracy, prob/code perplexity against the codebook size, lr, Gumbel
 temperature and gradient norm (pre-training); CTC loss, WER/CER, lr and gradient norm (fine-tuning).
+The experiment's reference curves (config.reference: published or measured values with a band) are
+drawn over the run's own; --reference draws another experiment's instead.
 codebook_usage.png (pre-training): how often each codeword of each group is picked (argmax, as at
 inference) over a few validation batches of the latest checkpoint, sorted, with the perplexity.
 A healthy run uses most codewords; a few tall bars mean codebook collapse.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from w2v2_jax import storage
 from w2v2_jax.cli.common import one_line_errors
@@ -24,6 +27,7 @@ def define_flags():
   """Defined when the CLI runs, not on import: the library functions here can be imported together."""
   flags.DEFINE_string("workdir", None, "A w2v2-train workdir.")
   flags.DEFINE_integer("batches", 8, "Validation batches for the codebook usage histogram.")
+  config_flags.DEFINE_config_file("reference", None, "An experiment config whose reference curves to draw.")
 
 
 _PRETRAIN_PANELS = (
@@ -50,21 +54,35 @@ def _figure(rows, cols, figsize):
   return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
-  """WORKDIR/curves.png from the run's TensorBoard scalars; returns its path."""
+def curve_panels(scalars: dict, reference_curves=()) -> list[tuple[str, list[str]]]:
+  """(title, tags) of each panel to draw: the task's panels with the tags the run logged or a reference
+  curve draws, and a panel of its own for a reference metric no panel shows."""
+  panels = _CTC_PANELS if "train/ctc_loss" in scalars else _PRETRAIN_PANELS
+  drawn = {c.metric for c in reference_curves}
+  homeless = sorted(drawn - {t for _, tags in panels for t in tags})
+  panels = [*panels, *((metric, (metric,)) for metric in homeless)]
+  panels = [(title, [t for t in tags if t in scalars or t in drawn]) for title, tags in panels]
+  return [(title, tags) for title, tags in panels if tags]
+
+
+def plot_curves(workdir: str, codebook_size: int | None = None, reference_curves=()) -> str:
+  """WORKDIR/curves.png from the run's TensorBoard scalars, with the reference curves over them; returns its
+  path."""
   from w2v2_jax.train import events  # pylint: disable=import-outside-toplevel
 
   scalars = events.read_scalars(workdir)
-  panels = _CTC_PANELS if "train/ctc_loss" in scalars else _PRETRAIN_PANELS
-  panels = [(title, [t for t in tags if t in scalars]) for title, tags in panels]
-  panels = [(title, tags) for title, tags in panels if tags]
+  panels = curve_panels(scalars, reference_curves)
   cols = 3 if len(panels) > 4 else 2
   rows = -(-len(panels) // cols)
   fig, axes = _figure(rows, cols, (5 * cols, 3.4 * rows))
   for ax, (title, tags) in zip(axes.flat, panels):
     for tag in tags:
-      steps, values = zip(*scalars[tag])
-      ax.plot(steps, values, marker="o" if len(steps) < 20 else None, ms=3, label=tag)
+      if tag in scalars:
+        steps, values = zip(*scalars[tag])
+        ax.plot(steps, values, marker="o" if len(steps) < 20 else None, ms=3, label=tag)
+    for curve in reference_curves:
+      if curve.metric in tags:
+        _draw_reference(ax, curve)
     if title == "loss" and "train/contrastive" in scalars:
       ax.axhline(np.log(101), color="gray", ls=":", lw=1, label="chance, ln 101")
     if title == "perplexity" and codebook_size:
@@ -80,6 +98,13 @@ def plot_curves(workdir: str, codebook_size: int | None = None) -> str:
   fig.suptitle(storage.absolute(workdir), fontsize=9)
   fig.tight_layout()
   return _save(fig, storage.join(workdir, "curves.png"))
+
+
+def _draw_reference(ax, curve) -> None:
+  """A reference curve: its points joined by a dashed line inside its shaded band."""
+  steps, values, half = (np.array(v, dtype=float) for v in zip(*curve.points))
+  (line,) = ax.plot(steps, values, ls="--", marker="x", ms=4, lw=1, label=f"{curve.name} ({curve.metric})")
+  ax.fill_between(steps, values - half, values + half, color=line.get_color(), alpha=0.15, lw=0)
 
 
 def _save(fig, path: str) -> str:
@@ -155,17 +180,18 @@ def plot_codebook_usage(workdir: str, batches: int = 8) -> str:
   return _save(fig, storage.join(workdir, "codebook_usage.png"))
 
 
-def write_plots(workdir: str, batches: int = 8) -> list[str]:
-  """Every plot that applies to this run: the curves, and codebook usage once a pre-training
-  checkpoint exists."""
+def write_plots(workdir: str, batches: int = 8, reference_config=None) -> list[str]:
+  """Every plot that applies to this run: the curves (with the reference curves of `reference_config`, else
+  of the run's own config), and codebook usage once a pre-training checkpoint exists."""
   from w2v2_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import checkpointing, reference  # pylint: disable=import-outside-toplevel
 
   step_dir = checkpointing.resolve_step_dir(workdir)
   saved = checkpointing.load_config(step_dir) if step_dir else {}
   cfg = ModelConfig.from_dict(saved["model"]) if saved else None
   size = cfg.num_codevector_groups * cfg.num_codevectors_per_group if cfg else None
-  paths = [plot_curves(workdir, size)]
+  curves = reference.curves(reference_config if reference_config is not None else saved.get("experiment", {}))
+  paths = [plot_curves(workdir, size, curves)]
   if saved.get("kind") == "pretraining":
     paths.append(plot_codebook_usage(workdir, batches))
   return paths
@@ -177,7 +203,7 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
     raise ValueError("--workdir is required")
-  for path in write_plots(FLAGS.workdir, FLAGS.batches):
+  for path in write_plots(FLAGS.workdir, FLAGS.batches, FLAGS.reference):
     logging.info("wrote %s", path)
     print(path)
 

@@ -87,6 +87,9 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
       nonfinite_streak=5,
     )
   )
+  # Published or measured values a metric should follow: {name: dict(metric, source, points)} (train/reference.py);
+  # w2v2-plot overlays them and the trainer warns once when an evaluation leaves a band.
+  c.reference = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.mesh.rules = parallel.DEFAULT_RULES  # logical axis -> mesh axes, first free match wins
   return c

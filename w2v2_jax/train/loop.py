@@ -21,7 +21,7 @@ from w2v2_jax import parallel, storage
 from w2v2_jax.data import pipeline
 from w2v2_jax.models import kernels
 from w2v2_jax.models.init import init_params
-from w2v2_jax.train import checkpointing, inputs, optim, reporting, tasks
+from w2v2_jax.train import checkpointing, inputs, optim, reference, reporting, tasks
 from w2v2_jax.train import step as steps
 
 
@@ -56,6 +56,7 @@ def validate(config, mesh, task=None) -> None:
   task.validate(int(cfg.num_frames(shortest)))
   if config.data.mode not in ("crop", "pad"):
     raise ValueError(f"config.data.mode={config.data.mode!r}: use 'crop' or 'pad'")
+  reference.curves(config)
 
 
 @dataclasses.dataclass(frozen=True)

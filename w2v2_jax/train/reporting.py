@@ -14,7 +14,7 @@ from absl import logging
 
 from w2v2_jax import storage
 from w2v2_jax.models import flops
-from w2v2_jax.train import events
+from w2v2_jax.train import events, reference
 
 
 class Meter:
@@ -71,6 +71,7 @@ class Reporter:
       num_train_steps=config.num_train_steps, writer=self.writer, every_steps=config.log_every_steps, every_secs=None
     )
     self.health = task.health_monitor()
+    self.reference = reference.Check(reference.curves(config))
     self.stop_on_collapse = bool(config.get("health", {}).get("stop_on_collapse", False))
     self.actions = [self.progress]
     self._profile_dir, self._profile = None, None
@@ -117,6 +118,7 @@ class Reporter:
       time.strftime("%H:%M:%S", time.gmtime(eta)),
     )
     self._write("train", step, m)
+    self._compare("train", step, m)
     scalars, alarms = self.health.update(step, m)
     for line in alarms:
       logging.warning("%s", line)
@@ -131,6 +133,12 @@ class Reporter:
     if self.is_main:
       record_eval(self.workdir, {"step": step, "split": self.config.data.valid_split, **ev})
     self._write("valid", step, ev)
+    self._compare("valid", step, ev)
+
+  def _compare(self, prefix: str, step: int, scalars: dict) -> None:
+    line = self.reference.update(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
+    if line:
+      logging.warning("%s", line)
 
   def _write(self, prefix: str, step: int, scalars: dict) -> None:
     if self.writer:
