@@ -1,22 +1,27 @@
-"""w2v2-miniature: the paper's headline result in miniature, on the offline corpus, on CPU.
+"""w2v2-miniature: the paper's headline result in miniature, on the offline corpus, on CPU, over seeds.
 
-Pre-trains on the corpus's unlabeled split, fine-tunes that model with CTC on the 10 labeled
-minutes, trains the same architecture from scratch on the same 10 minutes with the same number of
-updates, and reports both CERs and WERs on the test split (held-out voices and sentences): greedy,
-and with the fine-tuning config's beam search and n-gram LM (the paper's headline decodes with one).
+For each seed: pre-trains on the corpus's unlabeled split, fine-tunes that model with CTC on the 10
+labeled minutes, and trains the same architecture from scratch on the same 10 minutes with the same
+updates, schedule and masking, once per learning rate of a small sweep (a fair baseline: its best
+learning rate is the one compared). Both arms are scored on the test split (held-out voices and
+sentences): greedy, and with the fine-tuning config's beam search and n-gram LM. The seed sets the
+initial weights, the data order and the step's randomness of every phase.
 
-  w2v2-miniature --workdir=DIR [--pretrain=experiments/demo.py] [--finetune=experiments/demo_finetune.py]
+  w2v2-miniature --workdir=DIR [--seeds=3] [--scratch_lrs=1e-3,2e-3,4e-3]
+      [--pretrain=experiments/demo.py] [--finetune=experiments/demo_finetune.py]
       [--pretrain.KEY=VALUE ...] [--finetune.KEY=VALUE ...]
 
-Each phase is an ordinary w2v2-train run in DIR/{pretrain,finetune_pretrained,finetune_scratch};
-DIR/miniature.json gets each phase's figures as it ends, so re-running the command resumes at the
-unfinished phase (inside it, from its latest checkpoint). The table goes to the console too.
+Each phase is an ordinary w2v2-train run in DIR/seed{S}/{pretrain,finetune_pretrained,scratch_lr{LR}}.
+DIR/miniature.json keeps every phase's figures as it ends, so re-running the command (with as many
+seeds or more) resumes at the first unfinished phase, inside it from its latest checkpoint. The summary
+(each arm's mean and standard deviation, the ratio's median and spread) goes there and to the console.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,6 +29,8 @@ from w2v2_jax import storage
 from w2v2_jax.cli.common import one_line_errors, quiet_libraries, use_compilation_cache
 
 FLAGS = flags.FLAGS
+# (label, metric of miniature.json, target for the median ratio)
+DECODINGS = (("greedy", "valid_cer", 0.7), ("beam+LM", "valid_beam_cer", 0.6))
 
 
 def define_flags():
@@ -32,17 +39,38 @@ def define_flags():
   config_flags.DEFINE_config_file(
     "finetune", "experiments/demo_finetune.py", "Fine-tuning config (its finetune.init is set here).", lock_config=True
   )
-  flags.DEFINE_string("workdir", None, "Folder for the three runs and miniature.json.")
+  flags.DEFINE_string("workdir", None, "Folder for the runs and miniature.json.")
+  flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 of the whole pipeline.")
+  flags.DEFINE_list("scratch_lrs", ["1e-3", "2e-3", "4e-3"], "The from-scratch arm's learning-rate sweep.")
 
 
-def scratch_config(finetune_config):
+def scratch_config(finetune_config, lr: float | None = None):
   """The from-scratch baseline: the same architecture, data and updates, with nothing frozen
-  (a frozen random encoder would be a straw man)."""
+  (a frozen random encoder would be a straw man), at learning rate `lr` (None: the config's)."""
   c = finetune_config.copy_and_resolve_references()
   c.finetune.init = ""
   c.finetune.freeze_steps = 0
   c.model.feature_grad_mult = 1.0
+  if lr is not None:
+    c.optim.lr = lr
   return c
+
+
+def seeded(config, seed: int):
+  c = config.copy_and_resolve_references()
+  c.seed = seed
+  return c
+
+
+def phases(seed: int, seed_dir: str, pretrain, finetune, scratch_lrs) -> list[tuple[str, object]]:
+  """(name, config) of one seed's runs, in order: each run's folder is seed_dir/name."""
+  pretrained = seeded(finetune, seed)
+  pretrained.finetune.init = storage.join(seed_dir, "pretrain")
+  return [
+    ("pretrain", seeded(pretrain, seed)),
+    ("finetune_pretrained", pretrained),
+    *((f"scratch_lr{lr:g}", seeded(scratch_config(finetune, lr), seed)) for lr in scratch_lrs),
+  ]
 
 
 def run_phase(name, config, workdir) -> dict:
@@ -56,56 +84,87 @@ def run_phase(name, config, workdir) -> dict:
   return figures
 
 
+def summarize(runs: dict) -> dict:
+  """miniature.json's runs ({"seed0": {phase: figures}}) -> per seed and over seeds: each arm's CER (the
+  scratch arm at its best learning rate), the ratio pre-trained / scratch, and the wall time."""
+  per_seed, out = {}, {}
+  for seed, phases_done in sorted(runs.items()):
+    scratch = {name: f for name, f in phases_done.items() if name.startswith("scratch_lr")}
+    row = {"wall_seconds": sum(f["wall_seconds"] for f in phases_done.values())}
+    for label, metric, _ in DECODINGS:
+      if metric not in phases_done["finetune_pretrained"]:
+        continue
+      best = min(scratch, key=lambda name, m=metric: scratch[name][metric])
+      pre, base = phases_done["finetune_pretrained"][metric], scratch[best][metric]
+      row[label] = {"pretrained": pre, "scratch": base, "scratch_lr": best[len("scratch_lr") :], "ratio": pre / base}
+    per_seed[seed] = row
+  out["seeds"] = per_seed
+  for label, _, target in DECODINGS:
+    rows = [r[label] for r in per_seed.values() if label in r]
+    if not rows:
+      continue
+    stats = {}
+    for key in ("pretrained", "scratch", "ratio"):
+      v = np.array([r[key] for r in rows])
+      stats[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+    ratios = [r["ratio"] for r in rows]
+    stats["ratio"].update(median=float(np.median(ratios)), max=float(max(ratios)), target=target)
+    out[label] = stats
+  walls = [r["wall_seconds"] for r in per_seed.values()]
+  out["wall_seconds"] = {"per_seed_max": max(walls), "total": sum(walls)}
+  return out
+
+
+def print_table(summary: dict) -> None:
+  labels = [label for label, _, _ in DECODINGS if label in summary]
+  print(f"{'seed':8s}" + "".join(f" {label + ' CER pre / scratch (lr) = ratio':>44s}" for label in labels) + "   wall")
+  for seed, row in summary["seeds"].items():
+    cells = [
+      f"{r['pretrained']:.3f} / {r['scratch']:.3f} ({r['scratch_lr']}) = {r['ratio']:.3f}"
+      for r in (row[label] for label in labels)
+    ]
+    print(f"{seed:8s}" + "".join(f" {c:>44s}" for c in cells) + f" {row['wall_seconds']:6.0f}s")
+  for label in labels:
+    s = summary[label]
+    print(
+      f"{label}: pre-trained CER {s['pretrained']['mean']:.3f} +- {s['pretrained']['std']:.3f}, scratch "
+      f"{s['scratch']['mean']:.3f} +- {s['scratch']['std']:.3f}; ratio median {s['ratio']['median']:.3f} "
+      f"(mean {s['ratio']['mean']:.3f} +- {s['ratio']['std']:.3f}, worst {s['ratio']['max']:.3f}; "
+      f"target median <= {s['ratio']['target']})"
+    )
+
+
 @one_line_errors("w2v2-miniature")
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
   if FLAGS.workdir is None:
     raise ValueError("--workdir is required")
+  if FLAGS.seeds < 1:
+    raise ValueError(f"--seeds={FLAGS.seeds}: give at least 1")
+  try:
+    scratch_lrs = [float(lr) for lr in FLAGS.scratch_lrs]
+  except ValueError:
+    raise ValueError(f"--scratch_lrs={','.join(FLAGS.scratch_lrs)}: give numbers, e.g. 1e-3,2e-3,4e-3") from None
   quiet_libraries()
-  use_compilation_cache()  # the scratch run reuses the pre-trained one's programs where they are equal
+  use_compilation_cache()  # seeds and sweep points share most of their programs
   workdir = storage.absolute(FLAGS.workdir)
-  pre_dir = storage.join(workdir, "pretrain")
-  pretrained = FLAGS.finetune.copy_and_resolve_references()
-  pretrained.finetune.init = pre_dir
-  phases = [
-    ("pretrain", "pre-training", FLAGS.pretrain),
-    ("finetune_pretrained", "fine-tuning the pre-trained model", pretrained),
-    ("finetune_scratch", "training from scratch", scratch_config(FLAGS.finetune)),
-  ]
   path = storage.join(workdir, "miniature.json")
   results = storage.read_json(path) if storage.exists(path) else {}
-  for name, what, config in phases:
-    if name in results:
-      logging.info("== %s: done before (%s), skipped", what, path)
-      continue
-    results[name] = run_phase(what, config, storage.join(workdir, name))
-    storage.write_json(path, results, indent=1)  # after each phase, so a re-run resumes at the next one
-  pre, scratch = results["finetune_pretrained"], results["finetune_scratch"]
-  beam = "valid_beam_cer" in pre and "valid_beam_cer" in scratch
-  results["cer_ratio"] = pre["valid_cer"] / max(scratch["valid_cer"], 1e-9)
-  if beam:
-    results["beam_cer_ratio"] = pre["valid_beam_cer"] / max(scratch["valid_beam_cer"], 1e-9)
-  results["total_wall_seconds"] = sum(results[name]["wall_seconds"] for name, _, _ in phases)
+  runs, this_run = results.setdefault("runs", {}), {}
+  for seed in range(FLAGS.seeds):
+    seed_dir = storage.join(workdir, f"seed{seed}")
+    done = runs.setdefault(f"seed{seed}", {})
+    for name, config in phases(seed, seed_dir, FLAGS.pretrain, FLAGS.finetune, scratch_lrs):
+      if name in done:
+        logging.info("== seed %d %s: done before (%s), skipped", seed, name, path)
+      else:
+        done[name] = run_phase(f"seed {seed} {name}", config, storage.join(seed_dir, name))
+        storage.write_json(path, results, indent=1)  # after each phase: a re-run resumes at the next one
+      this_run.setdefault(f"seed{seed}", {})[name] = done[name]
+  results["summary"] = summarize(this_run)  # these seeds and this sweep, whatever earlier runs added
   storage.write_json(path, results, indent=1)
-  print(
-    f"{'':24s} {'greedy CER':>10s} {'WER':>6s}"
-    + (f" {'beam+LM CER':>11s} {'WER':>6s}" if beam else "")
-    + f" {'wall':>8s}"
-  )
-  for name in ("finetune_pretrained", "finetune_scratch"):
-    r = results[name]
-    print(
-      f"{name:24s} {r['valid_cer']:10.3f} {r['valid_wer']:6.3f}"
-      + (f" {r['valid_beam_cer']:11.3f} {r['valid_beam_wer']:6.3f}" if beam else "")
-      + f" {r['wall_seconds']:7.0f}s"
-    )
-  print(
-    f"pre-trained CER / scratch CER = {results['cer_ratio']:.3f} greedy"
-    + (f", {results['beam_cer_ratio']:.3f} beam search + LM" if beam else "")
-    + " (target <= 0.6); "
-    f"pre-training {results['pretrain']['wall_seconds']:.0f} s; total {results['total_wall_seconds']:.0f} s"
-  )
+  print_table(results["summary"])
 
 
 def run():
