@@ -21,7 +21,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from w2v2_jax import storage
-from w2v2_jax.cli.common import one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli.common import (
+  config_flags_parser,
+  config_key_errors,
+  one_line_errors,
+  quiet_libraries,
+  use_compilation_cache,
+)
 
 FLAGS = flags.FLAGS
 
@@ -30,7 +36,7 @@ def define_flags():
   """Defined when the CLI runs, not on import (scratch_config is imported by tests and scripts)."""
   config_flags.DEFINE_config_file("pretrain", "experiments/demo.py", "Pre-training config.", lock_config=True)
   config_flags.DEFINE_config_file(
-    "finetune", "experiments/demo_finetune.py", "Fine-tuning config (its finetune.init is set here).", lock_config=True
+    "finetune", "experiments/demo_finetune.py", "Fine-tuning config (its init is set here).", lock_config=True
   )
   flags.DEFINE_string("workdir", None, "Folder for the three runs and miniature.json.")
 
@@ -39,7 +45,7 @@ def scratch_config(finetune_config):
   """The from-scratch baseline: the same architecture, data and updates, with nothing frozen
   (a frozen random encoder would be a straw man)."""
   c = finetune_config.copy_and_resolve_references()
-  c.finetune.init = ""
+  c.init = ""
   c.finetune.freeze_steps = 0
   c.model.feature_grad_mult = 1.0
   return c
@@ -67,7 +73,7 @@ def main(argv):
   workdir = storage.absolute(FLAGS.workdir)
   pre_dir = storage.join(workdir, "pretrain")
   pretrained = FLAGS.finetune.copy_and_resolve_references()
-  pretrained.finetune.init = pre_dir
+  pretrained.init = pre_dir
   phases = [
     ("pretrain", "pre-training", FLAGS.pretrain),
     ("finetune_pretrained", "fine-tuning the pre-trained model", pretrained),
@@ -109,8 +115,9 @@ def main(argv):
 
 
 def run():
-  define_flags()
-  app.run(main)
+  with config_key_errors("w2v2-miniature"):  # flags with a default config parse their overrides here
+    define_flags()
+  app.run(main, flags_parser=config_flags_parser("w2v2-miniature"))
 
 
 if __name__ == "__main__":
