@@ -1,7 +1,7 @@
 """fairseq's base_10h CTC fine-tuning of a BASE model pre-trained on LibriSpeech (train_10h labels).
 
 COMMAND:  w2v2-train --config=experiments/base_10h.py --workdir=gs://BUCKET/base_10h \
-              --config.data.data_dir=SHARDS --config.finetune.init=PRETRAINED   # ours or a HF directory
+              --config.data.data_dir=SHARDS --config.init=PRETRAINED   # ours, an HF directory or a fairseq .pt
 HARDWARE: 8 x A100/H100 or a v5p-16 slice (BASE fits easily; batch = 96 whole utterances).
 EXPECTED: 20_000 updates; the paper's WER without a language model (test-clean/test-other) for a
           BASE pre-trained on LS-960 is the target (10 min 46.9/50.9, 1 h 24.5/29.7, 10 h 11.1/17.6,

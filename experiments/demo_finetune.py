@@ -1,7 +1,7 @@
 """Fine-tune the demo's pre-trained model with CTC on the offline corpus's 10 labeled minutes, on CPU.
 
 COMMAND:  w2v2-train --config=experiments/demo_finetune.py --workdir=/tmp/w2v2_demo_ctc \
-              --config.finetune.init=/tmp/w2v2_demo      # "" (the default) trains from scratch
+              --config.init=/tmp/w2v2_demo      # "" (the default) trains from scratch
           w2v2-miniature --workdir=/tmp/w2v2_miniature   # pre-train, fine-tune, and from scratch, compared
 HARDWARE: any CPU; run the demo pre-training (experiments/demo.py) first to have something to start from.
 EXPECTED: see docs/finetuning.md (the miniature) (valid CER / WER on held-out voices and sentences, greedy and,

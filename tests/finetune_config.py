@@ -19,7 +19,7 @@ def get_config(arg):
   c.data.max_sample_size = 32_000
   c.data.num_buckets = 1
   c.model["layerdrop"] = 0.0
-  c.finetune.init = init[0] if init else ""
+  c.init = init[0] if init else ""
   c.finetune.freeze_steps = int(freeze)
   c.finetune.mask_prob = 0.1
   c.finetune.mask_length = 2

@@ -172,10 +172,10 @@ def test_miniature_scratch_baseline_differs_only_in_init_and_freezing():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   pretrained = module.get_config()
-  pretrained.finetune.init = "/somewhere/pretrain"
+  pretrained.init = "/somewhere/pretrain"
   scratch = miniature.scratch_config(pretrained)
-  assert scratch.finetune.init == "" and scratch.finetune.freeze_steps == 0 and scratch.model.feature_grad_mult == 1.0
+  assert scratch.init == "" and scratch.finetune.freeze_steps == 0 and scratch.model.feature_grad_mult == 1.0
   a, b = pretrained.to_dict(), scratch.to_dict()
   for d in (a, b):
-    d["finetune"].pop("init"), d["finetune"].pop("freeze_steps"), d["model"].pop("feature_grad_mult")
+    d.pop("init"), d["finetune"].pop("freeze_steps"), d["model"].pop("feature_grad_mult")
   assert a == b  # same architecture, data, updates, schedule and masking

@@ -60,7 +60,7 @@ def test_each_seed_sets_every_phases_seed_and_the_sweep_only_the_scratch_rate():
   got = dict(miniature.phases(3, "/w/seed3", pre, fine, [1e-3, 4e-3]))
   assert list(got) == ["pretrain", "finetune_pretrained", "scratch_lr0.001", "scratch_lr0.004"]
   assert {c.seed for c in got.values()} == {3}
-  assert got["finetune_pretrained"].finetune.init == "/w/seed3/pretrain"
+  assert got["finetune_pretrained"].init == "/w/seed3/pretrain"
   assert [got[n].optim.lr for n in ("scratch_lr0.001", "scratch_lr0.004")] == [1e-3, 4e-3]
   assert got["finetune_pretrained"].optim.lr == fine.optim.lr and pre.seed == 0 and fine.seed == 0
 

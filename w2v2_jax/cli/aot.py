@@ -16,7 +16,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from w2v2_jax.cli.common import one_line_errors, write_json
+from w2v2_jax.cli.common import config_flags_parser, one_line_errors, write_json
 
 FLAGS = flags.FLAGS
 # The slices the docs and tests name; any size of these chips works.
@@ -161,7 +161,7 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_flags_parser("w2v2-aot"))
 
 
 if __name__ == "__main__":

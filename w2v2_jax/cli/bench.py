@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from w2v2_jax.cli.common import one_line_errors, write_json
+from w2v2_jax.cli.common import config_flags_parser, one_line_errors, write_json
 
 FLAGS = flags.FLAGS
 
@@ -184,7 +184,7 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_flags_parser("w2v2-bench"))
 
 
 if __name__ == "__main__":

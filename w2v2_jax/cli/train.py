@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from w2v2_jax.cli.common import one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli.common import config_flags_parser, one_line_errors, quiet_libraries, use_compilation_cache
 from w2v2_jax.train import distributed, failures
 
 COLLAPSE_EXIT = 3
@@ -88,7 +88,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=config_flags_parser("w2v2-train"))
 
 
 if __name__ == "__main__":

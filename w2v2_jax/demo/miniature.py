@@ -26,7 +26,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from w2v2_jax import storage
-from w2v2_jax.cli.common import one_line_errors, quiet_libraries, use_compilation_cache
+from w2v2_jax.cli.common import (
+  config_flags_parser,
+  config_key_errors,
+  one_line_errors,
+  quiet_libraries,
+  use_compilation_cache,
+)
 
 FLAGS = flags.FLAGS
 # (label, metric of miniature.json, target for the median ratio)
@@ -37,7 +43,7 @@ def define_flags():
   """Defined when the CLI runs, not on import (scratch_config is imported by tests and scripts)."""
   config_flags.DEFINE_config_file("pretrain", "experiments/demo.py", "Pre-training config.", lock_config=True)
   config_flags.DEFINE_config_file(
-    "finetune", "experiments/demo_finetune.py", "Fine-tuning config (its finetune.init is set here).", lock_config=True
+    "finetune", "experiments/demo_finetune.py", "Fine-tuning config (its init is set here).", lock_config=True
   )
   flags.DEFINE_string("workdir", None, "Folder for the runs and miniature.json.")
   flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 of the whole pipeline.")
@@ -48,7 +54,7 @@ def scratch_config(finetune_config, lr: float | None = None):
   """The from-scratch baseline: the same architecture, data and updates, with nothing frozen
   (a frozen random encoder would be a straw man), at learning rate `lr` (None: the config's)."""
   c = finetune_config.copy_and_resolve_references()
-  c.finetune.init = ""
+  c.init = ""
   c.finetune.freeze_steps = 0
   c.model.feature_grad_mult = 1.0
   if lr is not None:
@@ -65,7 +71,7 @@ def seeded(config, seed: int):
 def phases(seed: int, seed_dir: str, pretrain, finetune, scratch_lrs) -> list[tuple[str, object]]:
   """(name, config) of one seed's runs, in order: each run's folder is seed_dir/name."""
   pretrained = seeded(finetune, seed)
-  pretrained.finetune.init = storage.join(seed_dir, "pretrain")
+  pretrained.init = storage.join(seed_dir, "pretrain")
   return [
     ("pretrain", seeded(pretrain, seed)),
     ("finetune_pretrained", pretrained),
@@ -168,8 +174,9 @@ def main(argv):
 
 
 def run():
-  define_flags()
-  app.run(main)
+  with config_key_errors("w2v2-miniature"):  # flags with a default config parse their overrides here
+    define_flags()
+  app.run(main, flags_parser=config_flags_parser("w2v2-miniature"))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ from w2v2_jax.models.config import preset
 def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Parameters to start from (train/initial.py): an HF directory, a fairseq .pt, or one of our workdirs / step
+  # folders, local or gs://. Optimizer, step and lr schedule start fresh; "" = random initialisation.
+  # Pre-training takes the encoder, quantizer and projection heads; CTC fine-tuning the encoder.
+  c.init = ""
   # PRNG of the train step (dropout, masks, negatives, Gumbel noise). threefry2x32 is partitioned
   # over the mesh. "rbg" makes a one-device CPU step faster, but XLA does not partition its bit
   # generator: every device draws the whole global batch's bits (docs/performance.md).
@@ -133,7 +137,6 @@ def finetuning_config(model_preset: str, labeled: str = "10h") -> ml_collections
   c.model["activation_dropout"] = 0.1
   c.finetune = ml_collections.ConfigDict(
     dict(
-      init="",  # our pre-training workdir/step folder or a HF directory; "" = scratch
       freeze_steps=10_000,  # the whole encoder is frozen (only the head learns) for these updates
       mask_prob=0.65,
       mask_length=10,

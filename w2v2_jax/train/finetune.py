@@ -1,4 +1,4 @@
-"""CTC fine-tuning as a task: the masked CTC loss, the freeze schedule, initial weights, WER/CER.
+"""CTC fine-tuning as a task: the masked CTC loss, the freeze schedule, WER/CER; the encoder from config.init.
 
 fairseq's recipe: a linear letter head on the pre-trained encoder; the feature encoder stays
 frozen; the whole encoder is frozen for the first config.finetune.freeze_steps updates (only the
@@ -18,10 +18,10 @@ from w2v2_jax import storage
 from w2v2_jax.data import records
 from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.decoding import ctc
-from w2v2_jax.models import layer_stack, objectives
+from w2v2_jax.models import objectives
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.models.init import build, init_params
-from w2v2_jax.train import health, inputs
+from w2v2_jax.models.init import build
+from w2v2_jax.train import health, initial, inputs
 
 
 class CtcTask:
@@ -54,7 +54,7 @@ class CtcTask:
     return self._frozen(path, step)
 
   def initial_params(self, key, shardings=None):
-    return initial_params(self.model_config, self.config, key, shardings)
+    return initial.initial_params(self.model_config, self.kind, self.config, key, shardings)
 
   def scorer(self, final: bool):
     return WordErrors(self.vocab, self.decoder if final else None)
@@ -255,47 +255,6 @@ def frozen(config):
     return step < freeze_steps
 
   return is_frozen
-
-
-def initial_params(cfg: ModelConfig, config, key, shardings=None):
-  """A CTC model's parameters: the encoder from config.finetune.init (ours or HF), a fresh head.
-  The fresh ones are made in one compiled program (eagerly, init dispatches hundreds of small ops),
-  laid out by `shardings` (a tree of NamedShardings, or None for the default device)."""
-  params = jax.jit(lambda k: init_params(cfg, k, "ctc"), out_shardings=shardings)(key)
-  path = config.finetune.init
-  if not path:
-    logging.info("fine-tuning from scratch (config.finetune.init is empty)")
-    return params
-  from w2v2_jax.interop.load import load_pretrained  # pylint: disable=import-outside-toplevel
-
-  src_cfg, src, _ = load_pretrained(path)
-  arch = lambda c: {k: v for k, v in c.to_dict().items() if k in _ARCH_KEYS}  # noqa: E731
-  if arch(src_cfg) != arch(cfg):
-    diff = sorted(k for k in _ARCH_KEYS if getattr(src_cfg, k) != getattr(cfg, k))
-    raise ValueError(
-      f"config.finetune.init={path}: its architecture differs from config.model in {diff}; "
-      "set config.model_preset / config.model to match the checkpoint"
-    )
-  src = layer_stack.to_form(src, cfg.scan_layers)  # the checkpoint's layer form -> this run's
-  params["wav2vec2"] = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params["wav2vec2"], src["wav2vec2"])
-  logging.info("encoder initialised from %s", path)
-  return params
-
-
-_ARCH_KEYS = (
-  "conv_dim",
-  "conv_kernel",
-  "conv_stride",
-  "conv_bias",
-  "feat_extract_norm",
-  "hidden_size",
-  "num_hidden_layers",
-  "num_attention_heads",
-  "intermediate_size",
-  "num_conv_pos_embeddings",
-  "num_conv_pos_embedding_groups",
-  "do_stable_layer_norm",
-)
 
 
 def label_arrays(transcripts, vocab: ctc.Vocabulary, multiple: int = 8):

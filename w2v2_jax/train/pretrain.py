@@ -8,9 +8,9 @@ import jax.numpy as jnp
 from w2v2_jax.data.pipeline import waveform
 from w2v2_jax.models import objectives
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.models.init import build, init_params
+from w2v2_jax.models.init import build
 from w2v2_jax.models.quantizer import gumbel_temperature
-from w2v2_jax.train import health
+from w2v2_jax.train import health, initial
 
 
 def make_loss_fn(cfg: ModelConfig, obj: objectives.ObjectiveConfig):
@@ -87,7 +87,7 @@ class PretrainingTask:
     return False
 
   def initial_params(self, key, shardings=None):
-    return jax.jit(lambda k: init_params(self.model_config, k, self.kind), out_shardings=shardings)(key)
+    return initial.initial_params(self.model_config, self.kind, self.config, key, shardings)
 
   def scorer(self, final: bool):
     del final

@@ -46,7 +46,7 @@ class Task(Protocol):
     answer does not depend on the step (no select in the program), else a traced bool."""
 
   def initial_params(self, key, shardings=None) -> Any:
-    """The parameters of a fresh run, laid out by `shardings`."""
+    """The parameters of a fresh run, laid out by `shardings`: random, or config.init's (train/initial.py)."""
 
   def scorer(self, final: bool) -> Scorer:
     """A fresh scorer for one evaluation pass; `final` is the run's last one."""
