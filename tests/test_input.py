@@ -63,8 +63,11 @@ def _cfg(data, **kw):
   )
 
 
-def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
-  data_dir, utts = shards
+@pytest.mark.parametrize("mixed", [False, True], ids=["one_dir", "mixture"])
+def test_batches_are_bucketed_crops_of_the_planned_utterances(shards, two_sources, mixed):
+  """Every row is the planned crop of its utterance; a mixture's record i is utterance i too (a's 40,
+  then b's 20), read through the same reader, and its per-source shares are the plan's."""
+  data_dir, utts = (two_sources, shards[1]) if mixed else shards
   for mode in ("crop", "pad"):
     it = AudioInput(_cfg(data_dir, mode=mode, num_epochs=1))
     buckets = bucket_lengths(it.cfg)
@@ -83,8 +86,17 @@ def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
           assert n == min(src.size, 24000) and n <= width
       seen.extend(recs)
     assert position + 1 == it.batches_per_epoch
-    assert len(seen) == len(set(seen))  # an epoch never repeats an utterance
     usable = sum(u.audio.size >= 8000 for u in utts)
+    if mixed:  # b (20 of 60) is upsampled at alpha 0.5: every one of its utterances, some twice
+      shares = it.shares(0, it.batches_per_epoch)
+      assert shares == {
+        "a": it.batches.mix.per_cell[0].sum() / len(seen),
+        "b": it.batches.mix.per_cell[1].sum() / len(seen),
+      }
+      assert shares["b"] > 0.4 and len(seen) == usable // 8 * 8
+      assert {r for r in seen if r >= 40} == {i for i in range(40, 60) if utts[i].audio.size >= 8000}
+      continue
+    assert len(seen) == len(set(seen))  # an epoch never repeats an utterance
     assert usable - len(seen) < 8 * len(buckets)  # only each bucket's remainder is left out
 
 

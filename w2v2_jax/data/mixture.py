@@ -5,10 +5,11 @@ A source's share of an epoch's utterances is XLS-R's (Conneau et al. 2020, Babu 
 with h_l the hours of audio the epoch plan can use from source l's split (its utterances of at least
 min_sample_size) and a = data.sampling_alpha (1: as the sources come, 0: uniform, 0.5: XLS-R), or
 p_l = w_l / sum_k w_k for explicit weights. An epoch holds as many utterances as the sources have
-together; source l fills p_l of them: each of its utterances floor(r_l) times and a fresh random
-subset of them once more (r_l = draws / utterances), counted per length bucket so that every epoch
-has the same batches. fairseq's ResamplingDataset also draws exact per-language counts, but with
-replacement; these draws reach every utterance of an upsampled source.
+together, in whole batches per length bucket (nothing left over, so the same batches every epoch);
+source l fills p_l of them, drawing r_l = draws / utterances per utterance: each of its utterances
+floor(r_l) times and a fresh random subset of them once more. fairseq's ResamplingDataset also draws
+exact per-language counts, but with replacement; these draws reach every utterance of an upsampled
+source every epoch.
 """
 
 from __future__ import annotations
@@ -77,14 +78,45 @@ def target_shares(hours, alpha: float, weights=()) -> np.ndarray:
   return p / p.sum()
 
 
-def _largest_remainder(targets: np.ndarray, total: int) -> np.ndarray:
-  """Integers as near `targets` as can be that sum to `total`: floors, plus one for the largest
-  fractional parts (ties: the earlier entry)."""
-  base = np.floor(targets).astype(np.int64)
+def _largest_remainder(targets: np.ndarray, total: int, allowed: np.ndarray | None = None) -> np.ndarray:
+  """Integers as near `targets` (which sum to `total`) as can be that sum to `total`: floors, plus one
+  for the largest fractional parts (ties: the earlier entry); an entry not `allowed` stays 0."""
+  targets = np.where(allowed, targets, 0.0) if allowed is not None else np.asarray(targets, np.float64)
+  base = np.floor(targets + 1e-9).astype(np.int64)  # a hair under a whole number (rounding) is that number
+  fraction = np.where(allowed, targets - base, -np.inf) if allowed is not None else targets - base
   extra = total - int(base.sum())
-  order = np.argsort(-(targets - base), kind="stable")
-  base[order[:extra]] += 1
+  order = np.argsort(-fraction, kind="stable")
+  if extra >= 0:
+    base[order[:extra]] += 1
+  else:  # the targets' sum was a hair over `total`
+    base[[i for i in order[::-1] if base[i] > 0][:-extra]] -= 1
   return base
+
+
+def _whole_batches(ideal: np.ndarray, support: np.ndarray, batch: int, batches: int) -> np.ndarray:
+  """Draws per (source, bucket) near `ideal` [S, B] that fill `batches` whole batches: each bucket a
+  whole number of them (a remainder left out would favour the sources of some buckets), and each
+  source's total its share of them as exactly as whole draws allow."""
+  columns = ideal.sum(0)
+  per_bucket = batch * _largest_remainder(columns * (batches / columns.sum()), batches, columns > 0)
+  rows = _largest_remainder(ideal.sum(1) * (per_bucket.sum() / ideal.sum()), int(per_bucket.sum()))
+  scaled = ideal * np.divide(per_bucket, columns, out=np.zeros_like(columns), where=columns > 0)
+  draws = np.stack(
+    [_largest_remainder(scaled[:, b], int(per_bucket[b]), support[:, b]) for b in range(ideal.shape[1])], 1
+  )
+  while True:  # move single draws within a bucket, from a source over its total to one under it
+    excess = draws.sum(1) - rows
+    pairs = [(i, j) for i in np.argsort(-excess) if excess[i] > 0 for j in np.argsort(excess) if excess[j] < 0]
+    for i, j in pairs:
+      movable = (draws[i] > 0) & support[j]
+      if movable.any():  # the bucket where i is most over its ideal relative to j
+        gain = np.where(movable, (draws[i] - scaled[i]) - (draws[j] - scaled[j]), -np.inf)
+        b = int(np.argmax(gain))
+        draws[i, b] -= 1
+        draws[j, b] += 1
+        break
+    else:
+      return draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +141,7 @@ class Draws:
     return base, draws - base * usable
 
   @classmethod
-  def plan(cls, names, source, bucket, keep, num_samples, num_buckets, alpha, weights) -> Draws:
+  def plan(cls, names, source, bucket, keep, num_samples, num_buckets, global_batch, alpha, weights) -> Draws:
     s = len(names)
     source = np.asarray(source, np.int32)
     cell = np.where(keep, source * num_buckets + bucket, -1).astype(np.int32)
@@ -122,11 +154,10 @@ class Draws:
       )
     hours = np.bincount(source[keep], weights=num_samples[keep], minlength=s) / 16000 / 3600
     shares = target_shares(hours, alpha, weights)
-    total = int(keep.sum())  # an epoch: as many utterances as the sources have together
-    source_draws = _largest_remainder(shares * total, total)
-    per_cell = np.stack(
-      [_largest_remainder(usable[l] * (source_draws[l] / utterances[l]), source_draws[l]) for l in range(s)]
-    )
+    # An epoch: as many whole batches as the sources' usable utterances fill; source l draws its share of
+    # them, at the same rate from each of its buckets (as nearly as whole batches per bucket allow).
+    ideal = usable * (shares * keep.sum() / utterances)[:, None]
+    per_cell = _whole_batches(ideal, usable > 0, global_batch, int(keep.sum()) // global_batch)
     rule = f"data.source_weights={','.join(f'{w:g}' for w in weights)}" if len(weights) else f"alpha {alpha:g} on hours"
     return cls(tuple(names), source, cell, hours, utterances, shares, per_cell, rule)
 

@@ -187,7 +187,7 @@ class Batches:
     self.bucket = np.where(self.keep, bucket, -1).astype(np.int16)  # 16 bits: epoch() groups by radix sort
     self.counts = counts = np.bincount(self.bucket[self.keep], minlength=len(self.buckets))
     self.mix = None
-    if source is not None:  # each bucket holds its sources' draws; fixed, so every epoch has the same batches
+    if source is not None:  # each bucket: whole batches of its sources' draws, the same every epoch
       self.mix = mixture.Draws.plan(
         [name for name, _ in cfg.sources],
         source,
@@ -195,6 +195,7 @@ class Batches:
         self.keep,
         num_samples,
         len(self.buckets),
+        cfg.global_batch,
         cfg.sampling_alpha,
         cfg.source_weights,
       )
