@@ -177,7 +177,8 @@ class Draws:
   def describe(self) -> str:
     """One line for the log: each source's usable hours and target share, and how often an utterance is drawn."""
     rate = self.per_cell.sum(1) / self.utterances
-    parts = [f"{n} {h:.2f} h -> {p:.1%} (x{r:.2f})" for n, h, p, r in zip(self.names, self.hours, self.shares, rate)]
+    size = lambda h: f"{h:.1f} h" if h >= 1 else f"{60 * h:.1f} min"  # noqa: E731
+    parts = [f"{n} {size(h)} -> {p:.1%} (x{r:.2f})" for n, h, p, r in zip(self.names, self.hours, self.shares, rate)]
     return f"mixture ({self.rule}): " + ", ".join(parts)
 
 
