@@ -106,7 +106,7 @@ def _whole_batches(ideal: np.ndarray, support: np.ndarray, batch: int, batches: 
   )
   while True:  # move single draws within a bucket, from a source over its total to one under it
     excess = draws.sum(1) - rows
-    pairs = [(i, j) for i in np.argsort(-excess) if excess[i] > 0 for j in np.argsort(excess) if excess[j] < 0]
+    pairs = ((i, j) for i in np.argsort(-excess) if excess[i] > 0 for j in np.argsort(excess) if excess[j] < 0)
     for i, j in pairs:
       movable = (draws[i] > 0) & support[j]
       if movable.any():  # the bucket where i is most over its ideal relative to j
