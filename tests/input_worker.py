@@ -1,4 +1,5 @@
-"""Subprocess body for the input tests: `resume` and `distributed` modes (see test_input.py)."""
+"""Subprocess body for the input tests: `resume` and `distributed` modes (see test_input.py); DATA_DIR is
+one data dir or a mixture's `name=dir,...` (at alpha 0.5, as test_input._cfg)."""
 
 import json
 import os
@@ -9,10 +10,19 @@ def main():
   mode, data_dir, out = sys.argv[1:4]
   import numpy as np
 
+  from w2v2_jax.data import mixture
   from w2v2_jax.data.pipeline import AudioInput, InputConfig
 
+  mixed = {"sources": mixture.parse_sources(data_dir), "sampling_alpha": 0.5} if "=" in data_dir else {}
   cfg = InputConfig(
-    data_dir, "train", global_batch=8, max_sample_size=24000, min_sample_size=8000, num_buckets=3, seed=5
+    "" if mixed else data_dir,
+    "train",
+    global_batch=8,
+    max_sample_size=24000,
+    min_sample_size=8000,
+    num_buckets=3,
+    seed=5,
+    **mixed,
   )
   if mode == "resume":  # argv: first | second
     it = AudioInput(cfg)

@@ -205,6 +205,46 @@ def test_fine_tuning_in_a_bucket_then_every_cli_reads_it(gcs, tmp_path):
   assert not os.path.exists(tmp_path / "gs:"), "nothing goes to a local gs: folder"
 
 
+@pytest.mark.slow
+def test_a_mixture_of_a_bucket_and_a_local_dir_reads_as_two_local_dirs(gcs, tmp_path):
+  """One source in the bucket, one on local disk: the same batches as both on disk, through the same
+  reader, and an iterator state of either restores in the other."""
+  from w2v2_jax.data import mixture
+  from w2v2_jax.data.pipeline import AudioInput, InputConfig
+
+  rng = np.random.default_rng(0)
+  utts = [
+    records.Utterance(f"u{i}", rng.integers(-9000, 9000, int(rng.integers(9000, 30000))).astype(np.int16))
+    for i in range(36)
+  ]
+  records.write_split("gs://bkt/mix/a", "train", utts[:24], shard_size=8)
+  records.write_split(str(tmp_path / "a"), "train", utts[:24], shard_size=8)
+  records.write_split(str(tmp_path / "b"), "train", utts[24:], shard_size=8)
+
+  def mixed(a):
+    sources = mixture.parse_sources(f"a={a},b={tmp_path / 'b'}")
+    return AudioInput(
+      InputConfig(
+        "", "train", 8, max_sample_size=16000, min_sample_size=8000, num_buckets=2, sources=sources, sampling_alpha=0.5
+      )
+    )
+
+  remote, local = mixed("gs://bkt/mix/a"), mixed(tmp_path / "a")
+  assert remote.index.files[0].startswith("gs://") and not remote.index.files[-1].startswith("gs://")
+  for _ in range(3):
+    want, got = next(local), next(remote)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  state = remote.state()
+  assert state["position"] == 3
+  local.restore(state)
+  remote.seek(0)
+  for got, want in zip([next(local) for _ in range(5)], [next(remote) for _ in range(8)][3:]):
+    np.testing.assert_array_equal(got["audio"], want["audio"])
+  remote.close()
+  local.close()
+
+
 def _one_line(result, prog, *words):
   assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
   assert "Traceback" not in result.stderr, result.stderr[-3000:]

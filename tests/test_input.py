@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from w2v2_jax.data import records
+from w2v2_jax.data import mixture, records
 from w2v2_jax.data.pipeline import STRIDE, AudioInput, Batches, InputConfig, bucket_lengths, waveform, widest_bucket
 
 HERE = os.path.dirname(__file__)
@@ -34,16 +34,40 @@ def shards(tmp_path_factory):
   return str(root), utts
 
 
-def _cfg(data_dir, **kw):
+@pytest.fixture(scope="module")
+def two_sources(shards, tmp_path_factory):
+  """The same 60 utterances as two sources: `a` holds the first 40, `b` the last 20 (record i of the
+  mixture is utterance i); returns the config.data.sources spec with a at alpha 0.5."""
+  _, utts = shards
+  root = tmp_path_factory.mktemp("two_sources")
+  records.write_split(str(root / "a"), "train", utts[:40], shard_size=20)
+  records.write_split(str(root / "b"), "train", utts[40:], shard_size=20)
+  return f"a={root / 'a'},b={root / 'b'}"
+
+
+def _cfg(data, **kw):
+  """One data dir, or a mixture (a `name=dir,...` spec) at alpha 0.5."""
+  mixed = {"sources": mixture.parse_sources(data), "sampling_alpha": 0.5} if "=" in data else {}
   return InputConfig(
-    data_dir,
+    "" if mixed else data,
     "train",
-    **{"global_batch": 8, "max_sample_size": 24000, "min_sample_size": 8000, "num_buckets": 3, "seed": 5, **kw},
+    **{
+      "global_batch": 8,
+      "max_sample_size": 24000,
+      "min_sample_size": 8000,
+      "num_buckets": 3,
+      "seed": 5,
+      **mixed,
+      **kw,
+    },
   )
 
 
-def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
-  data_dir, utts = shards
+@pytest.mark.parametrize("mixed", [False, True], ids=["one_dir", "mixture"])
+def test_batches_are_bucketed_crops_of_the_planned_utterances(shards, two_sources, mixed):
+  """Every row is the planned crop of its utterance; a mixture's record i is utterance i too (a's 40,
+  then b's 20), read through the same reader, and its per-source shares are the plan's."""
+  data_dir, utts = (two_sources, shards[1]) if mixed else shards
   for mode in ("crop", "pad"):
     it = AudioInput(_cfg(data_dir, mode=mode, num_epochs=1))
     buckets = bucket_lengths(it.cfg)
@@ -62,8 +86,17 @@ def test_batches_are_bucketed_crops_of_the_planned_utterances(shards):
           assert n == min(src.size, 24000) and n <= width
       seen.extend(recs)
     assert position + 1 == it.batches_per_epoch
-    assert len(seen) == len(set(seen))  # an epoch never repeats an utterance
     usable = sum(u.audio.size >= 8000 for u in utts)
+    if mixed:  # b (20 of 60) is upsampled at alpha 0.5: every one of its utterances, some twice
+      shares = it.shares(0, it.batches_per_epoch)
+      assert shares == {
+        "a": it.batches.mix.per_cell[0].sum() / len(seen),
+        "b": it.batches.mix.per_cell[1].sum() / len(seen),
+      }
+      assert shares["b"] > 0.4 and len(seen) == usable // 8 * 8
+      assert {r for r in seen if r >= 40} == {i for i in range(40, 60) if utts[i].audio.size >= 8000}
+      continue
+    assert len(seen) == len(set(seen))  # an epoch never repeats an utterance
     assert usable - len(seen) < 8 * len(buckets)  # only each bucket's remainder is left out
 
 
@@ -197,7 +230,8 @@ def test_waveform_scales_normalises_and_zeroes_padding():
 
 
 def _run(*args, env=None):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE, **(env or {})}
+  path = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, **(env or {})}
   return subprocess.Popen(
     [sys.executable, os.path.join(HERE, "input_worker.py"), *map(str, args)],
     env=env,
@@ -208,8 +242,10 @@ def _run(*args, env=None):
 
 
 @pytest.mark.slow
-def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, tmp_path):
-  data_dir, _ = shards
+@pytest.mark.parametrize("mixed", [False, True], ids=["one_dir", "mixture"])
+def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, two_sources, tmp_path, mixed):
+  """3 batches, the state, then 4 more (across the epoch's end) in a new process equal 4 more read on."""
+  data_dir = two_sources if mixed else shards[0]
   out = str(tmp_path / "r")
   for phase in ("first", "second"):
     p = _run("resume", data_dir, out, phase)
@@ -220,10 +256,14 @@ def test_restored_iterator_in_a_new_process_yields_the_same_batches(shards, tmp_
   for k in first.files:
     np.testing.assert_array_equal(first[k], second[k])
   assert json.load(open(out + ".state.json"))["position"] == 3
-  it = AudioInput(_cfg(data_dir))
+  assert AudioInput(_cfg(data_dir)).batches_per_epoch < 7  # the 7 batches cross an epoch's end
   with pytest.raises(ValueError, match="changed since the checkpoint"):
     AudioInput(_cfg(data_dir, seed=6)).restore(json.load(open(out + ".state.json")))
-  del it
+  if mixed:  # other shares, or the sources as one dir, are another batch sequence
+    with pytest.raises(ValueError, match="changed since the checkpoint"):
+      AudioInput(_cfg(data_dir, sampling_alpha=1.0)).restore(json.load(open(out + ".state.json")))
+    with pytest.raises(ValueError, match="changed since the checkpoint"):
+      AudioInput(_cfg(shards[0])).restore(json.load(open(out + ".state.json")))
 
 
 class _CountedInput(AudioInput):
@@ -260,8 +300,9 @@ def test_close_stops_every_reading_thread_and_next_resumes_at_the_position(shard
 
 
 @pytest.mark.slow
-def test_two_processes_read_disjoint_rows_covering_the_epoch(shards, tmp_path):
-  data_dir, _ = shards
+@pytest.mark.parametrize("mixed", [False, True], ids=["one_dir", "mixture"])
+def test_two_processes_read_disjoint_rows_covering_the_epoch(shards, two_sources, tmp_path, mixed):
+  data_dir = two_sources if mixed else shards[0]
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -274,8 +315,11 @@ def test_two_processes_read_disjoint_rows_covering_the_epoch(shards, tmp_path):
   r0, r1 = (json.load(open(f"{out}.{pid}.json")) for pid in (0, 1))
   assert r0["rows"] == [0, 4] and r1["rows"] == [4, 8]
   assert len(r0["ids"]) == len(r1["ids"])  # same number of batches: no host can stall the others
-  assert not set(r0["ids"]) & set(r1["ids"])
   plan = AudioInput(_cfg(data_dir)).batches.epoch(0)
+  # each process reads its rows of every planned batch (a mixture repeats utterances across rows)
+  assert r0["ids"] == plan.records[:, :4].ravel().tolist() and r1["ids"] == plan.records[:, 4:].ravel().tolist()
+  if not mixed:
+    assert not set(r0["ids"]) & set(r1["ids"])
   assert sorted(r0["ids"] + r1["ids"]) == sorted(plan.records.ravel().tolist())
   assert r0["sums"] == r1["sums"]  # both see the same global arrays
   assert [s[1] for s in r0["sums"]] == plan.lengths.sum(1).tolist()

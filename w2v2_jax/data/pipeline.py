@@ -6,6 +6,8 @@ seed and the epoch number, identically on every process:
   2. permute the utterances; cut each bucket into global batches (dropping each bucket's
      remainder); shuffle the batches; draw each utterance's crop offset;
   3. process p reads rows [r0, r1) of each global batch: disjoint, same count on every host.
+A mixture of several data dirs (InputConfig.sources, data/mixture.py) is one split of their records
+whose step 2 first draws each source's share of the epoch (a fixed count per source and bucket).
 A running batch counter is therefore the whole iterator state, and a restored iterator yields
 exactly the batches it would have yielded. tf.data reads and crops in parallel and prefetches.
 
@@ -29,7 +31,7 @@ import weakref
 
 import numpy as np
 
-from w2v2_jax.data import records
+from w2v2_jax.data import mixture, records
 
 STRIDE = 320  # the feature encoder's total stride; bucket lengths are multiples of it
 BUCKETINGS = ("geometric", "fit")  # how bucket lengths are chosen (InputConfig.bucketing)
@@ -65,7 +67,7 @@ def tensorflow_for_input():
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  data_dir: str
+  data_dir: str  # "" for a mixture of `sources`
   split: str
   global_batch: int
   max_sample_size: int = 250_000
@@ -83,6 +85,14 @@ class InputConfig:
   complete: bool = False  # evaluation: every usable utterance once; each bucket's last batch is
   # filled with empty rows (record -1: silence, no transcript) to score nothing
   read_concurrency: int = 64  # a bucket's ranged GETs in flight per input (local files: unused)
+  sources: tuple[tuple[str, str], ...] = ()  # a mixture: (name, data dir) pairs, each with `split`
+  sampling_alpha: float = 1.0  # a mixture's shares: (hours share)^alpha, normalised (data/mixture.py)
+  source_weights: tuple[float, ...] = ()  # or shares proportional to these, one per source
+
+  @property
+  def where(self) -> str:
+    """The data, as errors name it."""
+    return self.data_dir or "config.data.sources " + ",".join(name for name, _ in self.sources)
 
 
 def bucket_lengths(cfg: InputConfig, usable: np.ndarray | None = None) -> tuple[int, ...]:
@@ -157,7 +167,8 @@ class EpochPlan:
 class Batches:
   """Global batch plans for one split, epoch by epoch (pure numpy, no TF)."""
 
-  def __init__(self, cfg: InputConfig, num_samples: np.ndarray):
+  def __init__(self, cfg: InputConfig, num_samples: np.ndarray, source: np.ndarray | None = None):
+    """`source`: each record's source in a mixture (cfg.sources), which the epoch draws at its share."""
     self.cfg = cfg
     usable = np.minimum(num_samples, cfg.max_sample_size)
     self.keep = num_samples >= cfg.min_sample_size
@@ -175,11 +186,25 @@ class Batches:
     self.num_samples = num_samples
     self.bucket = np.where(self.keep, bucket, -1).astype(np.int16)  # 16 bits: epoch() groups by radix sort
     self.counts = counts = np.bincount(self.bucket[self.keep], minlength=len(self.buckets))
+    self.mix = None
+    if source is not None:  # each bucket: whole batches of its sources' draws, the same every epoch
+      self.mix = mixture.Draws.plan(
+        [name for name, _ in cfg.sources],
+        source,
+        self.bucket,
+        self.keep,
+        num_samples,
+        len(self.buckets),
+        cfg.global_batch,
+        cfg.sampling_alpha,
+        cfg.source_weights,
+      )
+      self.counts = counts = self.mix.per_cell.sum(0)
     self.batches_per_bucket = -(-counts // cfg.global_batch) if cfg.complete else counts // cfg.global_batch
     self.per_epoch = int(self.batches_per_bucket.sum())
     if self.per_epoch == 0:
       raise ValueError(
-        f"{cfg.data_dir} split {cfg.split!r}: {int(self.keep.sum())} usable utterances "
+        f"{cfg.where} split {cfg.split!r}: {int(self.keep.sum())} usable utterances "
         f"(>= min_sample_size={cfg.min_sample_size}) fill no global batch of "
         f"{cfg.global_batch} in any bucket {self.buckets.tolist()}; lower the batch size "
         "or add data"
@@ -195,9 +220,12 @@ class Batches:
     cfg, b = self.cfg, self.cfg.global_batch
     rng = np.random.default_rng([cfg.seed, epoch])
     order = rng.permutation(len(self.num_samples)) if cfg.shuffle else np.arange(len(self.num_samples))
+    first = self.dropped
+    if self.mix is not None:  # each source's share: its utterances repeated or subsampled (none left out)
+      order, first = self.mix.resample(order, rng, cfg.shuffle), 0
     # Each bucket's members in the permuted order, in one stable sort (left-out utterances, -1, first).
     order = order[np.argsort(self.bucket[order], kind="stable")]
-    batches, widths, first = [], [], self.dropped
+    batches, widths = [], []
     for k, n in enumerate(self.batches_per_bucket):
       members = order[first : first + min(n * b, self.counts[k])]
       first += self.counts[k]
@@ -233,8 +261,9 @@ class Batches:
       waste = f"{1 - kept / max(np.broadcast_to(plan.width[:, None], real.shape)[real].sum(), 1):.1%} padding"
     else:
       waste = f"{1 - kept / max(self.num_samples[plan.records[real]].sum(), 1):.1%} of their audio cut away"
+    drawn = "draws from" if self.mix else "of"
     return (
-      f"{int(real.sum())} of {len(self.num_samples)} utterances per epoch in {self.per_epoch} batches, "
+      f"{int(real.sum())} {drawn} {len(self.num_samples)} utterances per epoch in {self.per_epoch} batches, "
       f"buckets {[round(b / 16000, 2) for b in self.buckets.tolist()]} s ({self.cfg.bucketing}), {waste}"
     )
 
@@ -243,14 +272,17 @@ class Batches:
     every utterance length)."""
     if self._fingerprint is None:
       # Not data_dir (local and gs:// copies resume each other), `complete` (evaluation has no state) or
-      # read_concurrency; `bucketing` only when not the default, so that older iterator states restore.
+      # read_concurrency; `bucketing` and a mixture only when set, so that older iterator states restore.
+      later = ("bucketing", "sources", "sampling_alpha", "source_weights")
       fields = tuple(
         getattr(self.cfg, f.name)
         for f in dataclasses.fields(self.cfg)
-        if f.name not in ("data_dir", "complete", "bucketing", "read_concurrency")
+        if f.name not in ("data_dir", "complete", "read_concurrency") + later
       )
       if self.cfg.bucketing != "geometric":
         fields += (self.cfg.bucketing,)
+      if self.mix is not None:  # the sources' names and sizes, the rule and the draws (not their dirs)
+        fields += (self.mix.names, tuple(self.mix.utterances.tolist()), self.mix.rule, self.mix.per_cell.tolist())
       self._fingerprint = self._repr_digest(fields, self.num_samples)[:16]
     return self._fingerprint
 
@@ -290,8 +322,11 @@ class AudioInput:
   ):
     self.cfg = cfg
     self.labels = labels  # (ids [N, L] int32, lengths [N] int32) per record: batches gain them
-    self.index = records.load_split(cfg.data_dir, cfg.split)
-    self.batches = Batches(cfg, self.index.num_samples)
+    if cfg.sources:
+      self.index, source = mixture.load_split(cfg.sources, cfg.split)
+    else:
+      self.index, source = records.load_split(cfg.data_dir, cfg.split), None
+    self.batches = Batches(cfg, self.index.num_samples, source)
     if rows is None:
       if cfg.global_batch % process_count:
         raise ValueError(f"batch size {cfg.global_batch} does not divide over {process_count} processes")
@@ -324,6 +359,18 @@ class AudioInput:
     epoch, k = divmod(int(position), self.batches_per_epoch)
     plan, (r0, r1) = self._plan(epoch), self.rows
     return plan.records[k, r0:r1], plan.starts[k, r0:r1], plan.lengths[k, r0:r1], int(plan.width[k])
+
+  def shares(self, start: int, stop: int) -> dict[str, float]:
+    """A mixture's share of each source among the rows of global batches [start, stop); {} for one data dir."""
+    mix = self.batches.mix
+    if mix is None or stop <= start:
+      return {}
+    counts = np.zeros(len(mix.names), np.int64)
+    for position in range(start, stop):
+      epoch, k = divmod(position, self.batches_per_epoch)
+      recs = self._plan(epoch).records[k]
+      counts += np.bincount(mix.source[recs[recs >= 0]], minlength=len(counts))
+    return {name: float(c) / max(int(counts.sum()), 1) for name, c in zip(mix.names, counts)}
 
   def load(self, position) -> tuple[np.ndarray, ...]:
     """Reads the crops of one local batch straight into a zero-padded int16 array (+ labels)."""
@@ -416,9 +463,9 @@ class AudioInput:
   def restore(self, state: dict) -> None:
     if state["fingerprint"] != self.batches.fingerprint():
       raise ValueError(
-        f"data iterator state does not match {self.cfg.data_dir} split "
+        f"data iterator state does not match {self.cfg.where} split "
         f"{self.cfg.split!r}: the data or the data config (batch, buckets, bucketing, seed, "
-        "crop) changed since the checkpoint; restore with the same data config (a fine-tuning "
+        "crop, sources) changed since the checkpoint; restore with the same data config (a fine-tuning "
         "run started before data.bucketing existed: --config.data.bucketing=geometric)"
       )
     self.seek(int(state["position"]))

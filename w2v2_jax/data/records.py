@@ -219,6 +219,26 @@ class SplitIndex:
     return out
 
 
+def concatenate(indexes: list[SplitIndex]) -> SplitIndex:
+  """Several splits as one (a mixture of data dirs): their records in order, each file kept where it is."""
+  if len(indexes) == 1:
+    return indexes[0]
+  first_file = np.cumsum([0] + [len(ix.files) for ix in indexes[:-1]])
+
+  def joined(part):
+    return lambda: np.concatenate([np.asarray([v.encode("utf-8") for v in part(ix)], bytes) for ix in indexes])
+
+  return SplitIndex(
+    [f for ix in indexes for f in ix.files],
+    np.concatenate([ix.num_samples for ix in indexes]),
+    np.concatenate([ix.file_index + k for ix, k in zip(indexes, first_file)]),
+    np.concatenate([ix.audio_offsets for ix in indexes]),
+    joined(lambda ix: ix.ids),
+    np.concatenate([ix.labeled for ix in indexes]),
+    joined(lambda ix: ix.transcripts()),
+  )
+
+
 def _records(path: str):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -291,12 +311,14 @@ class AudioReader:
 
   def __init__(self, index: SplitIndex, concurrency: int = 64, max_open_files: int = 256):
     self.index = index
-    self.remote = bool(index.files) and storage.is_url(index.files[0])
+    self.remote_files = np.asarray([storage.is_url(f) for f in index.files], bool)  # a mixture may hold both
     self.max_open_files = max_open_files
     self._fds = collections.OrderedDict()  # file number -> [descriptor, readers], least recently used first
     self._lock = threading.Lock()
     self._pool = (
-      concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="audio-read") if self.remote else None
+      concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="audio-read")
+      if self.remote_files.any()
+      else None
     )
 
   def read(self, record: int, start: int, out: np.ndarray) -> None:
@@ -305,11 +327,11 @@ class AudioReader:
 
   def read_many(self, requests) -> None:
     """Fills each (record, start, out) of a batch; from a bucket, the GETs run concurrently."""
-    if self.remote:
-      for future in [self._pool.submit(self._read_remote, *r) for r in requests]:
-        future.result()
-      return
-    for record, start, out in requests:
+    remote = self.remote_files[self.index.file_index[[r[0] for r in requests]]] if requests else []
+    futures = [self._pool.submit(self._read_remote, *r) for r, far in zip(requests, remote) if far]
+    for (record, start, out), far in zip(requests, remote):
+      if far:
+        continue
       offset = int(self.index.audio_offsets[record]) + 2 * int(start)
       file = int(self.index.file_index[record])
       fd = self._acquire(file)
@@ -318,6 +340,8 @@ class AudioReader:
           self._truncated(record)
       finally:
         self._release(file)
+    for future in futures:
+      future.result()
 
   def _read_remote(self, record: int, start: int, out: np.ndarray) -> None:
     offset = int(self.index.audio_offsets[record]) + 2 * int(start)

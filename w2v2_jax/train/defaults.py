@@ -39,6 +39,11 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "shards"  # "shards" (w2v2-prepare output) or "corpus" (offline eSpeak)
   c.data.data_dir = ""
+  # A mixture of prepared data dirs (languages, corpora) instead of data_dir, which must then be "":
+  # "en=gs://B/en,fr=gs://B/fr", each with train_split and valid_split (docs/data.md).
+  c.data.sources = ""
+  c.data.sampling_alpha = 1.0  # a source's share of an epoch ∝ (its share of the hours)^alpha; XLS-R: 0.5
+  c.data.source_weights = ""  # "en=2,fr=1": shares ∝ these instead (sampling_alpha unused)
   c.data.train_split = "train"
   c.data.valid_split = "valid"
   c.data.corpus_hours = 2.0  # source=corpus: unlabeled hours to synthesize (cached)

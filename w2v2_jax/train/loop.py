@@ -56,6 +56,7 @@ def validate(config, mesh, task=None) -> None:
   task.validate(int(cfg.num_frames(shortest)))
   if config.data.mode not in ("crop", "pad"):
     raise ValueError(f"config.data.mode={config.data.mode!r}: use 'crop' or 'pad'")
+  inputs.sources(config)  # a mixture's keys (data.sources, sampling_alpha, source_weights)
   reference.curves(config)
 
 
@@ -159,9 +160,9 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
 
   batch_sharding = parallel.batch_sharding(layout.mesh)
   rows = pipeline.local_rows(batch_sharding, config.batch_size)
-  train_data = inputs.open_input(config, task, directory, config.data.train_split, True, rows)
+  train_data = inputs.open_train(config, task, directory, rows)
   valid_data = inputs.open_valid(config, task, directory, rows)
-  meter = reporting.Meter(task.model_config, task.kind, config.batch_size)  # before the mesh context
+  meter = reporting.Meter(task.model_config, task.kind, config.batch_size, train_data)  # before the mesh context
   with jax.set_mesh(layout.mesh):
     mgr = checkpointing.manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     start, state = restore_or_init(config, task, layout, mgr, train_data)
@@ -213,9 +214,8 @@ def train_and_evaluate(config, workdir: str, on_log=None) -> dict:
     mgr.wait_until_finished()
     mgr.close()
   report.close()
-  for data in (train_data, valid_data):
-    if data is not None:
-      data.close()  # its reading threads, before the caller moves on (or exits)
+  for data in (train_data, *valid_data.values()):
+    data.close()  # its reading threads, before the caller moves on (or exits)
   return dict(last, step=int(jax.device_get(state.step)), params=state.params)
 
 
@@ -239,11 +239,25 @@ def refuse_a_diverged_run(config, metrics: dict, step: int) -> None:
     )
 
 
-def evaluate(config, task, data, eval_step, params, batch_sharding, step, final=False) -> dict:
-  """Mean metrics over config.eval_batches batches of the valid split (<= 0: all of it; no split:
-  {}), with the task's scorer's (CTC: corpus WER and CER; beam search at the `final` one)."""
-  if data is None:
-    return {}
+def evaluate(config, task, valid: dict, eval_step, params, batch_sharding, step, final=False) -> dict:
+  """Mean metrics over config.eval_batches batches (<= 0: all) of each valid split in `valid`
+  (inputs.open_valid; none: {}), with the task's scorer's (CTC: corpus WER and CER; beam search at the
+  `final` one). A mixture's sources each add theirs as `NAME/metric`; the plain keys are the mean over
+  all their batches."""
+  parts = {
+    name: _evaluate_split(config, task, data, eval_step, params, batch_sharding, step, final)
+    for name, data in valid.items()
+  }
+  if set(parts) <= {""}:
+    return parts[""][0] if parts else {}
+  total = max(sum(n for _, n in parts.values()), 1)
+  common = set.intersection(*(set(m) for m, _ in parts.values()))
+  overall = {k: sum(m[k] * n for m, n in parts.values()) / total for k in sorted(common)}
+  return dict(overall, **{f"{name}/{k}": v for name, (m, _) in parts.items() for k, v in m.items()})
+
+
+def _evaluate_split(config, task, data, eval_step, params, batch_sharding, step, final) -> tuple[dict, int]:
+  """(metrics, batches) of one valid split."""
   data.seek(0)
   scorer = task.scorer(final)
   sums, n = {}, 0
@@ -255,7 +269,7 @@ def evaluate(config, task, data, eval_step, params, batch_sharding, step, final=
     n += 1
     if n == config.eval_batches:
       break
-  return dict({k: v / n for k, v in sums.items()} if n else {}, **scorer.result())
+  return dict({k: v / n for k, v in sums.items()} if n else {}, **scorer.result()), n
 
 
 def abstract_params_zeros(abstract):

@@ -16,12 +16,15 @@ from w2v2_jax import storage
 from w2v2_jax.models import flops
 from w2v2_jax.train import events, reference
 
+SHARE = "share/"  # a mixture's source shares among the metrics; TensorBoard: data/share/NAME
+
 
 class Meter:
-  """Audio seconds, FLOPs and input wait since the last log step -> throughput, MFU and goodput."""
+  """Audio seconds, FLOPs and input wait since the last log step -> throughput, MFU and goodput; with a
+  mixture as `data`, each source's share of the interval's rows (`share/NAME`)."""
 
-  def __init__(self, model_cfg, kind: str, batch_size: int):
-    self.model_cfg, self.kind, self.batch_size = model_cfg, kind, batch_size
+  def __init__(self, model_cfg, kind: str, batch_size: int, data=None):
+    self.model_cfg, self.kind, self.batch_size, self.data = model_cfg, kind, batch_size, data
     peak, source = flops.peak_flops(jax.local_devices()[0], model_cfg.dtype)
     self.peak = peak * jax.device_count()
     if jax.process_index() == 0:
@@ -53,6 +56,9 @@ class Meter:
       mfu=self.flops / elapsed / self.peak,
       input_wait=self.input_s / elapsed,
     )
+    if self.data is not None:  # each step took one batch: the interval's are the last `steps` the input gave
+      position = self.data.position
+      out.update({f"{SHARE}{name}": v for name, v in self.data.shares(position - self.steps, position).items()})
     self._reset()
     return out
 
@@ -101,9 +107,10 @@ class Reporter:
     """Logs one training log step and checks the run's health; True: stop (a collapse, with
     config.health.stop_on_collapse). Every process decides alike: the metrics are global."""
     eta = (self.config.num_train_steps - step) * m["step_time"]
+    shares = {k: v for k, v in m.items() if k.startswith(SHARE)}
     logging.info(
       "step %d/%d loss %.3f %s lr %.2e gnorm %.2f skipped %d | %.1f audio-s/s %.2f s/step MFU %.1f%% "
-      "input wait %.0f%% ETA %s",
+      "input wait %.0f%% ETA %s%s",
       step,
       self.config.num_train_steps,
       m["loss"],
@@ -116,8 +123,11 @@ class Reporter:
       100 * m["mfu"],
       100 * m["input_wait"],
       time.strftime("%H:%M:%S", time.gmtime(eta)),
+      " | share " + " ".join(f"{k[len(SHARE) :]} {v:.1%}" for k, v in shares.items()) if shares else "",
     )
-    self._write("train", step, m)
+    if self.writer and shares:
+      self.writer.write_scalars(step, {f"data/{k}": v for k, v in shares.items()})
+    self._write("train", step, {k: v for k, v in m.items() if k not in shares})
     self._compare("train", step, m)
     scalars, alarms = self.health.update(step, m)
     for line in alarms:
@@ -129,7 +139,9 @@ class Reporter:
   def eval(self, step: int, ev: dict) -> None:
     if not ev:
       return
-    logging.info("step %d valid loss %.3f %s", step, ev["loss"], self.task.eval_line(ev))
+    per_source = " ".join(f"{k[: -len('/loss')]} {v:.3f}" for k, v in ev.items() if k.endswith("/loss"))
+    by_source = f" | loss {per_source}" if per_source else ""
+    logging.info("step %d valid loss %.3f %s%s", step, ev["loss"], self.task.eval_line(ev), by_source)
     if self.is_main:
       record_eval(self.workdir, {"step": step, "split": self.config.data.valid_split, **ev})
     self._write("valid", step, ev)
