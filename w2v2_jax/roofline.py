@@ -422,7 +422,8 @@ class _Walk:
 
   def instruction(self, instr: Instr, comp: dict, times: int) -> None:
     code = instr.opcode
-    if code in FREE or code.endswith("-done") or instr.attr(r'custom_call_target="(AllocateBuffer)"'):
+    allocation = instr.attr(r'custom_call_target="(AllocateBuffer)"')  # moves no data; XLA counts its output
+    if code in FREE or code.endswith("-done") or (allocation and not self.whole):
       return
     if code == "while":
       n = trip_count(instr, comp, self.computations)

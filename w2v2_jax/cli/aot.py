@@ -140,13 +140,13 @@ def roofline_lines(r: dict) -> list[str]:
     + (f"; loops counted once (no trip count found): {r['unknown_trip_counts']}" if r["unknown_trip_counts"] else ""),
     f"  against XLA's cost_analysis (each instruction once, whole operands): FLOPs {r['vs_xla_flops']}x, "
     f"bytes {r['vs_xla_bytes']}x",
-    f"  {'ms':>8} {'bound':7} {'kind':22} {'times':>5} {'GFLOP':>9} {'MB':>9}  name (jax op)",
+    f"  {'ms':>8} {'bound':7} {'kind':28} {'times':>5} {'GFLOP':>9} {'MB':>9}  name (jax op)",
   ]
   for op in r["top_ops"]:
     where = op["source"].split("/")
     where = ("backward " if "transpose(" in op["source"] else "") + "/".join(where[-3:])
     lines.append(
-      f"  {op['ms']:8.3f} {op['bound']:7} {op['kind']:22} {op['times']:5d} {op['gflop']:9.1f} {op['mb']:9.1f}  "
+      f"  {op['ms']:8.3f} {op['bound']:7} {op['kind']:28} {op['times']:5d} {op['gflop']:9.1f} {op['mb']:9.1f}  "
       f"{op['name']} ({where})"
     )
   return lines
