@@ -103,6 +103,10 @@ def topology_devices(slice_name: str):
   ).devices, CHIPS[kind]
 
 
+def _digits(x: float) -> float:
+  return float(f"{x:.4g}")
+
+
 def roofline_figures(hlo_text: str, cost: dict | None, chip: Chip, model_flops_per_chip: float) -> dict:
   """The step at the chip's roofline (w2v2_jax/roofline.py), the MFU it implies (model FLOPs from
   models/flops.py), its ten costliest ops, and its FLOPs and bytes against XLA's cost_analysis()."""
@@ -115,13 +119,13 @@ def roofline_figures(hlo_text: str, cost: dict | None, chip: Chip, model_flops_p
     "chip": chip.datasheet,
     "peak_tflops": chip.peak_flops / 1e12,
     "hbm_tb_per_s": chip.hbm_bytes_per_s / 1e12,
-    "step_s": round(est.seconds, 4),
-    "mfu": round(model_flops_per_chip / (est.seconds * chip.peak_flops), 4),
-    "compute_bound_share": round(est.compute_bound_seconds / est.seconds, 3),
-    "tflop_per_chip": round(est.flops / 1e12, 3),
-    "hbm_gb_per_chip": round(est.bytes / 1e9, 1),
+    "step_s": _digits(est.seconds),
+    "mfu": _digits(model_flops_per_chip / (est.seconds * chip.peak_flops)),
+    "compute_bound_share": _digits(est.compute_bound_seconds / est.seconds),
+    "tflop_per_chip": _digits(est.flops / 1e12),
+    "hbm_gb_per_chip": _digits(est.bytes / 1e9),
     "collectives": dict(collections.Counter(op.kind for op in est.collectives)),
-    "collective_gb_per_chip": round(est.collective_bytes / 1e9, 3),
+    "collective_gb_per_chip": _digits(est.collective_bytes / 1e9),
     "unknown_trip_counts": list(est.unknown_trip_counts),
     "vs_xla_flops": ratio(flops_once, "flops"),
     "vs_xla_bytes": ratio(bytes_once, "bytes accessed"),
@@ -133,7 +137,7 @@ def roofline_lines(r: dict) -> list[str]:
   """What w2v2-aot prints of roofline_figures()."""
   lines = [
     f"roofline on {r['chip']} ({r['peak_tflops']:g} TFLOP/s dense bf16, {r['hbm_tb_per_s']:g} TB/s HBM; public "
-    f"datasheet): step {r['step_s'] * 1e3:.1f} ms, MFU {r['mfu']:.1%}; {r['tflop_per_chip']:g} TFLOP and "
+    f"datasheet): step {r['step_s'] * 1e3:.4g} ms, MFU {r['mfu']:.1%}; {r['tflop_per_chip']:g} TFLOP and "
     f"{r['hbm_gb_per_chip']:g} GB of HBM traffic per chip; compute-bound ops "
     f"{r['compute_bound_share']:.0%} of the time",
     f"  not in the time: collectives {r['collectives']}, {r['collective_gb_per_chip']:g} GB per chip"
