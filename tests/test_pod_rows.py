@@ -162,6 +162,10 @@ def test_aot_compiles_a_scanned_tiny_model_for_a_slice_and_writes_its_figures(tm
   assert figures["chips"] == 4 and figures["scan_layers"] is True and figures["fits"] is True
   assert figures["compile_s"] > 0 and figures["lower_s"] > 0 and 0 < figures["per_chip_gib"] < 95
   assert figures["analytic_tflop_per_step_per_chip"] > 0
+  roof = figures["roofline"]  # the step at the chip's roofline, every scanned layer counted
+  assert roof["chip"] == "TPU v5p" and roof["step_s"] > 0 and 0 < roof["mfu"] < 1 and len(roof["top_ops"]) == 10
+  assert roof["unknown_trip_counts"] == [] and 0.9 < roof["vs_xla_flops"] < 1.1, roof
+  assert "roofline on TPU v5p" in run.stdout
 
 
 def _lowered_train_step(config, devices) -> str:

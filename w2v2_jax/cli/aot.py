@@ -5,11 +5,14 @@
 Needs libtpu (pip install 'w2v2-jax[tpu]'); no TPU. First checks that every process (TPU host) of
 the slice reads one contiguous, equal block of the global batch, and prints those blocks; then
 prints the sharding table, the per-chip memory from XLA's memory analysis against the chip's HBM,
-and XLA's FLOPs per step, for the largest bucket (the most memory-hungry shape).
+XLA's FLOPs per step, and the step time at the chip's roofline (w2v2_jax/roofline.py) with the MFU
+it implies and its ten costliest ops, for the largest bucket (the most memory-hungry shape).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import time
 
@@ -44,19 +47,36 @@ def define_flags():
   flags.DEFINE_bool("rows_only", False, "Only check the mesh and each process's batch rows (no compile).")
 
 
-# name -> (topology_name prefix, cores per chip counted in the slice name, HBM GiB per chip)
-CHIPS = {"v4": ("v4", 2, 32), "v5p": ("v5p", 2, 95), "v5e": ("v5e", 1, 16), "v6e": ("v6e", 1, 32)}
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation: how its slices are named, and its public datasheet's figures per chip."""
+
+  datasheet: str  # the chip's name on its public datasheet
+  topology: str  # libtpu's topology_name prefix
+  cores: int  # cores per chip counted in the slice name (v5p-128 is 64 chips)
+  hbm_gib: int
+  peak_flops: float  # dense bf16 FLOP/s
+  hbm_bytes_per_s: float
+
+
+# Public datasheets: dense bf16 peak, HBM, HBM bandwidth per chip.
+CHIPS = {
+  "v4": Chip("TPU v4", "v4", 2, 32, 275e12, 1.2e12),
+  "v5p": Chip("TPU v5p", "v5p", 2, 95, 459e12, 2.76e12),
+  "v5e": Chip("TPU v5e", "v5e", 1, 16, 197e12, 0.82e12),
+  "v6e": Chip("TPU v6e", "v6e", 1, 32, 918e12, 1.64e12),
+}
 
 
 def topology_devices(slice_name: str):
-  """'v5p-128' -> the 64 chip devices of a 4x4x4 v5p slice (libtpu, compile-only), with their hosts' process_index."""
+  """'v5p-128' -> (the 64 chip devices of a 4x4x4 v5p slice (libtpu, compile-only), with their hosts'
+  process_index; its Chip)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   kind, _, count = slice_name.partition("-")
   if kind not in CHIPS or not count.isdigit():
     raise ValueError(f"--topology={slice_name}: use one of {sorted(CHIPS)} with a size, e.g. v5p-128")
-  prefix, cores, _ = CHIPS[kind]
-  chips = int(count) // cores
+  prefix, chips = CHIPS[kind].topology, int(count) // CHIPS[kind].cores
   if kind in ("v4", "v5p"):  # 3-D tori of 2x2x1-chip hosts: the most cubic x<=y<=z, else 2x2x1 (one host)
     per_host = (2, 2, 1)
     shapes = [
@@ -80,7 +100,60 @@ def topology_devices(slice_name: str):
   chip_config = "megacore" if kind == "v4" else "default"  # v4: one device per chip, as on a real pod
   return topologies.get_topology_desc(
     platform="tpu", topology_name=name, chip_config_name=chip_config, chips_per_host_bounds=per_host, num_slices=1
-  ).devices, CHIPS[kind][2]
+  ).devices, CHIPS[kind]
+
+
+def _digits(x: float) -> float:
+  return float(f"{x:.4g}")
+
+
+def roofline_figures(hlo_text: str, cost: dict | None, chip: Chip, model_flops_per_chip: float) -> dict:
+  """The step at the chip's roofline (w2v2_jax/roofline.py), the MFU it implies (model FLOPs from
+  models/flops.py), its ten costliest ops, and its FLOPs and bytes against XLA's cost_analysis()."""
+  from w2v2_jax import roofline  # pylint: disable=import-outside-toplevel
+
+  est = roofline.estimate(hlo_text, chip.peak_flops, chip.hbm_bytes_per_s)
+  flops_once, bytes_once = roofline.estimate(hlo_text, chip.peak_flops, chip.hbm_bytes_per_s, True).once()
+  ratio = lambda ours, key: round(ours / cost[key], 3) if cost and cost.get(key, 0) > 0 else None  # noqa: E731
+  return {
+    "chip": chip.datasheet,
+    "peak_tflops": chip.peak_flops / 1e12,
+    "hbm_tb_per_s": chip.hbm_bytes_per_s / 1e12,
+    "step_s": _digits(est.seconds),
+    "mfu": _digits(model_flops_per_chip / (est.seconds * chip.peak_flops)),
+    "compute_bound_share": _digits(est.compute_bound_seconds / est.seconds),
+    "tflop_per_chip": _digits(est.flops / 1e12),
+    "hbm_gb_per_chip": _digits(est.bytes / 1e9),
+    "collectives": dict(collections.Counter(op.kind for op in est.collectives)),
+    "collective_gb_per_chip": _digits(est.collective_bytes / 1e9),
+    "unknown_trip_counts": list(est.unknown_trip_counts),
+    "vs_xla_flops": ratio(flops_once, "flops"),
+    "vs_xla_bytes": ratio(bytes_once, "bytes accessed"),
+    "top_ops": est.top(10),
+  }
+
+
+def roofline_lines(r: dict) -> list[str]:
+  """What w2v2-aot prints of roofline_figures()."""
+  lines = [
+    f"roofline on {r['chip']} ({r['peak_tflops']:g} TFLOP/s dense bf16, {r['hbm_tb_per_s']:g} TB/s HBM; public "
+    f"datasheet): step {r['step_s'] * 1e3:.4g} ms, MFU {r['mfu']:.1%}; {r['tflop_per_chip']:g} TFLOP and "
+    f"{r['hbm_gb_per_chip']:g} GB of HBM traffic per chip; compute-bound ops "
+    f"{r['compute_bound_share']:.0%} of the time",
+    f"  not in the time: collectives {r['collectives']}, {r['collective_gb_per_chip']:g} GB per chip"
+    + (f"; loops counted once (no trip count found): {r['unknown_trip_counts']}" if r["unknown_trip_counts"] else ""),
+    f"  against XLA's cost_analysis (each instruction once, whole operands): FLOPs {r['vs_xla_flops']}x, "
+    f"bytes {r['vs_xla_bytes']}x",
+    f"  {'ms':>8} {'bound':7} {'kind':28} {'times':>5} {'GFLOP':>9} {'MB':>9}  name (jax op)",
+  ]
+  for op in r["top_ops"]:
+    where = op["source"].split("/")
+    where = ("backward " if "transpose(" in op["source"] else "") + "/".join(where[-3:])
+    lines.append(
+      f"  {op['ms']:8.3f} {op['bound']:7} {op['kind']:28} {op['times']:5d} {op['gflop']:9.1f} {op['mb']:9.1f}  "
+      f"{op['name']} ({where})"
+    )
+  return lines
 
 
 def rows_summary(rows: dict) -> list[str]:
@@ -102,7 +175,7 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise ValueError("--config is required")
-  devices, hbm_gib = topology_devices(FLAGS.topology)
+  devices, chip = topology_devices(FLAGS.topology)
   layout = loop.plan_layout(config, devices)
   batch_sh = parallel.batch_sharding(layout.mesh)
   rows = parallel.process_rows(batch_sh, config.batch_size)  # refuses a layout the input pipeline cannot feed
@@ -127,6 +200,7 @@ def main(argv):
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  model_flops = flops.train_flops(loop.model_config(config), widest, config.batch_size) / len(devices)
   per_chip = (
     mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   ) / 2**30
@@ -143,19 +217,19 @@ def main(argv):
     "lower_s": round(lowered_at - start, 1),
     "compile_s": round(compiled_at - lowered_at, 1),
     "per_chip_gib": round(per_chip, 2),
-    "hbm_gib": hbm_gib,
-    "fits": per_chip < 0.95 * hbm_gib,
+    "hbm_gib": chip.hbm_gib,
+    "fits": per_chip < 0.95 * chip.hbm_gib,
     "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
     "argument_gib": round(mem.argument_size_in_bytes / 2**30, 2),
     # XLA's count sees a scanned layer once; the analytic count has every layer (models/flops.py)
-    "analytic_tflop_per_step_per_chip": float(
-      f"{flops.train_flops(loop.model_config(config), widest, config.batch_size) / len(devices) / 1e12:.3g}"
-    ),
+    "analytic_tflop_per_step_per_chip": float(f"{model_flops / 1e12:.3g}"),
     "xla_tflop_per_step_per_chip": round(float(cost.get("flops", 0.0)) / 1e12, 2) if cost else None,
   }
   print(f"parameter shardings on mesh {dict(layout.mesh.shape)}:\n{layout.table}")
   print(" ".join(f"{k}={v}" for k, v in figures.items()))
-  print(f"{'FITS' if figures['fits'] else 'DOES NOT FIT'}: {per_chip:.2f} GiB of {hbm_gib} GiB HBM per chip")
+  print(f"{'FITS' if figures['fits'] else 'DOES NOT FIT'}: {per_chip:.2f} GiB of {chip.hbm_gib} GiB HBM per chip")
+  figures["roofline"] = roofline_figures(compiled.as_text(), cost, chip, model_flops)
+  print("\n".join(roofline_lines(figures["roofline"])))
   write_json(FLAGS.json, figures)
 
 
