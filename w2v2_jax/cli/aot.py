@@ -12,7 +12,6 @@ it implies and its ten costliest ops, for the largest bucket (the most memory-hu
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import time
 
@@ -20,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from w2v2_jax.cli.common import config_flags_parser, one_line_errors, write_json
+from w2v2_jax.models import flops
 
 FLAGS = flags.FLAGS
 # The slices the docs and tests name; any size of these chips works.
@@ -47,25 +47,7 @@ def define_flags():
   flags.DEFINE_bool("rows_only", False, "Only check the mesh and each process's batch rows (no compile).")
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """A TPU generation: how its slices are named, and its public datasheet's figures per chip."""
-
-  datasheet: str  # the chip's name on its public datasheet
-  topology: str  # libtpu's topology_name prefix
-  cores: int  # cores per chip counted in the slice name (v5p-128 is 64 chips)
-  hbm_gib: int
-  peak_flops: float  # dense bf16 FLOP/s
-  hbm_bytes_per_s: float
-
-
-# Public datasheets: dense bf16 peak, HBM, HBM bandwidth per chip.
-CHIPS = {
-  "v4": Chip("TPU v4", "v4", 2, 32, 275e12, 1.2e12),
-  "v5p": Chip("TPU v5p", "v5p", 2, 95, 459e12, 2.76e12),
-  "v5e": Chip("TPU v5e", "v5e", 1, 16, 197e12, 0.82e12),
-  "v6e": Chip("TPU v6e", "v6e", 1, 32, 918e12, 1.64e12),
-}
+CHIPS = flops.TPU_CHIPS  # each chip's slice naming and datasheet peaks (models/flops.py)
 
 
 def topology_devices(slice_name: str):
@@ -107,7 +89,7 @@ def _digits(x: float) -> float:
   return float(f"{x:.4g}")
 
 
-def roofline_figures(hlo_text: str, cost: dict | None, chip: Chip, model_flops_per_chip: float) -> dict:
+def roofline_figures(hlo_text: str, cost: dict | None, chip: flops.Chip, model_flops_per_chip: float) -> dict:
   """The step at the chip's roofline (w2v2_jax/roofline.py), the MFU it implies (model FLOPs from
   models/flops.py), its ten costliest ops, and its FLOPs and bytes against XLA's cost_analysis()."""
   from w2v2_jax import roofline  # pylint: disable=import-outside-toplevel
@@ -169,7 +151,6 @@ def main(argv):
 
   from w2v2_jax import parallel  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.models import flops  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import inputs, loop, tasks  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config

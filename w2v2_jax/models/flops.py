@@ -11,13 +11,36 @@ tests/test_flops.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
 from w2v2_jax.models.config import ModelConfig
 
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation: how its slices are named, and its public datasheet's figures per chip."""
+
+  datasheet: str  # the chip's name on its public datasheet
+  topology: str  # libtpu's topology_name prefix
+  cores: int  # cores per chip counted in the slice name (v5p-128 is 64 chips)
+  hbm_gib: int
+  peak_flops: float  # dense bf16 FLOP/s
+  hbm_bytes_per_s: float
+  device_kinds: tuple[str, ...]  # jax's device_kind strings of the chip
+
+
+# Public datasheets: dense bf16 peak, HBM, HBM bandwidth per chip; keyed by the slice names' prefix.
+TPU_CHIPS = {
+  "v4": Chip("TPU v4", "v4", 2, 32, 275e12, 1.2e12, ("TPU v4",)),
+  "v5p": Chip("TPU v5p", "v5p", 2, 95, 459e12, 2.76e12, ("TPU v5p", "TPU v5")),
+  "v5e": Chip("TPU v5e", "v5e", 1, 16, 197e12, 0.82e12, ("TPU v5 lite", "TPU v5e")),
+  "v6e": Chip("TPU v6e", "v6e", 1, 32, 918e12, 1.64e12, ("TPU v6 lite", "TPU v6e")),
+}
+
 # Dense peak FLOP/s per chip from vendor datasheets (bf16 / fp32-on-tensor-cores where that is the
-# compute dtype in use). Keys are jax's device_kind strings.
+# compute dtype in use). Keys are jax's device_kind strings; a device kind takes its longest matching key.
 PEAK_FLOPS = {
   # NVIDIA, dense (no sparsity). fp32 uses TF32 tensor cores (XLA's default matmul precision).
   "NVIDIA H100 80GB HBM3": {"bfloat16": 989e12, "float32": 494e12},
@@ -26,12 +49,8 @@ PEAK_FLOPS = {
   "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 156e12},
   "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 156e12},
   "Tesla V100-SXM2-32GB": {"bfloat16": 125e12, "float32": 125e12},
-  # Google TPUs, bf16 per chip.
-  "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-  "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
-  "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
-  "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-  "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+  # Google TPUs, bf16 per chip (fp32 matmuls run on the bf16 units).
+  **{kind: {"bfloat16": c.peak_flops, "float32": c.peak_flops} for c in TPU_CHIPS.values() for kind in c.device_kinds},
 }
 
 
@@ -107,7 +126,9 @@ def peak_flops(device, dtype: str) -> tuple[float, str]:
     # Every forced CPU "device" shares the same cores: the host's peak is split between them.
     return measured_cpu_peak() / max(len(device.client.local_devices()), 1), "measured fp32 matmul"
   kind = device.device_kind
-  for name, peaks in PEAK_FLOPS.items():
-    if kind == name or kind.startswith(name):
-      return peaks.get(dtype, peaks["bfloat16"]), f"datasheet ({name}, {dtype})"
+  matches = [name for name in PEAK_FLOPS if kind.startswith(name)]
+  if matches:
+    name = max(matches, key=len)  # "TPU v5 lite" before "TPU v5"
+    peaks = PEAK_FLOPS[name]
+    return peaks.get(dtype, peaks["bfloat16"]), f"datasheet ({name}, {dtype})"
   return float("nan"), f"unknown device kind {kind!r} (add it to w2v2_jax.models.flops.PEAK_FLOPS)"
