@@ -162,16 +162,11 @@ def test_encoder_frozen_for_the_first_updates(labeled_shards, tmp_path):
 
 
 def test_miniature_scratch_baseline_differs_only_in_init_and_freezing():
-  import importlib.util
+  import experiment_file
 
   from w2v2_jax.demo import miniature
 
-  spec = importlib.util.spec_from_file_location(
-    "demo_finetune", os.path.join(os.path.dirname(__file__), "..", "experiments", "demo_finetune.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  pretrained = module.get_config()
+  pretrained = experiment_file.config("demo_finetune")
   pretrained.init = "/somewhere/pretrain"
   scratch = miniature.scratch_config(pretrained)
   assert scratch.init == "" and scratch.finetune.freeze_steps == 0 and scratch.model.feature_grad_mult == 1.0

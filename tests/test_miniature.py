@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import experiment_file
 import numpy as np
 import pytest
 
@@ -48,15 +49,7 @@ def test_the_summary_takes_the_scratch_arms_best_rate_per_decoding():
 
 
 def test_each_seed_sets_every_phases_seed_and_the_sweep_only_the_scratch_rate():
-  import importlib.util
-
-  def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-  pre, fine = load("demo"), load("demo_finetune")
+  pre, fine = experiment_file.config("demo"), experiment_file.config("demo_finetune")
   got = dict(miniature.phases(3, "/w/seed3", pre, fine, [1e-3, 4e-3]))
   assert list(got) == ["pretrain", "finetune_pretrained", "scratch_lr0.001", "scratch_lr0.004"]
   assert {c.seed for c in got.values()} == {3}

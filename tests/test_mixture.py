@@ -153,6 +153,11 @@ def test_sources_parse_and_bad_mixtures_are_one_line_naming_the_key(speech_like_
   ctc.data.sources, ctc.task = c.data.sources, "ctc"
   with pytest.raises(ValueError, match="mixtures are for pre-training"):
     inputs.sources(ctc)
+  for keys in ({"source_weights": "a=1,b=2"}, {"sampling_alpha": 0.5}):  # a mixture's weights, no mixture
+    alone = train_config.get_config(f"{speech_like_shards},1")
+    alone.data.update(keys)
+    with pytest.raises(ValueError, match="config.data.sources is empty"):
+      loop.validate(alone, mesh)
   lengths, source = _three_sources()
   with pytest.raises(ValueError, match="s1 has no utterance"):
     _batches(np.where(source == 1, MIN - 1, lengths), source, 0.5)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import experiment_file
 import jax
 import numpy as np
 import pytest
@@ -37,10 +38,7 @@ def slice_devices(name: str):
 
 @functools.cache
 def recipe(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return experiment_file.config(name)
 
 
 def mesh_of(config, devices):

@@ -1,15 +1,13 @@
 """Reference curves: the band between points, the one warning a run gets, the configs that carry them, and
 w2v2-plot's overlay."""
 
-import importlib.util
 import os
 
+import experiment_file
 import numpy as np
 import pytest
 
 from w2v2_jax.train import reference
-
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
 
 def _curve(points, metric="valid/accuracy"):
@@ -57,23 +55,29 @@ def test_a_bad_reference_entry_is_named(entry, message):
     reference.curves({"reference": {"bad": entry}})
 
 
-def _experiment(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.mark.parametrize("name,curves", [("base_librispeech", 2), ("large_lv60", 1), ("demo", 1)])
 def test_the_pretraining_recipes_carry_their_references_with_sources(name, curves):
-  config = _experiment(name)
+  config = experiment_file.config(name)
   found = reference.curves(config)
   assert len(found) == curves and all(c.source and c.metric == "valid/accuracy" for c in found)
   assert all(c.points[-1][0] <= config.num_train_steps for c in found)
 
 
+def test_a_curve_measured_with_one_schedule_applies_to_that_schedule_only():
+  entry = dict(metric="valid/accuracy", source="s", schedule_steps=800, points=((100, 0.1, 0.1),))
+  config = {"num_train_steps": 800, "optim": {"total_steps": -1}, "reference": {"demo": entry}}
+  assert len(reference.curves(config)) == 1
+  config["num_train_steps"] = 5000
+  assert reference.curves(config) == []
+  config["optim"]["total_steps"] = 800  # stopped early on the same schedule
+  assert len(reference.curves(config)) == 1
+  assert reference.curves(experiment_file.config("demo")) and not reference.curves(
+    experiment_file.config("demo", "5000")
+  )
+
+
 def test_the_demo_reference_covers_the_demos_evaluations():
-  config = _experiment("demo")
+  config = experiment_file.config("demo")
   (curve,) = reference.curves(config)
   evals = range(config.eval_every_steps, config.num_train_steps + 1, config.eval_every_steps)
   assert all(curve.band(step) is not None for step in evals)
@@ -93,3 +97,31 @@ def test_plot_overlays_the_reference_on_the_run(tmp_path):
   assert ("perplexity", ["train/code_perplexity"]) in panels  # drawn before the run logs it
   path = plot.plot_curves(str(tmp_path), None, curves)
   assert os.path.getsize(path) > 10_000
+
+
+def test_a_misspelt_key_of_plots_reference_config_is_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "w2v2_jax.cli.plot",
+      f"--workdir={tmp_path}",
+      "--reference=experiments/demo.py",
+      "--reference.optim.lrr=1",
+    ],
+    cwd=os.path.join(os.path.dirname(__file__), ".."),
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+  assert (
+    run.stderr.strip()
+    .splitlines()[-1]
+    .startswith("w2v2-plot: error: --reference.optim.lrr: the config has no key optim.lrr")
+  ), run.stderr[-3000:]
+  assert "w2v2_jax/train/defaults.py" in run.stderr

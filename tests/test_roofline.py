@@ -139,8 +139,10 @@ def test_on_a_v5p_chip_batched_dots_and_scanned_loops_count_right():
 
 
 @needs_libtpu
-def test_the_chip_table_agrees_with_the_mfu_peaks():
-  for kind, chip in aot.CHIPS.items():
+def test_each_chips_devices_find_their_own_row_of_the_chip_table():
+  for kind, chip in flops.TPU_CHIPS.items():
     device = aot.topology_devices(f"{kind}-8")[0][0]
-    assert flops.peak_flops(device, "bfloat16")[0] == chip.peak_flops, kind
+    peak, source = flops.peak_flops(device, "bfloat16")
+    assert device.device_kind in chip.device_kinds and peak == chip.peak_flops, (kind, device.device_kind)
+    assert any(f"({name}," in source for name in chip.device_kinds), source  # the longest key, not a prefix
     assert re.fullmatch(r"TPU v\d[a-z]?", chip.datasheet)

@@ -259,14 +259,11 @@ def test_micro_batches_give_the_whole_batch_gradient(speech_like_shards):
   ],
 )
 def test_every_experiment_config_loads_and_validates(name):
-  import importlib.util
+  import experiment_file
 
   from w2v2_jax import parallel
 
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = experiment_file.module(name)
   config = module.get_config()
   assert {"COMMAND:", "HARDWARE:", "EXPECTED:"} <= set(module.__doc__.split())
   loop.validate(config, parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))

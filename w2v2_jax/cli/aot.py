@@ -47,18 +47,15 @@ def define_flags():
   flags.DEFINE_bool("rows_only", False, "Only check the mesh and each process's batch rows (no compile).")
 
 
-CHIPS = flops.TPU_CHIPS  # each chip's slice naming and datasheet peaks (models/flops.py)
-
-
 def topology_devices(slice_name: str):
   """'v5p-128' -> (the 64 chip devices of a 4x4x4 v5p slice (libtpu, compile-only), with their hosts'
   process_index; its Chip)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   kind, _, count = slice_name.partition("-")
-  if kind not in CHIPS or not count.isdigit():
-    raise ValueError(f"--topology={slice_name}: use one of {sorted(CHIPS)} with a size, e.g. v5p-128")
-  prefix, chips = CHIPS[kind].topology, int(count) // CHIPS[kind].cores
+  if kind not in flops.TPU_CHIPS or not count.isdigit():
+    raise ValueError(f"--topology={slice_name}: use one of {sorted(flops.TPU_CHIPS)} with a size, e.g. v5p-128")
+  prefix, chips = flops.TPU_CHIPS[kind].topology, int(count) // flops.TPU_CHIPS[kind].cores
   if kind in ("v4", "v5p"):  # 3-D tori of 2x2x1-chip hosts: the most cubic x<=y<=z, else 2x2x1 (one host)
     per_host = (2, 2, 1)
     shapes = [
@@ -82,7 +79,7 @@ def topology_devices(slice_name: str):
   chip_config = "megacore" if kind == "v4" else "default"  # v4: one device per chip, as on a real pod
   return topologies.get_topology_desc(
     platform="tpu", topology_name=name, chip_config_name=chip_config, chips_per_host_bounds=per_host, num_slices=1
-  ).devices, CHIPS[kind]
+  ).devices, flops.TPU_CHIPS[kind]
 
 
 def _digits(x: float) -> float:
@@ -181,7 +178,7 @@ def main(argv):
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  model_flops = flops.train_flops(loop.model_config(config), widest, config.batch_size) / len(devices)
+  model_flops = flops.train_flops(task.model_config, widest, config.batch_size, task.kind) / len(devices)
   per_chip = (
     mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   ) / 2**30

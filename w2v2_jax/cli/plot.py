@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from w2v2_jax import storage
-from w2v2_jax.cli.common import one_line_errors
+from w2v2_jax.cli.common import config_flags_parser, config_key_errors, one_line_errors
 
 FLAGS = flags.FLAGS
 
@@ -209,8 +209,9 @@ def main(argv):
 
 
 def run():
-  define_flags()
-  app.run(main)
+  with config_key_errors("w2v2-plot"):
+    define_flags()
+  app.run(main, flags_parser=config_flags_parser("w2v2-plot"))
 
 
 if __name__ == "__main__":

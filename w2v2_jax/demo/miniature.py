@@ -102,7 +102,12 @@ def summarize(runs: dict) -> dict:
         continue
       best = min(scratch, key=lambda name, m=metric: scratch[name][metric])
       pre, base = phases_done["finetune_pretrained"][metric], scratch[best][metric]
-      row[label] = {"pretrained": pre, "scratch": base, "scratch_lr": best[len("scratch_lr") :], "ratio": pre / base}
+      row[label] = {
+        "pretrained": pre,
+        "scratch": base,
+        "scratch_lr": best[len("scratch_lr") :],
+        "ratio": pre / max(base, 1e-9),
+      }
     per_seed[seed] = row
   out["seeds"] = per_seed
   for label, _, target in DECODINGS:
@@ -151,7 +156,9 @@ def main(argv):
   try:
     scratch_lrs = [float(lr) for lr in FLAGS.scratch_lrs]
   except ValueError:
-    raise ValueError(f"--scratch_lrs={','.join(FLAGS.scratch_lrs)}: give numbers, e.g. 1e-3,2e-3,4e-3") from None
+    scratch_lrs = []
+  if not scratch_lrs or min(scratch_lrs) <= 0:
+    raise ValueError(f"--scratch_lrs={','.join(FLAGS.scratch_lrs)}: give learning rates > 0, e.g. 1e-3,2e-3,4e-3")
   quiet_libraries()
   use_compilation_cache()  # seeds and sweep points share most of their programs
   workdir = storage.absolute(FLAGS.workdir)

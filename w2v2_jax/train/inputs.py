@@ -26,6 +26,12 @@ def sources(config) -> tuple[tuple[str, str], ...]:
   d = config.data
   spec = d.get("sources", "")
   if not spec:
+    if d.get("source_weights", "") or d.get("sampling_alpha", 1.0) != 1.0:
+      raise ValueError(
+        f"config.data.source_weights={d.get('source_weights', '')!r} / config.data.sampling_alpha="
+        f"{d.get('sampling_alpha', 1.0)!r} weigh a mixture, and config.data.sources is empty; name the "
+        "sources (--config.data.sources=NAME=DIR,...) or leave both at their defaults"
+      )
     return ()
   if d.data_dir:
     raise ValueError(

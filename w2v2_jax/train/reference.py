@@ -5,7 +5,9 @@ An experiment carries them as `config.reference`, a dict of named curves:
   c.reference = {"fairseq_base": dict(metric="valid/accuracy", source="...", points=((400_000, 0.62, 0.04),))}
 
 Each point is (update, value, half-width of the band). Between two points the value and the band are
-interpolated linearly; outside the first and last update a curve says nothing. w2v2-plot draws the
+interpolated linearly; outside the first and last update a curve says nothing. A curve measured with one
+learning-rate schedule can say so (`schedule_steps=800`): it then applies only to runs whose schedule
+(optim.total_steps, or num_train_steps when that is -1) is as long. w2v2-plot draws the
 curves over the run's own, and the trainer warns once, in one line, when an evaluation falls outside a
 band at an update the curve covers.
 """
@@ -34,10 +36,19 @@ class Curve:
     return value, value - half, value + half
 
 
+def schedule_steps(config) -> int:
+  """The updates the run's learning-rate schedule spans."""
+  total = (config.get("optim") or {}).get("total_steps", -1)
+  return int(total) if total and total > 0 else int(config.get("num_train_steps", 0))
+
+
 def curves(config) -> list[Curve]:
-  """The experiment's reference curves (config.reference), checked: one line names a bad entry."""
+  """The experiment's reference curves (config.reference) that apply to its schedule, checked: one line
+  names a bad entry."""
   out = []
   for name, c in (config.get("reference") or {}).items():
+    if c.get("schedule_steps") and int(c["schedule_steps"]) != schedule_steps(config):
+      continue
     where = f"config.reference.{name}"
     missing = {"metric", "source", "points"} - set(c)
     if missing:

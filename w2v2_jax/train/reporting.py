@@ -149,7 +149,7 @@ class Reporter:
 
   def _compare(self, prefix: str, step: int, scalars: dict) -> None:
     line = self.reference.update(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
-    if line:
+    if line and self.is_main:  # the metrics are global: one process says it
       logging.warning("%s", line)
 
   def _write(self, prefix: str, step: int, scalars: dict) -> None:
