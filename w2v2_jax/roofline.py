@@ -470,9 +470,10 @@ class _Walk:
     return kind, flops, sum(shape_bytes(comp[o].shape) for o in instr.operands) + shape_bytes(instr.shape)
 
 
-def estimate(hlo_text: str, peak_flops: float, hbm_bytes_per_s: float, whole_operands: bool = False) -> Estimate:
-  """One chip's step at the roofline, from `compiled.as_text()` and the chip's peaks. whole_operands=True
-  counts every operand and output in full (XLA's cost-analysis rules), for comparing with it."""
-  computations, entry = parse(hlo_text)
+def estimate(hlo, peak_flops: float, hbm_bytes_per_s: float, whole_operands: bool = False) -> Estimate:
+  """One chip's step at the roofline, from `compiled.as_text()` (or its parse()) and the chip's peaks.
+  whole_operands=True counts every operand and output in full (XLA's cost-analysis rules), for comparing
+  with it."""
+  computations, entry = parse(hlo) if isinstance(hlo, str) else hlo
   walk = _Walk(computations, (peak_flops, hbm_bytes_per_s), whole_operands).computation(entry, 1)
   return Estimate(tuple(walk.ops), tuple(walk.collectives), tuple(walk.unknown), peak_flops, hbm_bytes_per_s)

@@ -91,8 +91,9 @@ def roofline_figures(hlo_text: str, cost: dict | None, chip: flops.Chip, model_f
   models/flops.py), its ten costliest ops, and its FLOPs and bytes against XLA's cost_analysis()."""
   from w2v2_jax import roofline  # pylint: disable=import-outside-toplevel
 
-  est = roofline.estimate(hlo_text, chip.peak_flops, chip.hbm_bytes_per_s)
-  flops_once, bytes_once = roofline.estimate(hlo_text, chip.peak_flops, chip.hbm_bytes_per_s, True).once()
+  parsed = roofline.parse(hlo_text)  # a pod step's HLO is large: parsed once for both walks
+  est = roofline.estimate(parsed, chip.peak_flops, chip.hbm_bytes_per_s)
+  flops_once, bytes_once = roofline.estimate(parsed, chip.peak_flops, chip.hbm_bytes_per_s, True).once()
   ratio = lambda ours, key: round(ours / cost[key], 3) if cost and cost.get(key, 0) > 0 else None  # noqa: E731
   return {
     "chip": chip.datasheet,
