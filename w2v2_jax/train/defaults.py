@@ -1,10 +1,13 @@
 """The config schema every pre-training experiment shares; experiments/*.py override it."""
 
+import dataclasses
+
 import ml_collections
 
 from w2v2_jax import parallel
 from w2v2_jax.models import objectives
 from w2v2_jax.models.config import preset
+from w2v2_jax.train import health
 
 
 def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
@@ -80,22 +83,9 @@ def pretraining_config(model_preset: str) -> ml_collections.ConfigDict:
       profile_every_secs=3600.0,  # and another one this often; 0: only the first
     )
   )
-  c.health = ml_collections.ConfigDict(
-    dict(  # train/health.py's alarms; what each means and what to do: docs/faq.md
-      stop_on_collapse=False,  # True: a collapse alarm saves and ends the run (w2v2-train exits 3)
-      chance_margin=0.05,
-      chance_accuracy=3.0,
-      chance_wait_warmups=10.0,
-      chance_wait_fraction=0.25,
-      codebook_fraction=0.1,
-      codebook_drop=0.5,
-      codebook_falling_logs=4,
-      trivial_accuracy=0.95,
-      trivial_perplexity=2.0,
-      min_grad_norm=1e-6,
-      nonfinite_streak=5,
-    )
-  )
+  # train/health.py's alarms: their thresholds (defaults in health.Thresholds; what each means and what
+  # to do: docs/faq.md), and stop_on_collapse: True saves and ends the run on a collapse alarm (exit 3).
+  c.health = ml_collections.ConfigDict(dict(stop_on_collapse=False, **dataclasses.asdict(health.Thresholds())))
   # Published or measured values a metric should follow: {name: dict(metric, source, points)} (train/reference.py);
   # w2v2-plot overlays them and the trainer warns once when an evaluation leaves a band.
   c.reference = ml_collections.ConfigDict()

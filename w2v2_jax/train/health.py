@@ -19,7 +19,7 @@ COLLAPSE = ("at_chance", "codebook_collapse", "trivial_solution")  # what stop_o
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-  """config.health: when each alarm fires (defaults in train/defaults.py, meanings in docs/faq.md)."""
+  """config.health: when each alarm fires (these defaults are config.health's; meanings in docs/faq.md)."""
 
   chance_margin: float = 0.05  # loss within this of ln(K + 1) ...
   chance_accuracy: float = 3.0  # ... and accuracy below this many times chance, 1 / (K + 1)
